@@ -1,0 +1,553 @@
+//! The signed batch: the unit an agent ships and the collector stores.
+//!
+//! Layout (version 1, big-endian; `storage/FORMAT.md` is the reference):
+//!
+//! ```text
+//! magic "LVB" | version 0x01
+//! agent_id  u16 len + UTF-8        the agent's identity (its certificate's SAN)
+//! source    u16 len + UTF-8        the stream's source (the path it tails)
+//! epoch     u64                    the generation of the source's file
+//! first_seq u64                    seq of the first record in this epoch
+//! count     u32                    number of records
+//! prev_hash [32]                   hash of the previous batch of this stream+epoch
+//! body_len  u32                    bytes of the record section
+//! body_sha  [32]                   SHA-256 of the record section
+//! signature [64]                   Ed25519 over every byte above
+//! records   count x record
+//! ```
+//!
+//! A batch's hash is SHA-256 over the header and the signature; the next
+//! batch of the same stream and epoch names it as `prev_hash`.
+
+use ring::digest;
+use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+
+use crate::record::{Level, WireRecord};
+use crate::wire::{Reader, Truncated, put_str16, put_str32};
+
+/// The four bytes every version-1 batch starts with.
+pub const MAGIC_V1: [u8; 4] = *b"LVB\x01";
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+
+/// Caps applied while decoding, each checked before the bytes it guards are
+/// allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most records one batch may carry.
+    pub max_records: u32,
+    /// Most bytes of one record's message.
+    pub max_message_bytes: u32,
+    /// Most fields one record may carry.
+    pub max_fields: u16,
+    /// Most bytes of one field value.
+    pub max_field_value_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_records: 100_000,
+            max_message_bytes: 1024 * 1024,
+            max_fields: 256,
+            max_field_value_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Why a batch was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchError {
+    /// The bytes do not start with a batch magic this version reads.
+    #[error("not a logvault batch (magic {found:02x?}, expected {MAGIC_V1:02x?})")]
+    BadMagic {
+        /// The first bytes found.
+        found: Vec<u8>,
+    },
+    /// The input ended inside the named item.
+    #[error("batch truncated inside {0}")]
+    Truncated(&'static str),
+    /// A count or length is over its limit.
+    #[error("{what} is {found}, over the limit of {limit}")]
+    OverLimit {
+        /// Which count or length.
+        what: &'static str,
+        /// What the batch claimed.
+        found: u64,
+        /// The cap in force.
+        limit: u64,
+    },
+    /// A string is not UTF-8.
+    #[error("{0} is not valid UTF-8")]
+    NotUtf8(&'static str),
+    /// A level byte no version defines.
+    #[error("unknown level byte {0}")]
+    UnknownLevel(u8),
+    /// The record section does not hash to `body_sha`.
+    #[error("record section does not match its SHA-256 in the header")]
+    BodyHashMismatch,
+    /// The record section holds more or fewer bytes than `body_len` says.
+    #[error("record section has {found} bytes, header says {declared}")]
+    BodyLength {
+        /// Bytes left after the header.
+        found: u64,
+        /// `body_len` from the header.
+        declared: u64,
+    },
+    /// The signature does not verify under the agent's key.
+    #[error("signature does not verify under the agent's certificate key")]
+    BadSignature,
+}
+
+impl From<Truncated> for BatchError {
+    fn from(t: Truncated) -> Self {
+        BatchError::Truncated(t.0)
+    }
+}
+
+/// The signed part of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchHeader {
+    /// The agent's identity as it claims it; the collector checks it against
+    /// the client certificate.
+    pub agent_id: String,
+    /// The source of the stream (the path tailed).
+    pub source: String,
+    /// The generation of the source's file: a rotation or truncation starts
+    /// a new epoch whose sequence numbers start at 0.
+    pub epoch: u64,
+    /// Sequence number of the first record, counted within the epoch.
+    pub first_seq: u64,
+    /// Number of records.
+    pub count: u32,
+    /// Hash of the previous batch of this stream and epoch, zeros for the first.
+    pub prev_hash: [u8; 32],
+    /// Length of the record section.
+    pub body_len: u32,
+    /// SHA-256 of the record section.
+    pub body_sha: [u8; 32],
+}
+
+impl BatchHeader {
+    /// Sequence number one past the last record.
+    pub fn end_seq(&self) -> u64 {
+        self.first_seq + u64::from(self.count)
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&MAGIC_V1);
+        put_str16(out, &self.agent_id);
+        put_str16(out, &self.source);
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.first_seq.to_be_bytes());
+        out.extend_from_slice(&self.count.to_be_bytes());
+        out.extend_from_slice(&self.prev_hash);
+        out.extend_from_slice(&self.body_len.to_be_bytes());
+        out.extend_from_slice(&self.body_sha);
+    }
+
+    fn decode(reader: &mut Reader<'_>) -> Result<Self, BatchError> {
+        let magic = reader.array::<4>("magic")?;
+        if magic != MAGIC_V1 {
+            return Err(BatchError::BadMagic { found: magic.to_vec() });
+        }
+        let agent_id = read_str16(reader, "agent_id")?;
+        let source = read_str16(reader, "source")?;
+        Ok(BatchHeader {
+            agent_id,
+            source,
+            epoch: reader.u64("epoch")?,
+            first_seq: reader.u64("first_seq")?,
+            count: reader.u32("count")?,
+            prev_hash: reader.array("prev_hash")?,
+            body_len: reader.u32("body_len")?,
+            body_sha: reader.array("body_sha")?,
+        })
+    }
+}
+
+/// A decoded batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The signed header.
+    pub header: BatchHeader,
+    /// Ed25519 signature over the encoded header.
+    pub signature: [u8; SIGNATURE_LEN],
+    /// The records, `header.count` of them.
+    pub records: Vec<WireRecord>,
+    /// SHA-256 of header and signature: what the next batch names as `prev_hash`.
+    pub hash: [u8; 32],
+    /// Length of the encoded header (the signed bytes).
+    signed_len: usize,
+}
+
+impl Batch {
+    /// Decodes and checks the structure of a batch: magic, lengths against
+    /// `limits`, the record section's hash. The signature is checked by
+    /// [`Batch::verify`], which needs the agent's key.
+    pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Batch, BatchError> {
+        let mut reader = Reader::new(bytes);
+        let header = BatchHeader::decode(&mut reader)?;
+        let signed_len = reader.position();
+        let signature = reader.array::<SIGNATURE_LEN>("signature")?;
+        let hash = batch_hash(&bytes[..reader.position()]);
+        if header.count > limits.max_records {
+            return Err(BatchError::OverLimit {
+                what: "record count",
+                found: header.count.into(),
+                limit: limits.max_records.into(),
+            });
+        }
+        if reader.remaining() != header.body_len as usize {
+            return Err(BatchError::BodyLength {
+                found: reader.remaining() as u64,
+                declared: header.body_len.into(),
+            });
+        }
+        let body = reader.take(header.body_len as usize, "records")?;
+        if digest::digest(&digest::SHA256, body).as_ref() != header.body_sha {
+            return Err(BatchError::BodyHashMismatch);
+        }
+        let records = decode_records(body, header.count, limits)?;
+        Ok(Batch { header, signature, records, hash, signed_len })
+    }
+
+    /// Checks the signature against the raw 32-byte Ed25519 public key bound
+    /// to the agent's certificate. `encoded` must be the bytes this batch
+    /// was decoded from.
+    pub fn verify_encoded(&self, encoded: &[u8], public_key: &[u8]) -> Result<(), BatchError> {
+        UnparsedPublicKey::new(&ED25519, public_key)
+            .verify(&encoded[..self.signed_len], &self.signature)
+            .map_err(|_| BatchError::BadSignature)
+    }
+
+    /// Checks the signature by re-encoding the header.
+    pub fn verify(&self, public_key: &[u8]) -> Result<(), BatchError> {
+        let mut signed = Vec::with_capacity(self.signed_len);
+        self.header.encode(&mut signed);
+        UnparsedPublicKey::new(&ED25519, public_key)
+            .verify(&signed, &self.signature)
+            .map_err(|_| BatchError::BadSignature)
+    }
+}
+
+/// Reads just the header of an encoded batch, without touching records.
+pub fn peek_header(bytes: &[u8]) -> Result<BatchHeader, BatchError> {
+    BatchHeader::decode(&mut Reader::new(bytes))
+}
+
+fn batch_hash(header_and_signature: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, header_and_signature).as_ref());
+    out
+}
+
+fn read_str16(reader: &mut Reader<'_>, what: &'static str) -> Result<String, BatchError> {
+    let len = reader.u16(what)? as usize;
+    let bytes = reader.take(len, what)?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| BatchError::NotUtf8(what))
+}
+
+fn read_str32(
+    reader: &mut Reader<'_>,
+    what: &'static str,
+    limit: u32,
+) -> Result<String, BatchError> {
+    let len = reader.u32(what)?;
+    if len > limit {
+        return Err(BatchError::OverLimit { what, found: len.into(), limit: limit.into() });
+    }
+    let bytes = reader.take(len as usize, what)?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| BatchError::NotUtf8(what))
+}
+
+fn decode_records(body: &[u8], count: u32, limits: &Limits) -> Result<Vec<WireRecord>, BatchError> {
+    // Each record takes at least 16 bytes, so `count` can never make us
+    // reserve more than the body could hold.
+    let mut records = Vec::with_capacity((count as usize).min(body.len() / 16));
+    let mut reader = Reader::new(body);
+    for _ in 0..count {
+        let timestamp_ns = reader.i64("timestamp")?;
+        let level_byte = reader.u8("level")?;
+        let level = Level::from_byte(level_byte).ok_or(BatchError::UnknownLevel(level_byte))?;
+        let flags = reader.u8("flags")?;
+        let message = read_str32(&mut reader, "message", limits.max_message_bytes)?;
+        let field_count = reader.u16("field count")?;
+        if field_count > limits.max_fields {
+            return Err(BatchError::OverLimit {
+                what: "field count",
+                found: field_count.into(),
+                limit: limits.max_fields.into(),
+            });
+        }
+        let mut fields = Vec::with_capacity((field_count as usize).min(reader.remaining() / 6));
+        for _ in 0..field_count {
+            let key = read_str16(&mut reader, "field name")?;
+            let value = read_str32(&mut reader, "field value", limits.max_field_value_bytes)?;
+            fields.push((key, value));
+        }
+        records.push(WireRecord { timestamp_ns, level, flags, message, fields });
+    }
+    if reader.remaining() != 0 {
+        return Err(BatchError::BodyLength {
+            found: body.len() as u64,
+            declared: reader.position() as u64,
+        });
+    }
+    Ok(records)
+}
+
+/// Builds and signs a batch on the agent.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    header: BatchHeader,
+    body: Vec<u8>,
+}
+
+impl BatchBuilder {
+    /// Starts a batch of `source` (epoch `epoch`) whose first record has
+    /// sequence number `first_seq`, chained to `prev_hash`.
+    ///
+    /// Names longer than 65,535 bytes are cut at a character boundary.
+    pub fn new(
+        agent_id: &str,
+        source: &str,
+        epoch: u64,
+        first_seq: u64,
+        prev_hash: [u8; 32],
+    ) -> Self {
+        Self {
+            header: BatchHeader {
+                agent_id: cap_u16(agent_id).to_owned(),
+                source: cap_u16(source).to_owned(),
+                epoch,
+                first_seq,
+                count: 0,
+                prev_hash,
+                body_len: 0,
+                body_sha: [0; 32],
+            },
+            body: Vec::new(),
+        }
+    }
+
+    /// Appends a record. Field names over 65,535 bytes are cut.
+    pub fn push(&mut self, record: WireRecord) {
+        self.push_parts(record.timestamp_ns, record.level, record.flags, &record.message, &record.fields);
+    }
+
+    /// Appends a record from borrowed parts, without building a [`WireRecord`].
+    pub fn push_parts(
+        &mut self,
+        timestamp_ns: i64,
+        level: Level,
+        flags: u8,
+        message: &str,
+        fields: &[(String, String)],
+    ) {
+        self.body.extend_from_slice(&timestamp_ns.to_be_bytes());
+        self.body.push(level.to_byte());
+        self.body.push(flags);
+        put_str32(&mut self.body, message);
+        let field_count = fields.len().min(u16::MAX as usize);
+        self.body.extend_from_slice(&(field_count as u16).to_be_bytes());
+        for (key, value) in &fields[..field_count] {
+            put_str16(&mut self.body, cap_u16(key));
+            put_str32(&mut self.body, value);
+        }
+        self.header.count += 1;
+    }
+
+    /// Records pushed so far.
+    pub fn len(&self) -> u32 {
+        self.header.count
+    }
+
+    /// True before the first push.
+    pub fn is_empty(&self) -> bool {
+        self.header.count == 0
+    }
+
+    /// Bytes of the record section so far.
+    pub fn body_bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Seals the header, signs it and returns the encoded batch.
+    pub fn sign(mut self, key: &Ed25519KeyPair) -> Vec<u8> {
+        self.header.body_len = u32::try_from(self.body.len()).expect("batches stay under 4 GiB");
+        self.header.body_sha.copy_from_slice(digest::digest(&digest::SHA256, &self.body).as_ref());
+        let mut out = Vec::with_capacity(256 + SIGNATURE_LEN + self.body.len());
+        self.header.encode(&mut out);
+        let signature = key.sign(&out);
+        out.extend_from_slice(signature.as_ref());
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+/// Hash of an encoded batch (header and signature), as [`Batch::hash`] gives.
+pub fn encoded_batch_hash(encoded: &[u8]) -> Result<[u8; 32], BatchError> {
+    let mut reader = Reader::new(encoded);
+    BatchHeader::decode(&mut reader)?;
+    reader.take(SIGNATURE_LEN, "signature")?;
+    Ok(batch_hash(&encoded[..reader.position()]))
+}
+
+fn cap_u16(s: &str) -> &str {
+    if s.len() <= u16::MAX as usize {
+        return s;
+    }
+    let mut end = u16::MAX as usize;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use ring::signature::KeyPair;
+
+    fn key() -> Ed25519KeyPair {
+        // A fixed seed keeps the test deterministic.
+        Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).unwrap()
+    }
+
+    fn record_strategy() -> impl Strategy<Value = WireRecord> {
+        (
+            any::<i64>(),
+            0u8..=6,
+            any::<u8>(),
+            ".{0,64}",
+            proptest::collection::vec(("[a-z_.]{1,12}", ".{0,20}"), 0..4),
+        )
+            .prop_map(|(ts, level, flags, message, fields)| WireRecord {
+                timestamp_ns: ts,
+                level: Level::from_byte(level).unwrap(),
+                flags,
+                message,
+                fields,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn encode_then_decode_is_identity(
+            agent in "[a-z0-9.-]{1,20}",
+            source in ".{0,40}",
+            epoch in any::<u64>(),
+            first_seq in 0u64..u64::MAX / 2,
+            prev in any::<[u8; 32]>(),
+            records in proptest::collection::vec(record_strategy(), 0..20),
+        ) {
+            let mut builder = BatchBuilder::new(&agent, &source, epoch, first_seq, prev);
+            for r in &records {
+                builder.push(r.clone());
+            }
+            let bytes = builder.sign(&key());
+            let batch = Batch::decode(&bytes, &Limits::default()).unwrap();
+            prop_assert_eq!(&batch.records, &records);
+            prop_assert_eq!(&batch.header.agent_id, &agent);
+            prop_assert_eq!(&batch.header.source, &source);
+            prop_assert_eq!(batch.header.epoch, epoch);
+            prop_assert_eq!(batch.header.first_seq, first_seq);
+            prop_assert_eq!(batch.header.prev_hash, prev);
+            prop_assert_eq!(encoded_batch_hash(&bytes).unwrap(), batch.hash);
+            let public = key().public_key().as_ref().to_vec();
+            batch.verify(&public).unwrap();
+            batch.verify_encoded(&bytes, &public).unwrap();
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Batch::decode(&bytes, &Limits::default());
+            let _ = peek_header(&bytes);
+        }
+
+        #[test]
+        fn any_flipped_byte_is_refused(flip in 0usize..200, bit in 0u8..8) {
+            let mut builder = BatchBuilder::new("web-1", "/var/log/a.log", 3, 10, [1; 32]);
+            builder.push(WireRecord::new(1, Level::Info, "hello world"));
+            builder.push(WireRecord::new(2, Level::Error, "second line"));
+            let mut bytes = builder.sign(&key());
+            let at = flip % bytes.len();
+            bytes[at] ^= 1 << bit;
+            let public = key().public_key().as_ref().to_vec();
+            let outcome = Batch::decode(&bytes, &Limits::default())
+                .and_then(|b| b.verify_encoded(&bytes, &public));
+            prop_assert!(outcome.is_err(), "flipping bit {} of byte {} went unnoticed", bit, at);
+        }
+    }
+
+    #[test]
+    fn a_huge_record_count_is_refused_before_allocation() {
+        let mut builder = BatchBuilder::new("a", "s", 0, 0, [0; 32]);
+        builder.push(WireRecord::new(1, Level::Info, "x"));
+        let bytes = builder.sign(&key());
+        let limits = Limits { max_records: 0, ..Limits::default() };
+        assert!(matches!(
+            Batch::decode(&bytes, &limits),
+            Err(BatchError::OverLimit { what: "record count", .. })
+        ));
+    }
+
+    #[test]
+    fn a_message_over_the_cap_is_refused() {
+        let mut builder = BatchBuilder::new("a", "s", 0, 0, [0; 32]);
+        builder.push(WireRecord::new(1, Level::Info, "x".repeat(100)));
+        let bytes = builder.sign(&key());
+        let limits = Limits { max_message_bytes: 99, ..Limits::default() };
+        assert_eq!(
+            Batch::decode(&bytes, &limits),
+            Err(BatchError::OverLimit { what: "message", found: 100, limit: 99 })
+        );
+    }
+
+    #[test]
+    fn another_key_does_not_verify() {
+        let mut builder = BatchBuilder::new("a", "s", 0, 0, [0; 32]);
+        builder.push(WireRecord::new(1, Level::Info, "x"));
+        let bytes = builder.sign(&key());
+        let other = Ed25519KeyPair::from_seed_unchecked(&[8u8; 32]).unwrap();
+        let batch = Batch::decode(&bytes, &Limits::default()).unwrap();
+        assert_eq!(
+            batch.verify_encoded(&bytes, other.public_key().as_ref()),
+            Err(BatchError::BadSignature)
+        );
+    }
+
+    fn golden_batch() -> Vec<u8> {
+        let mut builder = BatchBuilder::new("golden-agent", "/var/log/golden.log", 2, 40, [9; 32]);
+        builder.push(WireRecord::new(1_700_000_000_000_000_000, Level::Info, "first line"));
+        let mut second =
+            WireRecord::new(1_700_000_001_000_000_000, Level::Error, "second \u{1b}[31m line");
+        second.fields.push(("pid".into(), "4242".into()));
+        builder.push(second);
+        builder.sign(&key())
+    }
+
+    /// The golden file pins version 1: a later release must still read it,
+    /// and this release must still write it byte for byte. Set
+    /// `LOGVAULT_WRITE_GOLDEN=1` to write it when the format version changes.
+    #[test]
+    fn golden_v1_batch_still_decodes_and_encodes() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/batch-v1.bin");
+        if std::env::var_os("LOGVAULT_WRITE_GOLDEN").is_some() {
+            std::fs::write(path, golden_batch()).unwrap();
+        }
+        let golden = std::fs::read(path).unwrap();
+        let batch = Batch::decode(&golden, &Limits::default()).unwrap();
+        assert_eq!(batch.header.agent_id, "golden-agent");
+        assert_eq!(batch.header.source, "/var/log/golden.log");
+        assert_eq!(batch.header.epoch, 2);
+        assert_eq!(batch.header.first_seq, 40);
+        assert_eq!(batch.records.len(), 2);
+        assert_eq!(batch.records[1].fields, vec![("pid".to_owned(), "4242".to_owned())]);
+        batch.verify(key().public_key().as_ref()).unwrap();
+        assert_eq!(golden, golden_batch(), "version 1 encoding changed");
+    }
+}
