@@ -1,1 +1,195 @@
+//! The logvault agent: follows log files and ships them, signed, to a
+//! collector over mutual TLS, without losing or repeating a line.
+//!
+//! The pipeline, one stage per module:
+//!
+//! - [`tail`]: finds files by glob, follows rotation and truncation, splits
+//!   lines (capped at `max_line_bytes`), batches and signs them with the
+//!   agent certificate's Ed25519 key. Runs on its own thread and blocks on a
+//!   bounded queue when the collector is slow.
+//! - [`ship`]: sends batches over TLS 1.3 with a bounded in-flight window,
+//!   resends after reconnects, and records each ack.
+//! - [`checkpoint`]: per-file acked offsets, persisted atomically; they
+//!   move only when the collector has acked, never when a line is read.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), logvault_agent::AgentError> {
+//! let config = logvault_agent::config::AgentConfig::load("agent.toml".as_ref())?;
+//! let cancel = tokio_util::sync::CancellationToken::new();
+//! logvault_agent::run(config, cancel).await
+//! # }
+//! ```
+#![warn(missing_docs)]
 
+pub mod checkpoint;
+pub mod config;
+pub mod ship;
+pub mod tail;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use logvault_certs::{PeerIdentity, TlsFiles, load_certs, load_key};
+use ring::signature::Ed25519KeyPair;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::Checkpoints;
+use crate::config::AgentConfig;
+
+/// How often acked checkpoints are written while running.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the agent could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] logvault_certs::TlsError),
+    /// The certificate does not name an agent or has no Ed25519 key.
+    #[error("{path}: {source}")]
+    Identity {
+        /// The certificate.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        source: logvault_certs::IdentityError,
+    },
+    /// The key file does not hold the certificate's Ed25519 key.
+    #[error("{0}: not an Ed25519 PKCS#8 key matching the certificate")]
+    SigningKey(std::path::PathBuf),
+    /// Checkpoints could not be read or written.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+}
+
+/// Counters an operator reads to see what the agent did to lines.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Records produced from files.
+    pub lines_read: AtomicU64,
+    /// Lines longer than the cap that were split into several records.
+    pub lines_split: AtomicU64,
+    /// Lines longer than the cap whose rest was discarded.
+    pub lines_truncated: AtomicU64,
+    /// Bytes discarded by truncation.
+    pub bytes_discarded: AtomicU64,
+    /// Lines with invalid UTF-8, replaced by U+FFFD.
+    pub invalid_utf8_lines: AtomicU64,
+    /// Batches written to a connection (resends not counted).
+    pub batches_sent: AtomicU64,
+    /// Batches acked by the collector.
+    pub batches_acked: AtomicU64,
+    /// Records in acked batches.
+    pub records_acked: AtomicU64,
+    /// Acked batches the collector already had (resends).
+    pub batches_duplicate: AtomicU64,
+    /// Batches the collector refused.
+    pub batches_refused: AtomicU64,
+    /// Successful connections.
+    pub connects: AtomicU64,
+}
+
+/// The agent's name and batch signing key, read from its certificate.
+pub struct AgentIdentity {
+    /// The name the certificate's SAN gives.
+    pub name: String,
+    /// The certificate's Ed25519 key.
+    pub key: Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for AgentIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentIdentity").field("name", &self.name).field("key", &"<redacted>").finish()
+    }
+}
+
+impl AgentIdentity {
+    /// Reads the name and the signing key, checking that the key belongs
+    /// to the certificate.
+    pub fn load(files: &TlsFiles) -> Result<AgentIdentity, AgentError> {
+        let cert = load_certs(&files.cert)?.remove(0);
+        let peer = PeerIdentity::from_cert_der(&cert)
+            .map_err(|source| AgentError::Identity { path: files.cert.clone(), source })?;
+        let key = load_key(&files.key)?;
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(key.secret_der())
+            .map_err(|_| AgentError::SigningKey(files.key.clone()))?;
+        if ring::signature::KeyPair::public_key(&key).as_ref() != peer.signing_key.as_slice() {
+            return Err(AgentError::SigningKey(files.key.clone()));
+        }
+        Ok(AgentIdentity { name: peer.name, key })
+    }
+}
+
+/// Runs the agent until `cancel` fires; the last act is writing the acked
+/// checkpoints.
+pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), AgentError> {
+    config.validate()?;
+    let files = TlsFiles {
+        ca: config.collector.ca.clone(),
+        cert: config.collector.cert.clone(),
+        key: config.collector.key.clone(),
+    };
+    let identity = AgentIdentity::load(&files)?;
+    let tls = logvault_certs::client_config(&files)?;
+    let checkpoints = Checkpoints::load(&config.state_dir)?;
+    let stats = Arc::new(Stats::default());
+    let config = Arc::new(config);
+    tracing::info!(agent = %identity.name, collector = %config.collector.address, "agent starting");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(config.batch.queue);
+    let tailer = tail::Tailer::new(
+        config.clone(),
+        identity.name.clone(),
+        Arc::new(identity.key),
+        checkpoints.clone(),
+        tx,
+        stats.clone(),
+    );
+    let tail_cancel = cancel.clone();
+    let tail_thread = std::thread::Builder::new()
+        .name("logvault-tail".into())
+        .spawn(move || tailer.run(tail_cancel))
+        .expect("spawning a thread works");
+
+    let writer = {
+        let checkpoints = checkpoints.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let store = checkpoints.clone();
+                match tokio::task::spawn_blocking(move || store.persist()).await {
+                    Ok(Err(err)) => tracing::error!(error = %err, "writing checkpoints failed"),
+                    Err(err) => tracing::error!(error = %err, "checkpoint writer panicked"),
+                    Ok(Ok(())) => {}
+                }
+            }
+        })
+    };
+
+    ship::run(config.collector.clone(), tls, rx, checkpoints.clone(), stats.clone(), cancel.clone()).await;
+    cancel.cancel();
+    let _ = writer.await;
+    let _ = tokio::task::spawn_blocking(move || tail_thread.join()).await;
+    let store = checkpoints.clone();
+    tokio::task::spawn_blocking(move || store.persist())
+        .await
+        .unwrap_or_else(|err| panic!("checkpoint persist panicked: {err}"))?;
+    tracing::info!(
+        records_acked = stats.records_acked.load(Ordering::Relaxed),
+        batches_acked = stats.batches_acked.load(Ordering::Relaxed),
+        lines_split = stats.lines_split.load(Ordering::Relaxed),
+        lines_truncated = stats.lines_truncated.load(Ordering::Relaxed),
+        invalid_utf8_lines = stats.invalid_utf8_lines.load(Ordering::Relaxed),
+        "agent stopped; acked checkpoints written"
+    );
+    Ok(())
+}

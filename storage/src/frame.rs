@@ -273,6 +273,17 @@ impl FrameDecoder {
     }
 }
 
+/// Writes a `Batch` frame around an encoded batch without copying it.
+pub async fn write_batch_frame<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(batch.len() + 1)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "batch over 4 GiB"))?;
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&len.to_be_bytes());
+    head[4] = KIND_BATCH;
+    writer.write_all(&head).await?;
+    writer.write_all(batch).await
+}
+
 /// Writes one frame and flushes it.
 pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::io::Result<()> {
     writer.write_all(&frame.encode()).await?;

@@ -1,0 +1,298 @@
+//! Acked positions, per file, persisted atomically.
+//!
+//! A file's entry moves forward only when the collector acks a batch: the
+//! offset saved is always one whose every earlier byte is durable on the
+//! collector. The file is JSON with a version, written to a temp file,
+//! fsynced and renamed, so a crash leaves either the old or the new state.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the checkpoint file this build writes and reads.
+pub const CHECKPOINT_VERSION: u32 = 1;
+
+/// A file's identity on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FileKey {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
+/// What is durable on the collector for one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCheckpoint {
+    /// The stream's source (the path the file was first found at).
+    pub source: String,
+    /// The path it was last seen at.
+    pub path: String,
+    /// The file's epoch within its source.
+    pub epoch: u64,
+    /// Every byte before this offset is acked.
+    pub acked_offset: u64,
+    /// Sequence number of the next record after `acked_offset`.
+    pub acked_seq: u64,
+    /// The acked offset lies inside a line whose head was already shipped.
+    #[serde(default)]
+    pub in_long_line: bool,
+    /// Hash of the last acked batch (hex), the next batch's `prev_hash`.
+    pub prev_hash: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CheckpointFile {
+    version: u32,
+    /// Highest epoch handed out per source, so a new file of a source never
+    /// reuses an epoch.
+    epochs: BTreeMap<String, u64>,
+    files: Vec<(FileKey, FileCheckpoint)>,
+}
+
+/// Why checkpoints could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file does not parse, or is of another version.
+    #[error("{path}: {message}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    epochs: BTreeMap<String, u64>,
+    files: BTreeMap<FileKey, FileCheckpoint>,
+    /// Files the tailer has let go; their entries go once fully acked.
+    released: BTreeMap<FileKey, u64>,
+    dirty: bool,
+}
+
+/// The shared checkpoint state: the tailer registers files, the shipper
+/// records acks, a writer persists it.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    path: PathBuf,
+    state: Arc<Mutex<State>>,
+}
+
+impl Checkpoints {
+    /// Loads `state_dir/checkpoints.json`, or starts empty when missing.
+    pub fn load(state_dir: &Path) -> Result<Checkpoints, CheckpointError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|source| CheckpointError::Io { path: state_dir.to_owned(), source })?;
+        let path = state_dir.join("checkpoints.json");
+        let mut state = State::default();
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let corrupt = |message: String| CheckpointError::Corrupt { path: path.clone(), message };
+                let file: CheckpointFile =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                if file.version != CHECKPOINT_VERSION {
+                    return Err(corrupt(format!(
+                        "version {} is not the version {CHECKPOINT_VERSION} this agent reads",
+                        file.version
+                    )));
+                }
+                state.epochs = file.epochs;
+                state.files = file.files.into_iter().collect();
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CheckpointError::Io { path, source }),
+        }
+        Ok(Checkpoints { path, state: Arc::new(Mutex::new(state)) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The acked state of a file, if known.
+    pub fn get(&self, key: FileKey) -> Option<FileCheckpoint> {
+        self.lock().files.get(&key).cloned()
+    }
+
+    /// Every known file.
+    pub fn all(&self) -> Vec<(FileKey, FileCheckpoint)> {
+        self.lock().files.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+
+    /// A new epoch for `source`, never handed out before.
+    pub fn next_epoch(&self, source: &str) -> u64 {
+        let mut state = self.lock();
+        let epoch = state.epochs.get(source).map_or(0, |e| e + 1);
+        state.epochs.insert(source.to_owned(), epoch);
+        state.dirty = true;
+        epoch
+    }
+
+    /// Starts tracking a file (or restarts it after a truncation).
+    pub fn register(&self, key: FileKey, checkpoint: FileCheckpoint) {
+        let mut state = self.lock();
+        state.released.remove(&key);
+        state.files.insert(key, checkpoint);
+        state.dirty = true;
+    }
+
+    /// Updates the path a file was last seen at.
+    pub fn set_path(&self, key: FileKey, path: &str) {
+        let mut state = self.lock();
+        if let Some(entry) = state.files.get_mut(&key) {
+            if entry.path != path {
+                entry.path = path.to_owned();
+                state.dirty = true;
+            }
+        }
+    }
+
+    /// Records an ack: everything of `key` up to `offset` (epoch `epoch`)
+    /// is durable. An ack for an older epoch than the entry's is ignored.
+    pub fn ack(&self, key: FileKey, ack: Acked) {
+        let mut state = self.lock();
+        let Some(entry) = state.files.get_mut(&key) else { return };
+        if entry.epoch != ack.epoch || ack.offset < entry.acked_offset {
+            return;
+        }
+        entry.acked_offset = ack.offset;
+        entry.acked_seq = ack.seq;
+        entry.in_long_line = ack.in_long_line;
+        entry.prev_hash = hex(&ack.batch_hash);
+        state.dirty = true;
+        if state.released.get(&key).is_some_and(|end| ack.offset >= *end) {
+            state.released.remove(&key);
+            state.files.remove(&key);
+        }
+    }
+
+    /// The tailer let go of a file whose data ends at `end_offset`; its
+    /// entry is removed once that much is acked.
+    pub fn release(&self, key: FileKey, end_offset: u64) {
+        let mut state = self.lock();
+        let fully_acked = state.files.get(&key).is_none_or(|entry| entry.acked_offset >= end_offset);
+        if fully_acked {
+            state.files.remove(&key);
+        } else {
+            state.released.insert(key, end_offset);
+        }
+        state.dirty = true;
+    }
+
+    /// Writes the state if it changed since the last write.
+    pub fn persist(&self) -> Result<(), CheckpointError> {
+        let bytes = {
+            let mut state = self.lock();
+            if !state.dirty {
+                return Ok(());
+            }
+            state.dirty = false;
+            let file = CheckpointFile {
+                version: CHECKPOINT_VERSION,
+                epochs: state.epochs.clone(),
+                files: state.files.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            };
+            serde_json::to_vec(&file).expect("checkpoints serialize")
+        };
+        let result = write_atomically(&self.path, &bytes);
+        if result.is_err() {
+            self.lock().dirty = true;
+        }
+        result
+    }
+}
+
+/// What an ack moves a file's checkpoint to.
+#[derive(Debug, Clone, Copy)]
+pub struct Acked {
+    /// The epoch the acked batch belongs to.
+    pub epoch: u64,
+    /// Offset after the batch's last record.
+    pub offset: u64,
+    /// Sequence number after the batch's last record.
+    pub seq: u64,
+    /// Whether `offset` lies inside a line whose head was shipped.
+    pub in_long_line: bool,
+    /// The acked batch's hash.
+    pub batch_hash: [u8; 32],
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let io_err = |source| CheckpointError::Io { path: path.to_owned(), source };
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(io_err)?;
+    file.write_all(bytes).map_err(io_err)?;
+    file.sync_all().map_err(io_err)?;
+    std::fs::rename(&tmp, path).map_err(io_err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+/// Lower-case hex of a hash.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses [`hex`] output back; `None` if it is not 32 bytes of hex.
+pub fn unhex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_persist_and_reload() {
+        let dir = std::env::temp_dir().join(format!("logvault-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Checkpoints::load(&dir).unwrap();
+        let key = FileKey { dev: 1, ino: 2 };
+        let epoch = store.next_epoch("/var/log/a.log");
+        store.register(
+            key,
+            FileCheckpoint {
+                source: "/var/log/a.log".into(),
+                path: "/var/log/a.log".into(),
+                epoch,
+                acked_offset: 0,
+                acked_seq: 0,
+                in_long_line: false,
+                prev_hash: hex(&[0; 32]),
+            },
+        );
+        store.ack(key, Acked { epoch, offset: 120, seq: 3, in_long_line: false, batch_hash: [5; 32] });
+        // An ack of an older epoch never moves the checkpoint.
+        store.ack(key, Acked { epoch: epoch + 9, offset: 999, seq: 9, in_long_line: false, batch_hash: [0; 32] });
+        store.persist().unwrap();
+        let reloaded = Checkpoints::load(&dir).unwrap();
+        let entry = reloaded.get(key).unwrap();
+        assert_eq!((entry.acked_offset, entry.acked_seq), (120, 3));
+        assert_eq!(unhex32(&entry.prev_hash), Some([5; 32]));
+        assert_eq!(reloaded.next_epoch("/var/log/a.log"), epoch + 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,289 @@
+//! The agent's TOML configuration.
+//!
+//! ```toml
+//! state_dir = "/var/lib/logvault-agent"   # checkpoints live here
+//!
+//! [collector]
+//! address = "collector.example.org:6000"
+//! server_name = "collector.example.org"   # default: the host part of address
+//! ca = "/etc/logvault/ca.crt"
+//! cert = "/etc/logvault/agent.crt"        # Ed25519; its SAN names this agent
+//! key = "/etc/logvault/agent.key"
+//!
+//! [[sources]]
+//! include = ["/var/log/*.log", "/srv/app/**/*.log"]
+//! exclude = ["/var/log/debug*.log"]
+//! read_from = "beginning"                 # or "end", for files present at first start
+//! max_line_bytes = 65536
+//! on_long_line = "split"                  # or "truncate"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or names an unknown key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Where checkpoints are kept. Must survive restarts.
+    pub state_dir: PathBuf,
+    /// The collector and the TLS files to reach it.
+    pub collector: CollectorConfig,
+    /// The files to tail.
+    pub sources: Vec<SourceConfig>,
+    /// How records are grouped into batches.
+    #[serde(default)]
+    pub batch: BatchConfig,
+    /// How often files are polled for new data and new files, in
+    /// milliseconds. Default 200.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+}
+
+/// Where and how to reach the collector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// `host:port` of the collector's ingest listener.
+    pub address: String,
+    /// The name the collector's certificate must carry. Default: the host
+    /// part of `address`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// CA certificate that signed the collector's certificate.
+    pub ca: PathBuf,
+    /// This agent's certificate (Ed25519 key; its SAN is the agent's name).
+    pub cert: PathBuf,
+    /// This agent's private key.
+    pub key: PathBuf,
+    /// Batches sent and not yet acked, at most. When the window is full the
+    /// agent stops reading files until acks arrive. Default 32.
+    #[serde(default = "default_window")]
+    pub max_in_flight: usize,
+    /// Largest delay between reconnect attempts, in milliseconds. Attempts
+    /// back off exponentially from 100 ms with jitter and never stop.
+    /// Default 10000.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+/// Where to start in a file the agent has never seen before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadFrom {
+    /// From the first byte.
+    #[default]
+    Beginning,
+    /// From the end as it is when first seen; applies to files present at
+    /// the agent's first start only. Files created later are always read
+    /// from the beginning.
+    End,
+}
+
+/// What happens to a line longer than `max_line_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LongLine {
+    /// Cut into records of at most `max_line_bytes`; every piece after the
+    /// first is flagged as a continuation. Nothing is lost.
+    #[default]
+    Split,
+    /// Keep the first `max_line_bytes`, flag the record as truncated and
+    /// count the discarded bytes.
+    Truncate,
+}
+
+/// One group of files to tail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Glob patterns of files to tail (`*`, `?`, `[...]`, `**`). Rescanned
+    /// at every poll.
+    pub include: Vec<String>,
+    /// Glob patterns of files to leave alone, matched against the full path.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Where to start in a file seen for the first time.
+    #[serde(default)]
+    pub read_from: ReadFrom,
+    /// Longest line kept as one record, in bytes. Default 65536.
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
+    /// What happens to longer lines.
+    #[serde(default)]
+    pub on_long_line: LongLine,
+}
+
+/// Batching limits: a batch is sent when it reaches either size, or when a
+/// poll finds no more data (so latency stays within one poll interval).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most records in a batch. Default 2000.
+    #[serde(default = "default_max_records")]
+    pub max_records: u32,
+    /// Most message bytes in a batch. Default 1 MiB.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    /// Signed batches waiting for the connection, at most; when full the
+    /// tailer blocks (it stops reading, nothing is dropped). Default 16.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_records: default_max_records(),
+            max_bytes: default_max_bytes(),
+            queue: default_queue(),
+        }
+    }
+}
+
+fn default_poll_interval_ms() -> u64 {
+    200
+}
+fn default_window() -> usize {
+    32
+}
+fn default_max_backoff_ms() -> u64 {
+    10_000
+}
+fn default_max_line_bytes() -> usize {
+    64 * 1024
+}
+fn default_max_records() -> u32 {
+    2000
+}
+fn default_max_bytes() -> usize {
+    1024 * 1024
+}
+fn default_queue() -> usize {
+    16
+}
+
+impl AgentConfig {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: AgentConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        if self.sources.is_empty() {
+            return invalid("sources", "at least one [[sources]] is needed");
+        }
+        for source in &self.sources {
+            if source.include.is_empty() {
+                return invalid("sources.include", "at least one pattern is needed");
+            }
+            for pattern in source.include.iter().chain(&source.exclude) {
+                if let Err(err) = glob::Pattern::new(pattern) {
+                    return invalid("sources.include", &format!("{pattern:?}: {err}"));
+                }
+            }
+            if !(16..=16 * 1024 * 1024).contains(&source.max_line_bytes) {
+                return invalid("sources.max_line_bytes", "must be between 16 and 16777216");
+            }
+        }
+        if self.batch.max_records == 0 || self.batch.max_records > 100_000 {
+            return invalid("batch.max_records", "must be between 1 and 100000");
+        }
+        if !(1024..=8 * 1024 * 1024).contains(&self.batch.max_bytes) {
+            return invalid("batch.max_bytes", "must be between 1024 and 8388608");
+        }
+        if self.batch.queue == 0 || self.collector.max_in_flight == 0 {
+            return invalid("batch.queue", "queues need room for at least one batch");
+        }
+        if self.poll_interval_ms == 0 || self.poll_interval_ms > 60_000 {
+            return invalid("poll_interval_ms", "must be between 1 and 60000");
+        }
+        Ok(())
+    }
+
+    /// How often files are polled.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+}
+
+impl CollectorConfig {
+    /// The TLS name to expect: `server_name`, else the host of `address`.
+    pub fn tls_name(&self) -> String {
+        if let Some(name) = &self.server_name {
+            return name.clone();
+        }
+        let host = self.address.rsplit_once(':').map_or(self.address.as_str(), |(host, _)| host);
+        host.trim_start_matches('[').trim_end_matches(']').to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let err = toml::from_str::<AgentConfig>(
+            r#"
+            state_dir = "/tmp/x"
+            colector = {}
+            "#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("colector"), "{err}");
+    }
+
+    #[test]
+    fn tls_name_defaults_to_the_host() {
+        let config = CollectorConfig {
+            address: "[::1]:6000".into(),
+            server_name: None,
+            ca: "a".into(),
+            cert: "b".into(),
+            key: "c".into(),
+            max_in_flight: 1,
+            max_backoff_ms: 1,
+        };
+        assert_eq!(config.tls_name(), "::1");
+    }
+}

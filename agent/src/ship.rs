@@ -1,0 +1,251 @@
+//! Shipping signed batches over mutual TLS and turning acks into
+//! checkpoints.
+//!
+//! Batches are sent in order and kept in a bounded in-flight window until
+//! the collector acks them (it acks only after its WAL fsync). A lost
+//! connection is retried forever with capped exponential backoff and
+//! jitter; on reconnect the whole window is resent byte for byte, and the
+//! collector recognises what it already stored by (stream, epoch, seq).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use logvault_storage::frame::{
+    AckStatus, DEFAULT_MAX_FRAME, Frame, FrameDecoder, PROTOCOL_VERSION, RefuseCode,
+    write_batch_frame, write_frame,
+};
+use ring::rand::SecureRandom;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+
+use crate::Stats;
+use crate::checkpoint::Checkpoints;
+use crate::config::CollectorConfig;
+use crate::tail::SignedBatch;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the acks of batches already sent.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Capped exponential backoff with full jitter.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self { next: Duration::from_millis(100), max }
+    }
+
+    fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+
+    fn delay(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let mut byte = [0u8; 1];
+        let _ = ring::rand::SystemRandom::new().fill(&mut byte);
+        // Between half and all of the ceiling.
+        ceiling / 2 + ceiling.mul_f64(f64::from(byte[0]) / 510.0)
+    }
+}
+
+enum SessionEnd {
+    /// Shutdown finished (window empty or grace over).
+    Done,
+    /// The connection is gone or the collector asked us to come back later.
+    Retry,
+}
+
+/// Ships until `cancel` fires (then waits briefly for outstanding acks).
+pub async fn run(
+    config: CollectorConfig,
+    tls: Arc<ClientConfig>,
+    mut batches: mpsc::Receiver<SignedBatch>,
+    checkpoints: Checkpoints,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+) {
+    let mut window: VecDeque<SignedBatch> = VecDeque::new();
+    let mut backoff = Backoff::new(Duration::from_millis(config.max_backoff_ms.max(100)));
+    let connector = TlsConnector::from(tls);
+    let server_name = config.tls_name();
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let connected = tokio::select! {
+            _ = cancel.cancelled() => return,
+            connected = connect(&connector, &config.address, &server_name) => connected,
+        };
+        let stream = match connected {
+            Ok(stream) => stream,
+            Err(err) => {
+                let delay = backoff.delay();
+                tracing::warn!(collector = %config.address, error = %err, retry_in_ms = delay.as_millis() as u64, "cannot reach collector");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        tracing::info!(collector = %config.address, resending = window.len(), "connected to collector");
+        stats.connects.fetch_add(1, Ordering::Relaxed);
+        let end = session(stream, &config, &mut window, &mut batches, &checkpoints, &stats, &cancel, &mut backoff).await;
+        match end {
+            SessionEnd::Done => return,
+            SessionEnd::Retry => {
+                let delay = backoff.delay();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn connect(
+    connector: &TlsConnector,
+    address: &str,
+    server_name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attempt = async {
+        let tcp = TcpStream::connect(address).await?;
+        tcp.set_nodelay(true)?;
+        connector.connect(name, tcp).await
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    config: &CollectorConfig,
+    window: &mut VecDeque<SignedBatch>,
+    batches: &mut mpsc::Receiver<SignedBatch>,
+    checkpoints: &Checkpoints,
+    stats: &Stats,
+    cancel: &CancellationToken,
+    backoff: &mut Backoff,
+) -> SessionEnd {
+    let (mut read_half, mut write_half) = tokio::io::split(stream);
+    let (frames_tx, mut frames) = mpsc::channel::<Result<Frame, String>>(64);
+    let reader = tokio::spawn(async move {
+        let decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        loop {
+            let next = match decoder.read(&mut read_half).await {
+                Ok(Some(frame)) => Ok(frame),
+                Ok(None) => Err("collector closed the connection".to_owned()),
+                Err(err) => Err(err.to_string()),
+            };
+            let failed = next.is_err();
+            if frames_tx.send(next).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let end = async {
+        if let Err(err) = write_frame(&mut write_half, &Frame::Hello { version: PROTOCOL_VERSION }).await {
+            tracing::warn!(error = %err, "sending hello failed");
+            return SessionEnd::Retry;
+        }
+        for batch in window.iter() {
+            if let Err(err) = write_batch_frame(&mut write_half, &batch.bytes).await {
+                tracing::warn!(error = %err, "resending failed");
+                return SessionEnd::Retry;
+            }
+        }
+        if write_half.flush().await.is_err() {
+            return SessionEnd::Retry;
+        }
+        let mut draining = cancel.is_cancelled();
+        let grace = tokio::time::sleep(SHUTDOWN_GRACE);
+        tokio::pin!(grace);
+        loop {
+            if draining && window.is_empty() {
+                return SessionEnd::Done;
+            }
+            tokio::select! {
+                frame = frames.recv() => match frame {
+                    Some(Ok(Frame::Ack { batch_hash, status })) => {
+                        let Some(front) = window.pop_front() else {
+                            tracing::warn!("ack for a batch never sent; reconnecting");
+                            return SessionEnd::Retry;
+                        };
+                        if front.hash != batch_hash {
+                            tracing::warn!("ack out of order; reconnecting");
+                            window.push_front(front);
+                            return SessionEnd::Retry;
+                        }
+                        checkpoints.ack(front.file, front.ack);
+                        stats.batches_acked.fetch_add(1, Ordering::Relaxed);
+                        stats.records_acked.fetch_add(u64::from(front.records), Ordering::Relaxed);
+                        if status == AckStatus::Duplicate {
+                            stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
+                        }
+                        backoff.reset();
+                    }
+                    Some(Ok(Frame::Refused { code, message })) => {
+                        if code == RefuseCode::Busy {
+                            tracing::info!(reason = %message, "collector busy; backing off");
+                        } else {
+                            stats.batches_refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(code = ?code, reason = %message, "collector refused a batch; it stays queued and is retried");
+                        }
+                        return SessionEnd::Retry;
+                    }
+                    Some(Ok(other)) => {
+                        tracing::warn!(frame = ?other, "unexpected frame from collector; reconnecting");
+                        return SessionEnd::Retry;
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(error = %err, unacked = window.len(), "connection lost");
+                        return SessionEnd::Retry;
+                    }
+                    None => return SessionEnd::Retry,
+                },
+                _ = cancel.cancelled(), if !draining => {
+                    draining = true;
+                    grace.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+                }
+                _ = &mut grace, if draining => {
+                    tracing::warn!(unacked = window.len(), "shutting down with unacked batches; they are read again at next start");
+                    return SessionEnd::Done;
+                }
+                batch = batches.recv(), if !draining && window.len() < config.max_in_flight => {
+                    let Some(batch) = batch else {
+                        draining = true;
+                        continue;
+                    };
+                    if let Err(err) = write_batch_frame(&mut write_half, &batch.bytes).await {
+                        tracing::warn!(error = %err, "send failed");
+                        window.push_back(batch);
+                        return SessionEnd::Retry;
+                    }
+                    window.push_back(batch);
+                    stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+                    if batches.is_empty() && write_half.flush().await.is_err() {
+                        return SessionEnd::Retry;
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    reader.abort();
+    end
+}

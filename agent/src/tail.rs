@@ -1,0 +1,489 @@
+//! Following files: discovery by glob, rotation, line splitting, batching
+//! and signing.
+//!
+//! Each file is known by its device and inode. The stream of a file is its
+//! source (the path it was found at) and an epoch: a file that replaces
+//! another at the same path (rename-and-create rotation), or a file that
+//! shrank (copytruncate), starts a new epoch whose sequence numbers start
+//! at 0. Sequence numbers are a pure function of the file's bytes from the
+//! epoch's start offset, so after a restart a resent record carries the
+//! same (source, epoch, seq) as before and the collector stores it once.
+//!
+//! A file renamed away keeps being read through its open handle until it
+//! has been gone for [`DRAIN_GRACE`] and holds nothing unread: lines a
+//! writer adds after the rename are not lost.
+//!
+//! Only complete lines (ending in `\n`) are shipped, plus the pieces of a
+//! line longer than `max_line_bytes`; a last line still being written waits
+//! for its newline.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use logvault_storage::BatchBuilder;
+use logvault_storage::batch::encoded_batch_hash;
+use logvault_storage::record::{FLAG_CONTINUED, FLAG_INVALID_UTF8, FLAG_TRUNCATED, Level};
+use ring::signature::Ed25519KeyPair;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::Stats;
+use crate::checkpoint::{Acked, Checkpoints, FileCheckpoint, FileKey, hex, unhex32};
+use crate::config::{AgentConfig, LongLine, ReadFrom, SourceConfig};
+
+/// How long a file renamed away or deleted is still read before release.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
+const READ_CHUNK: usize = 1024 * 1024;
+
+/// A signed batch on its way to the collector, with the checkpoint its ack
+/// moves to.
+#[derive(Debug)]
+pub struct SignedBatch {
+    /// The encoded batch.
+    pub bytes: Vec<u8>,
+    /// Its hash, as the collector's ack names it.
+    pub hash: [u8; 32],
+    /// The file it came from.
+    pub file: FileKey,
+    /// Where the file's checkpoint moves once acked.
+    pub ack: Acked,
+    /// Records in the batch.
+    pub records: u32,
+}
+
+struct Tracked {
+    source: String,
+    path: PathBuf,
+    file: File,
+    settings: SourceConfig,
+    epoch: u64,
+    read_offset: u64,
+    next_seq: u64,
+    in_long_line: bool,
+    prev_hash: [u8; 32],
+    missing_since: Option<Instant>,
+}
+
+/// The tailer: runs on its own thread, blocking on file reads and on the
+/// bounded batch queue (which is how the collector's pace slows reading).
+pub struct Tailer {
+    config: Arc<AgentConfig>,
+    agent_id: String,
+    key: Arc<Ed25519KeyPair>,
+    checkpoints: Checkpoints,
+    tx: mpsc::Sender<SignedBatch>,
+    stats: Arc<Stats>,
+    tracked: BTreeMap<FileKey, Tracked>,
+    /// Which file each matched path held at the last scan.
+    by_path: HashMap<PathBuf, FileKey>,
+    /// `read_from = "end"` applies only on the first scan of a fresh agent.
+    fresh_start: bool,
+}
+
+impl Tailer {
+    /// A tailer that sends signed batches into `tx`.
+    pub fn new(
+        config: Arc<AgentConfig>,
+        agent_id: String,
+        key: Arc<Ed25519KeyPair>,
+        checkpoints: Checkpoints,
+        tx: mpsc::Sender<SignedBatch>,
+        stats: Arc<Stats>,
+    ) -> Tailer {
+        let fresh_start = checkpoints.all().is_empty();
+        Tailer {
+            config,
+            agent_id,
+            key,
+            checkpoints,
+            tx,
+            stats,
+            tracked: BTreeMap::new(),
+            by_path: HashMap::new(),
+            fresh_start,
+        }
+    }
+
+    /// Polls until `cancel` fires or the shipper is gone.
+    pub fn run(mut self, cancel: CancellationToken) {
+        let interval = self.config.poll_interval();
+        while !cancel.is_cancelled() {
+            self.scan();
+            if self.read_all().is_err() {
+                return; // the shipper stopped: shutting down
+            }
+            std::thread::sleep(interval);
+        }
+    }
+
+    fn scan(&mut self) {
+        let mut matched: BTreeMap<PathBuf, usize> = BTreeMap::new();
+        for (index, source) in self.config.sources.iter().enumerate() {
+            let excludes: Vec<glob::Pattern> =
+                source.exclude.iter().filter_map(|p| glob::Pattern::new(p).ok()).collect();
+            for pattern in &source.include {
+                let Ok(paths) = glob::glob(pattern) else { continue };
+                for path in paths.flatten() {
+                    if excludes.iter().any(|ex| ex.matches_path(&path)) {
+                        continue;
+                    }
+                    matched.entry(path).or_insert(index);
+                }
+            }
+        }
+        let mut now_by_path = HashMap::new();
+        for (path, index) in matched {
+            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let key = FileKey { dev: meta.dev(), ino: meta.ino() };
+            now_by_path.insert(path.clone(), key);
+            if let Some(tracked) = self.tracked.get_mut(&key) {
+                tracked.missing_since = None;
+                if tracked.path != path {
+                    tracked.path = path.clone();
+                    self.checkpoints.set_path(key, &path.to_string_lossy());
+                }
+                continue;
+            }
+            let replaced = self.by_path.get(&path).is_some_and(|old| *old != key);
+            match self.start_tracking(key, &path, meta.len(), index, replaced) {
+                Ok(tracked) => {
+                    tracing::info!(path = %path.display(), epoch = tracked.epoch, offset = tracked.read_offset, "tailing file");
+                    self.tracked.insert(key, tracked);
+                }
+                Err(err) => tracing::warn!(path = %path.display(), error = %err, "cannot open file"),
+            }
+        }
+        let now = Instant::now();
+        for (key, tracked) in &mut self.tracked {
+            if now_by_path.get(&tracked.path) != Some(key) && tracked.missing_since.is_none() {
+                tracing::info!(path = %tracked.path.display(), "file renamed away or deleted; draining");
+                tracked.missing_since = Some(now);
+            }
+        }
+        self.by_path = now_by_path;
+        self.fresh_start = false;
+    }
+
+    fn start_tracking(
+        &mut self,
+        key: FileKey,
+        path: &std::path::Path,
+        len: u64,
+        source_index: usize,
+        replaced: bool,
+    ) -> std::io::Result<Tracked> {
+        let file = File::open(path)?;
+        let settings = self.config.sources[source_index].clone();
+        let path_text = path.to_string_lossy().into_owned();
+        if let Some(checkpoint) = self.checkpoints.get(key) {
+            if len >= checkpoint.acked_offset {
+                return Ok(Tracked {
+                    source: checkpoint.source.clone(),
+                    path: path.to_owned(),
+                    file,
+                    settings,
+                    epoch: checkpoint.epoch,
+                    read_offset: checkpoint.acked_offset,
+                    next_seq: checkpoint.acked_seq,
+                    in_long_line: checkpoint.in_long_line,
+                    prev_hash: unhex32(&checkpoint.prev_hash).unwrap_or([0; 32]),
+                    missing_since: None,
+                });
+            }
+            tracing::warn!(path = %path_text, "file shrank while the agent was stopped; starting a new epoch");
+        }
+        let start = if self.fresh_start && !replaced && settings.read_from == ReadFrom::End { len } else { 0 };
+        let epoch = self.checkpoints.next_epoch(&path_text);
+        self.checkpoints.register(key, new_checkpoint(&path_text, &path_text, epoch, start));
+        Ok(Tracked {
+            source: path_text,
+            path: path.to_owned(),
+            file,
+            settings,
+            epoch,
+            read_offset: start,
+            next_seq: 0,
+            in_long_line: false,
+            prev_hash: [0; 32],
+            missing_since: None,
+        })
+    }
+
+    /// Reads every tracked file; `Err` when the shipper is gone.
+    fn read_all(&mut self) -> Result<(), Stopped> {
+        let keys: Vec<FileKey> = self.tracked.keys().copied().collect();
+        for key in keys {
+            let mut tracked = self.tracked.remove(&key).expect("key listed above");
+            let outcome = self.read_file(key, &mut tracked);
+            // After a successful read nothing complete is left unread.
+            let release = outcome.is_ok()
+                && tracked.missing_since.is_some_and(|since| since.elapsed() >= DRAIN_GRACE);
+            if release {
+                tracing::info!(path = %tracked.path.display(), "released drained file");
+                self.checkpoints.release(key, tracked.read_offset);
+            } else {
+                self.tracked.insert(key, tracked);
+            }
+            match outcome {
+                Err(ReadError::Stopped) => return Err(Stopped),
+                Err(ReadError::Io(err)) => {
+                    tracing::warn!(path = %self.tracked.get(&key).map(|t| t.path.display().to_string()).unwrap_or_default(), error = %err, "read failed")
+                }
+                Ok(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads everything complete that is new in one file.
+    fn read_file(&mut self, key: FileKey, tracked: &mut Tracked) -> Result<(), ReadError> {
+        let len = tracked.file.metadata()?.len();
+        if len < tracked.read_offset {
+            tracing::warn!(path = %tracked.path.display(), "file was truncated; starting a new epoch");
+            tracked.epoch = self.checkpoints.next_epoch(&tracked.source);
+            tracked.read_offset = 0;
+            tracked.next_seq = 0;
+            tracked.in_long_line = false;
+            tracked.prev_hash = [0; 32];
+            self.checkpoints.register(
+                key,
+                new_checkpoint(&tracked.source, &tracked.path.to_string_lossy(), tracked.epoch, 0),
+            );
+        }
+        let max_line = tracked.settings.max_line_bytes;
+        let mut buf = vec![0u8; READ_CHUNK.max(max_line + 1)];
+        let mut builder: Option<BatchBuilder> = None;
+        loop {
+            let want = buf.len().min((len - tracked.read_offset) as usize);
+            if want == 0 {
+                break;
+            }
+            let got = tracked.file.read_at(&mut buf[..want], tracked.read_offset)?;
+            if got == 0 {
+                break;
+            }
+            let now_ns = now_ns();
+            let mut consumed = 0;
+            while consumed < got {
+                let rest = &buf[consumed..got];
+                let Some(piece) = next_piece(rest, max_line, tracked.in_long_line, tracked.settings.on_long_line)
+                else {
+                    break;
+                };
+                consumed += piece.consumed;
+                tracked.read_offset += piece.consumed as u64;
+                if piece.discarded > 0 {
+                    self.stats.bytes_discarded.fetch_add(piece.discarded as u64, Ordering::Relaxed);
+                }
+                let was_in_long_line = tracked.in_long_line;
+                tracked.in_long_line = piece.cut;
+                let Some(line) = piece.line else { continue };
+                let line = &rest[..line];
+                let message = String::from_utf8_lossy(line);
+                let mut flags = 0;
+                if let std::borrow::Cow::Owned(_) = message {
+                    self.stats.invalid_utf8_lines.fetch_add(1, Ordering::Relaxed);
+                    flags |= FLAG_INVALID_UTF8;
+                }
+                if piece.cut {
+                    flags |= FLAG_TRUNCATED;
+                    let counter = match tracked.settings.on_long_line {
+                        LongLine::Split => &self.stats.lines_split,
+                        LongLine::Truncate => &self.stats.lines_truncated,
+                    };
+                    if !was_in_long_line {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if was_in_long_line {
+                    flags |= FLAG_CONTINUED;
+                }
+                let batch = builder.get_or_insert_with(|| {
+                    BatchBuilder::new(&self.agent_id, &tracked.source, tracked.epoch, tracked.next_seq, tracked.prev_hash)
+                });
+                batch.push_parts(now_ns, Level::sniff(&message), flags, &message, &[]);
+                tracked.next_seq += 1;
+                self.stats.lines_read.fetch_add(1, Ordering::Relaxed);
+                if batch.len() >= self.config.batch.max_records
+                    || batch.body_bytes() >= self.config.batch.max_bytes
+                {
+                    let full = builder.take().expect("just pushed");
+                    self.send(key, tracked, full)?;
+                }
+            }
+            if consumed == 0 {
+                break; // an incomplete last line: wait for its newline
+            }
+        }
+        if let Some(batch) = builder.take() {
+            self.send(key, tracked, batch)?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, key: FileKey, tracked: &mut Tracked, batch: BatchBuilder) -> Result<(), ReadError> {
+        let records = batch.len();
+        let bytes = batch.sign(&self.key);
+        let hash = encoded_batch_hash(&bytes).expect("a batch we built decodes");
+        tracked.prev_hash = hash;
+        let signed = SignedBatch {
+            bytes,
+            hash,
+            file: key,
+            ack: Acked {
+                epoch: tracked.epoch,
+                offset: tracked.read_offset,
+                seq: tracked.next_seq,
+                in_long_line: tracked.in_long_line,
+                batch_hash: hash,
+            },
+            records,
+        };
+        self.tx.blocking_send(signed).map_err(|_| ReadError::Stopped)
+    }
+}
+
+fn new_checkpoint(source: &str, path: &str, epoch: u64, offset: u64) -> FileCheckpoint {
+    FileCheckpoint {
+        source: source.to_owned(),
+        path: path.to_owned(),
+        epoch,
+        acked_offset: offset,
+        acked_seq: 0,
+        in_long_line: false,
+        prev_hash: hex(&[0; 32]),
+    }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+struct Stopped;
+
+enum ReadError {
+    Stopped,
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for ReadError {
+    fn from(err: std::io::Error) -> Self {
+        ReadError::Io(err)
+    }
+}
+
+/// One step of line splitting.
+#[derive(Debug, PartialEq, Eq)]
+struct Piece {
+    /// Bytes of the input this step uses up.
+    consumed: usize,
+    /// Length of the record's text at the start of the input, if a record
+    /// is produced (without `\n` or `\r\n`).
+    line: Option<usize>,
+    /// The record is a piece of a longer line, cut at the cap.
+    cut: bool,
+    /// Bytes thrown away (truncate mode).
+    discarded: usize,
+}
+
+/// Takes the next record off `input`: a complete line, a piece of a long
+/// line, or (truncating) the skipped rest of a long line. `None` when the
+/// input holds only an incomplete line shorter than the cap.
+fn next_piece(input: &[u8], max_line: usize, in_long_line: bool, mode: LongLine) -> Option<Piece> {
+    if in_long_line && mode == LongLine::Truncate {
+        return Some(match input.iter().position(|&b| b == b'\n') {
+            Some(newline) => Piece { consumed: newline + 1, line: None, cut: false, discarded: newline },
+            None => Piece { consumed: input.len(), line: None, cut: true, discarded: input.len() },
+        });
+    }
+    let window = &input[..input.len().min(max_line + 1)];
+    if let Some(newline) = window.iter().position(|&b| b == b'\n') {
+        let mut line = newline;
+        if line > 0 && input[line - 1] == b'\r' {
+            line -= 1;
+        }
+        return Some(Piece { consumed: newline + 1, line: Some(line), cut: false, discarded: 0 });
+    }
+    if input.len() <= max_line {
+        return None;
+    }
+    // Cut at the cap, stepping back to a UTF-8 character boundary so a
+    // character is not torn across two records.
+    let mut cut = max_line;
+    let mut back = 0;
+    while back < 3 && cut > 1 && (input[cut] & 0b1100_0000) == 0b1000_0000 {
+        cut -= 1;
+        back += 1;
+    }
+    if (input[cut] & 0b1100_0000) == 0b1000_0000 {
+        cut = max_line; // not UTF-8 anyway
+    }
+    Some(Piece { consumed: cut, line: Some(cut), cut: true, discarded: 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pieces(input: &[u8], max: usize, mode: LongLine) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        let mut in_long = false;
+        while let Some(piece) = next_piece(&input[pos..], max, in_long, mode) {
+            if let Some(line) = piece.line {
+                out.push((String::from_utf8_lossy(&input[pos..pos + line]).into_owned(), piece.cut));
+            }
+            in_long = piece.cut;
+            pos += piece.consumed;
+            if pos == input.len() {
+                break;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn complete_lines_only_and_crlf_is_stripped() {
+        assert_eq!(
+            pieces(b"one\r\ntwo\nthree", 100, LongLine::Split),
+            vec![("one".to_owned(), false), ("two".to_owned(), false)]
+        );
+    }
+
+    #[test]
+    fn a_long_line_is_split_losslessly() {
+        let got = pieces(b"abcdefghij\nxy\n", 4, LongLine::Split);
+        let texts: Vec<&str> = got.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(texts, ["abcd", "efgh", "ij", "xy"]);
+        assert_eq!(got.iter().filter(|(_, cut)| *cut).count(), 2);
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_cap_is_whole() {
+        assert_eq!(pieces(b"abcd\n", 4, LongLine::Split), vec![("abcd".to_owned(), false)]);
+    }
+
+    #[test]
+    fn a_long_line_is_truncated_and_the_rest_skipped() {
+        let got = pieces(b"abcdefghij\nxy\n", 4, LongLine::Truncate);
+        assert_eq!(got, vec![("abcd".to_owned(), true), ("xy".to_owned(), false)]);
+    }
+
+    #[test]
+    fn splitting_never_tears_a_character() {
+        let line = "aé€😀b".repeat(5) + "\n";
+        for max in 4..12 {
+            let got = pieces(line.as_bytes(), max, LongLine::Split);
+            let joined: String = got.iter().map(|(t, _)| t.as_str()).collect();
+            assert_eq!(joined, line.trim_end(), "max {max}");
+        }
+    }
+}

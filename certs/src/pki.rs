@@ -1,0 +1,281 @@
+//! Creating a CA and issuing certificates with rcgen.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::identity::{AGENT_URI_PREFIX, validate_name};
+
+/// What a certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An agent: a client certificate (EKU clientAuth) with an Ed25519 key,
+    /// which also signs the agent's batches.
+    Agent,
+    /// A collector: a server certificate (EKU serverAuth) with an ECDSA
+    /// P-256 key, which every browser and TLS client accepts.
+    Collector,
+}
+
+impl Role {
+    fn dir(self) -> &'static str {
+        match self {
+            Role::Agent => "agents",
+            Role::Collector => "collectors",
+        }
+    }
+}
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PkiError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// `init` found a CA already there and will not overwrite it.
+    #[error("a CA already exists at {0}; remove it first to start a new PKI")]
+    CaExists(PathBuf),
+    /// The directory holds no CA.
+    #[error("no CA at {0}: run `logvault certs init --dir` first")]
+    NoCa(PathBuf),
+    /// A certificate of that name was issued already.
+    #[error("{0} already exists; revoke it or pick another name")]
+    AlreadyIssued(PathBuf),
+    /// The name is not a valid agent or collector name.
+    #[error(transparent)]
+    Name(#[from] crate::identity::IdentityError),
+    /// rcgen refused the parameters or key.
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// Paths of an issued certificate and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The certificate, PEM.
+    pub cert: PathBuf,
+    /// The private key, PEM, mode 0600.
+    pub key: PathBuf,
+}
+
+/// A certificate directory.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    dir: PathBuf,
+}
+
+const CA_COMMON_NAME: &str = "logvault CA";
+
+impl Pki {
+    /// Creates a new CA in `dir`; refuses to overwrite an existing one.
+    pub fn init(dir: impl Into<PathBuf>) -> Result<Pki, PkiError> {
+        let pki = Pki { dir: dir.into() };
+        if pki.ca_cert().exists() {
+            return Err(PkiError::CaExists(pki.ca_cert()));
+        }
+        create_dir(&pki.dir)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, CA_COMMON_NAME);
+        name.push(DnType::OrganizationName, "logvault");
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.serial_number = Some(random_serial());
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        write_private_file(&pki.ca_key(), key.serialize_pem().as_bytes())?;
+        write_public_file(&pki.ca_cert(), cert.pem().as_bytes())?;
+        Ok(pki)
+    }
+
+    /// Opens an existing certificate directory.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Pki, PkiError> {
+        let pki = Pki { dir: dir.into() };
+        if !pki.ca_cert().exists() || !pki.ca_key().exists() {
+            return Err(PkiError::NoCa(pki.dir));
+        }
+        Ok(pki)
+    }
+
+    /// Opens `dir` when it holds a CA, else creates one there.
+    pub fn open_or_init(dir: impl Into<PathBuf>) -> Result<Pki, PkiError> {
+        let dir = dir.into();
+        match Pki::open(&dir) {
+            Ok(pki) => Ok(pki),
+            Err(PkiError::NoCa(_)) => Pki::init(dir),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate every peer trusts.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+
+    /// Where the certificate of `name` in `role` lives (issued or not).
+    pub fn paths(&self, role: Role, name: &str) -> Issued {
+        let base = self.dir.join(role.dir());
+        Issued { cert: base.join(format!("{name}.crt")), key: base.join(format!("{name}.key")) }
+    }
+
+    /// Issues a certificate for `name`. Agents get `name` as DNS SAN and
+    /// `logvault://agent/NAME` as URI SAN; collectors get `name` plus each
+    /// of `extra_sans` (DNS names or IP addresses).
+    pub fn issue(&self, role: Role, name: &str, extra_sans: &[String]) -> Result<Issued, PkiError> {
+        validate_name(name)?;
+        let paths = self.paths(role, name);
+        if paths.cert.exists() {
+            return Err(PkiError::AlreadyIssued(paths.cert));
+        }
+        create_dir(paths.cert.parent().expect("paths have a parent"))?;
+        let issuer = self.issuer()?;
+        let (key, mut params) = match role {
+            Role::Agent => {
+                let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+                let mut params = CertificateParams::new(vec![name.to_owned()])?;
+                params.subject_alt_names.push(SanType::URI(
+                    format!("{AGENT_URI_PREFIX}{name}").try_into()?,
+                ));
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+                (key, params)
+            }
+            Role::Collector => {
+                let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+                let mut sans = vec![name.to_owned()];
+                sans.extend(extra_sans.iter().filter(|s| s.as_str() != name).cloned());
+                let mut params = CertificateParams::new(sans)?;
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                (key, params)
+            }
+        };
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(397);
+        let cert = params.signed_by(&key, &issuer)?;
+        write_private_file(&paths.key, key.serialize_pem().as_bytes())?;
+        write_public_file(&paths.cert, cert.pem().as_bytes())?;
+        Ok(paths)
+    }
+
+    /// Returns the existing certificate of `name`, issuing it when missing.
+    pub fn ensure(&self, role: Role, name: &str, extra_sans: &[String]) -> Result<Issued, PkiError> {
+        let paths = self.paths(role, name);
+        if paths.cert.exists() && paths.key.exists() {
+            return Ok(paths);
+        }
+        self.issue(role, name, extra_sans)
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, PkiError> {
+        let key_pem = read(&self.ca_key())?;
+        let cert_pem = read(&self.ca_cert())?;
+        let key = KeyPair::from_pem(&key_pem)?;
+        Ok(Issuer::from_ca_cert_pem(&cert_pem, key)?)
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system random source works");
+    bytes[0] &= 0x7f; // positive
+    SerialNumber::from_slice(&bytes)
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
+}
+
+fn create_dir(dir: &Path) -> Result<(), PkiError> {
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io { path: dir.to_owned(), source })
+}
+
+/// Writes a secret atomically with mode 0600 from its creation on: a temp
+/// file, fsync, rename.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    write_file(path, contents, 0o600)
+}
+
+fn write_public_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
+    write_file(path, contents, 0o644)
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+    let io_err = |source| PkiError::Io { path: path.to_owned(), source };
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err)?;
+    file.write_all(contents).map_err(io_err)?;
+    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err)?;
+    file.sync_all().map_err(io_err)?;
+    fs::rename(&tmp, path).map_err(io_err)?;
+    if let Some(parent) = path.parent() {
+        fs::File::open(parent).and_then(|dir| dir.sync_all()).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("logvault-pki-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn keys_are_written_0600_and_init_refuses_to_overwrite() {
+        let dir = temp_dir("perm");
+        let pki = Pki::init(&dir).unwrap();
+        let agent = pki.issue(Role::Agent, "web-1", &[]).unwrap();
+        let collector = pki.issue(Role::Collector, "collector", &["127.0.0.1".into()]).unwrap();
+        for key in [dir.join("ca.key"), agent.key, collector.key] {
+            assert_eq!(fs::metadata(&key).unwrap().mode() & 0o777, 0o600, "{}", key.display());
+        }
+        assert!(matches!(Pki::init(&dir), Err(PkiError::CaExists(_))));
+        assert!(matches!(
+            pki.issue(Role::Agent, "web-1", &[]),
+            Err(PkiError::AlreadyIssued(_))
+        ));
+        assert!(matches!(pki.issue(Role::Agent, "../evil", &[]), Err(PkiError::Name(_))));
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
