@@ -1,0 +1,311 @@
+//! The collector's TOML configuration.
+//!
+//! ```toml
+//! data_dir = "/var/lib/logvault"          # wal/ and index/ live here
+//!
+//! [ingest]
+//! listen = "0.0.0.0:6000"
+//! ca = "/etc/logvault/pki/ca.crt"         # agents' certificates must chain to it
+//! cert = "/etc/logvault/pki/collectors/c1.crt"
+//! key = "/etc/logvault/pki/collectors/c1.key"
+//! max_connections = 1024
+//! handshake_timeout_ms = 10000
+//! max_frame_bytes = 16777216
+//!
+//! [api]
+//! listen = "127.0.0.1:8443"
+//! jwt_public_key = "/etc/logvault/jwt.pub" # Ed25519 public key, PEM
+//! issuer = "logvault"
+//! audience = "logvault"
+//!
+//! [tenants]
+//! default = "default"
+//! [[tenants.map]]
+//! tenant = "payments"
+//! agents = ["pay-*"]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or names an unknown key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole collector configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// Where the WAL and the index live.
+    pub data_dir: PathBuf,
+    /// The agents' listener.
+    pub ingest: IngestConfig,
+    /// The query API.
+    pub api: ApiConfig,
+    /// Which tenant each agent's data belongs to.
+    #[serde(default)]
+    pub tenants: TenantConfig,
+    /// WAL settings.
+    #[serde(default)]
+    pub wal: WalConfig,
+    /// Index settings.
+    #[serde(default)]
+    pub index: IndexConfig,
+}
+
+/// The mutual-TLS listener agents ship to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// `address:port` to listen on; port 0 picks a free port.
+    pub listen: String,
+    /// CA whose certificates agents must present.
+    pub ca: PathBuf,
+    /// The collector's certificate.
+    pub cert: PathBuf,
+    /// The collector's private key.
+    pub key: PathBuf,
+    /// Connections served at once; further ones are closed at accept.
+    /// Default 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A TLS handshake (and the agent's hello) must finish within this,
+    /// in milliseconds. Default 10000.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Largest frame accepted, in bytes; checked before allocation.
+    /// Default 16 MiB.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: u32,
+}
+
+/// The HTTPS query API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `address:port` to listen on.
+    pub listen: String,
+    /// Server certificate. Default: the ingest certificate.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Server key. Default: the ingest key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The Ed25519 public key (PEM) tokens must be signed with.
+    pub jwt_public_key: PathBuf,
+    /// Required `iss` claim. Default "logvault".
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// Required `aud` claim. Default "logvault".
+    #[serde(default = "default_issuer")]
+    pub audience: String,
+    /// Largest `limit` a search may ask for. Default 1000.
+    #[serde(default = "default_max_limit")]
+    pub max_limit: usize,
+}
+
+/// Tenant assignment: the first mapping whose pattern matches the agent's
+/// certificate name wins; otherwise `default`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Tenant of agents no mapping names. Default "default".
+    #[serde(default = "default_tenant")]
+    pub default: String,
+    /// Mappings, tried in order.
+    #[serde(default)]
+    pub map: Vec<TenantMapping>,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        Self { default: default_tenant(), map: Vec::new() }
+    }
+}
+
+/// Agents whose names match `agents` belong to `tenant`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantMapping {
+    /// The tenant.
+    pub tenant: String,
+    /// Name patterns; `*` matches any run of characters.
+    pub agents: Vec<String>,
+}
+
+/// WAL settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalConfig {
+    /// A segment is rolled when it passes this size. Default 64 MiB.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Appends waiting for the writer, at most; further appenders wait
+    /// (and so do their agents). Default 1024.
+    #[serde(default = "default_wal_queue")]
+    pub queue: usize,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        Self { segment_bytes: default_segment_bytes(), queue: default_wal_queue() }
+    }
+}
+
+/// Index settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexConfig {
+    /// How often new records are committed (made searchable), in
+    /// milliseconds. Default 500.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self { commit_interval_ms: default_commit_interval_ms() }
+    }
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_frame_bytes() -> u32 {
+    logvault_storage::frame::DEFAULT_MAX_FRAME
+}
+fn default_issuer() -> String {
+    "logvault".into()
+}
+fn default_max_limit() -> usize {
+    1000
+}
+fn default_tenant() -> String {
+    "default".into()
+}
+fn default_segment_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_wal_queue() -> usize {
+    1024
+}
+fn default_commit_interval_ms() -> u64 {
+    500
+}
+
+impl CollectorConfig {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<CollectorConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: CollectorConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        if self.ingest.max_connections == 0 {
+            return invalid("ingest.max_connections", "must be at least 1");
+        }
+        if self.ingest.max_frame_bytes < 1024 {
+            return invalid("ingest.max_frame_bytes", "must be at least 1024");
+        }
+        if self.api.max_limit == 0 {
+            return invalid("api.max_limit", "must be at least 1");
+        }
+        if self.wal.queue == 0 || self.wal.segment_bytes < 1024 * 1024 {
+            return invalid("wal", "queue must be at least 1 and segment_bytes at least 1 MiB");
+        }
+        if self.index.commit_interval_ms == 0 || self.index.commit_interval_ms > 60_000 {
+            return invalid("index.commit_interval_ms", "must be between 1 and 60000");
+        }
+        for tenant in std::iter::once(&self.tenants.default).chain(self.tenants.map.iter().map(|m| &m.tenant)) {
+            if logvault_certs::validate_name(tenant).is_err() {
+                return invalid("tenants", &format!("{tenant:?} is not a valid tenant name ([A-Za-z0-9.-])"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tenant of an agent.
+    pub fn tenant_of(&self, agent: &str) -> &str {
+        self.tenants
+            .map
+            .iter()
+            .find(|m| m.agents.iter().any(|pattern| wildcard_match(pattern, agent)))
+            .map_or(self.tenants.default.as_str(), |m| m.tenant.as_str())
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+fn wildcard_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard_match("pay-*", "pay-1"));
+        assert!(wildcard_match("*-db-*", "eu-db-3"));
+        assert!(wildcard_match("exact", "exact"));
+        assert!(!wildcard_match("pay-*", "web-1"));
+        assert!(!wildcard_match("a*a", "a"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = toml::from_str::<CollectorConfig>("data_dir = \"x\"\n[injest]\n").unwrap_err();
+        assert!(err.to_string().contains("injest"), "{err}");
+    }
+}

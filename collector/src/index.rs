@@ -1,0 +1,393 @@
+//! The tantivy index: the serving layer, rebuilt from the WAL at will.
+//!
+//! The indexer thread reads the WAL from the position stored in the last
+//! commit's payload up to the durable end, adds one document per record,
+//! and commits every `commit_interval` (so a line is searchable within a
+//! second or so of its ack). After a crash it simply resumes from the last
+//! commit: the WAL is the source of truth, the index a view of it.
+//!
+//! `message` is tokenised so that every maximal run of letters and digits
+//! is a term, lower-cased, with positions (phrases work) and no length cap.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use logvault_storage::batch::{Batch, Limits};
+use serde::Serialize;
+use tantivy::collector::{Count, TopDocs};
+use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
+use tantivy::schema::{
+    DateOptions, DateTimePrecision, FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions,
+    OwnedValue, STORED, Schema, TextFieldIndexing, TextOptions, Value,
+};
+use tantivy::tokenizer::{LowerCaser, RawTokenizer, SimpleTokenizer, TextAnalyzer};
+use tantivy::{DateTime, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term};
+use tokio_util::sync::CancellationToken;
+
+use crate::wal;
+
+/// Tokenizer of `message` and `fields.*`: alphanumeric runs, lower-cased.
+const WORDS: &str = "logvault_words";
+/// Tokenizer of `level`: the whole value, lower-cased.
+const KEYWORD: &str = "logvault_keyword";
+/// Tokenizer of exact-match fields (host, source, tenant).
+const RAW: &str = "raw";
+const WRITER_MEMORY: usize = 64 * 1024 * 1024;
+
+/// Why the index failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IndexError {
+    /// tantivy failed.
+    #[error("index {path}: {source}")]
+    Tantivy {
+        /// The index directory.
+        path: PathBuf,
+        /// The error.
+        source: tantivy::TantivyError,
+    },
+}
+
+/// Why a search failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SearchError {
+    /// The query does not parse or names an unknown field.
+    #[error("{0}")]
+    BadQuery(String),
+    /// The search itself failed.
+    #[error("search failed: {0}")]
+    Internal(String),
+}
+
+/// The schema's fields.
+#[derive(Debug, Clone, Copy)]
+pub struct Fields {
+    timestamp: Field,
+    received: Field,
+    tenant: Field,
+    host: Field,
+    source: Field,
+    epoch: Field,
+    seq: Field,
+    level: Field,
+    message: Field,
+    fields: Field,
+    fields_json: Field,
+}
+
+fn build_schema() -> (Schema, Fields) {
+    let mut builder = Schema::builder();
+    let date = DateOptions::from(INDEXED | STORED | FAST).set_precision(DateTimePrecision::Microseconds);
+    let keyword = |tokenizer: &str| {
+        TextOptions::default()
+            .set_indexing_options(
+                TextFieldIndexing::default().set_tokenizer(tokenizer).set_index_option(IndexRecordOption::Basic),
+            )
+            .set_stored()
+            .set_fast(tokenizer)
+    };
+    let words = TextFieldIndexing::default()
+        .set_tokenizer(WORDS)
+        .set_index_option(IndexRecordOption::WithFreqsAndPositions);
+    let fields = Fields {
+        timestamp: builder.add_date_field("timestamp", date.clone()),
+        received: builder.add_date_field("received", DateOptions::from(STORED).set_precision(DateTimePrecision::Microseconds)),
+        tenant: builder.add_text_field("tenant", keyword(RAW)),
+        host: builder.add_text_field("host", keyword(RAW)),
+        source: builder.add_text_field("source", keyword(RAW)),
+        epoch: builder.add_u64_field("epoch", STORED),
+        seq: builder.add_u64_field("seq", STORED | FAST),
+        level: builder.add_text_field("level", keyword(KEYWORD)),
+        message: builder.add_text_field("message", TextOptions::default().set_indexing_options(words.clone()).set_stored()),
+        fields: builder.add_json_field("fields", JsonObjectOptions::default().set_indexing_options(words)),
+        fields_json: builder.add_text_field("fields_json", STORED),
+    };
+    (builder.build(), fields)
+}
+
+/// An open index.
+pub struct LogIndex {
+    index: Index,
+    reader: IndexReader,
+    fields: Fields,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for LogIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogIndex").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// Newest or oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SortOrder {
+    /// Newest first (the default).
+    #[default]
+    Desc,
+    /// Oldest first.
+    Asc,
+}
+
+/// A search, as the API hands it over after authentication.
+#[derive(Debug, Clone)]
+pub struct SearchRequest {
+    /// Tenants the caller may see; never empty.
+    pub tenants: Vec<String>,
+    /// The query text; empty or `*` matches all.
+    pub query: String,
+    /// Inclusive lower bound, ns since the epoch.
+    pub from_ns: Option<i64>,
+    /// Exclusive upper bound, ns since the epoch.
+    pub to_ns: Option<i64>,
+    /// Hits to return.
+    pub limit: usize,
+    /// Sort order by timestamp.
+    pub order: SortOrder,
+}
+
+/// One record as the API returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hit {
+    /// RFC 3339.
+    pub timestamp: String,
+    /// RFC 3339, when the collector received it.
+    pub received: String,
+    /// The tenant.
+    pub tenant: String,
+    /// The authenticated host.
+    pub host: String,
+    /// The source.
+    pub source: String,
+    /// The source file's epoch.
+    pub epoch: u64,
+    /// The sequence number within the epoch.
+    pub seq: u64,
+    /// The normalised level.
+    pub level: String,
+    /// The original line.
+    pub message: String,
+    /// Parsed fields.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The answer to a search.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchResponse {
+    /// Exact number of matching records.
+    pub total: u64,
+    /// The first `limit` of them in the asked order.
+    pub hits: Vec<Hit>,
+}
+
+impl LogIndex {
+    /// Opens the index in `dir`, creating it when missing.
+    pub fn open(dir: &Path) -> Result<LogIndex, IndexError> {
+        let tantivy_err = |source| IndexError::Tantivy { path: dir.to_owned(), source };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| tantivy_err(tantivy::TantivyError::from(tantivy::directory::error::OpenDirectoryError::wrap_io_error(e, dir.to_owned()))))?;
+        let (schema, fields) = build_schema();
+        let directory = tantivy::directory::MmapDirectory::open(dir)
+            .map_err(|e| tantivy_err(e.into()))?;
+        let index = Index::open_or_create(directory, schema).map_err(tantivy_err)?;
+        let tokenizers = index.tokenizers();
+        tokenizers.register(WORDS, TextAnalyzer::builder(SimpleTokenizer::default()).filter(LowerCaser).build());
+        tokenizers.register(KEYWORD, TextAnalyzer::builder(RawTokenizer::default()).filter(LowerCaser).build());
+        index.fast_field_tokenizer().register(KEYWORD, TextAnalyzer::builder(RawTokenizer::default()).filter(LowerCaser).build());
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(tantivy_err)?;
+        Ok(LogIndex { index, reader, fields, path: dir.to_owned() })
+    }
+
+    /// The WAL position the last commit covers.
+    pub fn committed_position(&self) -> u64 {
+        self.index
+            .load_metas()
+            .ok()
+            .and_then(|metas| metas.payload)
+            .and_then(|payload| payload.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Runs a search. Blocking: call from `spawn_blocking`.
+    pub fn search(&self, request: &SearchRequest) -> Result<SearchResponse, SearchError> {
+        let f = &self.fields;
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
+        let text = request.query.trim();
+        if !text.is_empty() && text != "*" {
+            let mut parser = QueryParser::for_index(&self.index, vec![f.message]);
+            parser.set_conjunction_by_default();
+            let parsed = parser.parse_query(text).map_err(|e| SearchError::BadQuery(e.to_string()))?;
+            clauses.push((Occur::Must, parsed));
+        } else {
+            clauses.push((Occur::Must, Box::new(AllQuery)));
+        }
+        // The tenant filter is added here, in code, never spliced into text.
+        let tenants: Vec<(Occur, Box<dyn Query>)> = request
+            .tenants
+            .iter()
+            .map(|tenant| {
+                let term = Term::from_field_text(f.tenant, tenant);
+                (Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::Basic)) as Box<dyn Query>)
+            })
+            .collect();
+        if tenants.is_empty() {
+            return Err(SearchError::Internal("no tenant to search".into()));
+        }
+        clauses.push((Occur::Must, Box::new(BooleanQuery::new(tenants))));
+        if request.from_ns.is_some() || request.to_ns.is_some() {
+            let bound = |ns: i64| Term::from_field_date(f.timestamp, DateTime::from_timestamp_nanos(ns));
+            let lower = request.from_ns.map_or(Bound::Unbounded, |ns| Bound::Included(bound(ns)));
+            let upper = request.to_ns.map_or(Bound::Unbounded, |ns| Bound::Excluded(bound(ns)));
+            clauses.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
+        }
+        let query = BooleanQuery::new(clauses);
+        let searcher = self.reader.searcher();
+        let order = match request.order {
+            SortOrder::Desc => Order::Desc,
+            SortOrder::Asc => Order::Asc,
+        };
+        let top = TopDocs::with_limit(request.limit.max(1)).order_by_fast_field::<DateTime>("timestamp", order);
+        let (total, top) = searcher
+            .search(&query, &(Count, top))
+            .map_err(|e| SearchError::Internal(e.to_string()))?;
+        let mut hits = Vec::with_capacity(top.len().min(request.limit));
+        for (_, address) in top.into_iter().take(request.limit) {
+            let doc: TantivyDocument = searcher.doc(address).map_err(|e| SearchError::Internal(e.to_string()))?;
+            hits.push(self.hit(&doc));
+        }
+        Ok(SearchResponse { total: total as u64, hits })
+    }
+
+    fn hit(&self, doc: &TantivyDocument) -> Hit {
+        let f = &self.fields;
+        let text = |field| doc.get_first(field).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let number = |field| doc.get_first(field).and_then(|v| v.as_u64()).unwrap_or_default();
+        let date = |field| {
+            doc.get_first(field)
+                .and_then(|v| v.as_datetime())
+                .map(|d| crate::time::format_ns(d.into_timestamp_nanos()))
+                .unwrap_or_default()
+        };
+        let fields = serde_json::from_str(&text(f.fields_json)).unwrap_or_default();
+        Hit {
+            timestamp: date(f.timestamp),
+            received: date(f.received),
+            tenant: text(f.tenant),
+            host: text(f.host),
+            source: text(f.source),
+            epoch: number(f.epoch),
+            seq: number(f.seq),
+            level: text(f.level),
+            message: text(f.message),
+            fields,
+        }
+    }
+
+    fn documents(&self, entry: &wal::Entry, out: &mut Vec<TantivyDocument>) {
+        let f = &self.fields;
+        let limits = Limits { max_records: u32::MAX, max_message_bytes: u32::MAX, max_fields: u16::MAX, max_field_value_bytes: u32::MAX };
+        let batch = match Batch::decode(&entry.batch, &limits) {
+            Ok(batch) => batch,
+            Err(err) => {
+                tracing::error!(position = entry.position, error = %err, "wal entry does not decode; not indexed");
+                return;
+            }
+        };
+        let received = DateTime::from_timestamp_nanos(entry.received_ns);
+        for (i, record) in batch.records.into_iter().enumerate().skip(entry.skip as usize) {
+            let mut doc = TantivyDocument::new();
+            doc.add_date(f.timestamp, DateTime::from_timestamp_nanos(record.timestamp_ns));
+            doc.add_date(f.received, received);
+            doc.add_text(f.tenant, &entry.tenant);
+            doc.add_text(f.host, &entry.host);
+            doc.add_text(f.source, &batch.header.source);
+            doc.add_u64(f.epoch, batch.header.epoch);
+            doc.add_u64(f.seq, batch.header.first_seq + i as u64);
+            doc.add_text(f.level, record.level.as_str());
+            doc.add_text(f.message, &record.message);
+            if !record.fields.is_empty() {
+                let object: BTreeMap<String, OwnedValue> =
+                    record.fields.iter().map(|(k, v)| (k.clone(), OwnedValue::Str(v.clone()))).collect();
+                doc.add_object(f.fields, object);
+                let json: serde_json::Map<String, serde_json::Value> =
+                    record.fields.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+                doc.add_text(f.fields_json, serde_json::Value::Object(json).to_string());
+            }
+            out.push(doc);
+        }
+    }
+}
+
+/// Progress of the indexer, for health and metrics.
+#[derive(Debug, Default)]
+pub struct IndexProgress {
+    /// WAL position committed to the index.
+    pub committed: AtomicU64,
+}
+
+/// Indexes the WAL until `cancel` fires, committing every `commit_interval`.
+/// Blocking: run it on its own thread.
+pub fn run_indexer(
+    index: Arc<LogIndex>,
+    wal_dir: PathBuf,
+    durable: Arc<AtomicU64>,
+    progress: Arc<IndexProgress>,
+    commit_interval: Duration,
+    cancel: CancellationToken,
+) -> Result<(), IndexError> {
+    let tantivy_err = |source| IndexError::Tantivy { path: index.path.clone(), source };
+    let mut writer: IndexWriter = index.index.writer_with_num_threads(1, WRITER_MEMORY).map_err(tantivy_err)?;
+    let mut position = index.committed_position();
+    progress.committed.store(position, Ordering::Release);
+    let mut pending = false;
+    let mut last_commit = Instant::now();
+    let mut docs = Vec::new();
+    tracing::info!(from = position, to = durable.load(Ordering::Acquire), "indexer catching up from the wal");
+    loop {
+        let stopping = cancel.is_cancelled();
+        let until = durable.load(Ordering::Acquire);
+        let entries = match wal::read_range(&wal_dir, position, until, 8 * 1024 * 1024) {
+            Ok(entries) => entries,
+            Err(err) => {
+                tracing::error!(error = %err, "indexer cannot read the wal");
+                std::thread::sleep(Duration::from_secs(1));
+                Vec::new()
+            }
+        };
+        let idle = entries.is_empty();
+        for entry in entries {
+            index.documents(&entry, &mut docs);
+            for doc in docs.drain(..) {
+                writer.add_document(doc).map_err(tantivy_err)?;
+            }
+            position = entry.next;
+            pending = true;
+        }
+        if pending && (stopping || last_commit.elapsed() >= commit_interval || (idle && last_commit.elapsed() >= commit_interval / 4)) {
+            let mut commit = writer.prepare_commit().map_err(tantivy_err)?;
+            commit.set_payload(&position.to_string());
+            commit.commit().map_err(tantivy_err)?;
+            index.reader.reload().map_err(tantivy_err)?;
+            progress.committed.store(position, Ordering::Release);
+            pending = false;
+            last_commit = Instant::now();
+        }
+        if stopping {
+            let _ = writer.wait_merging_threads();
+            return Ok(());
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The agents' listener: mutual TLS, frames, validation, WAL, ack.
+//!
+//! Every connection must present a certificate from the configured CA
+//! (TLS 1.3 only). The agent's name, and so every record's `host`, comes
+//! from that certificate; a batch naming another agent, or signed by
+//! another key than the certificate's, is refused and the connection
+//! closed. A batch is acked only once the WAL has fsynced it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use logvault_certs::PeerIdentity;
+use logvault_storage::batch::{Batch, Limits};
+use logvault_storage::frame::{
+    AckStatus, Frame, FrameDecoder, FrameError, PROTOCOL_VERSION, RefuseCode, write_frame,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::CollectorConfig;
+use crate::wal::{AppendRequest, Appended, Wal};
+
+/// Counters for operators.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Batches acked (stored or duplicate).
+    pub batches_acked: AtomicU64,
+    /// Batches recognised as resends.
+    pub batches_duplicate: AtomicU64,
+    /// Batches or connections refused.
+    pub refused: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    pub handshake_failures: AtomicU64,
+    /// Connections open now.
+    pub connections: AtomicU64,
+}
+
+/// What the ingest loop needs.
+pub struct Ingest {
+    /// The configuration (tenants, limits).
+    pub config: Arc<CollectorConfig>,
+    /// TLS.
+    pub acceptor: TlsAcceptor,
+    /// Where batches go.
+    pub wal: Wal,
+    /// Counters.
+    pub stats: Arc<IngestStats>,
+}
+
+/// Accepts connections until `cancel` fires; then waits for the open ones
+/// to finish their batch in hand.
+pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, cancel: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(ingest.config.ingest.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = ingest.config.ingest.max_connections, "connection limit reached; closing new connection");
+            ingest.stats.refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let ingest = ingest.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            ingest.stats.connections.fetch_add(1, Ordering::Relaxed);
+            connection(tcp, peer, &ingest, cancel).await;
+            ingest.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: CancellationToken) {
+    let _ = tcp.set_nodelay(true);
+    let limit = Duration::from_millis(ingest.config.ingest.handshake_timeout_ms);
+    let mut tls = match tokio::time::timeout(limit, ingest.acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            ingest.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, error = %err, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            ingest.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, timeout_ms = limit.as_millis() as u64, "tls handshake timed out");
+            return;
+        }
+    };
+    let identity = {
+        let (_, session) = tls.get_ref();
+        match session.peer_certificates().and_then(|chain| chain.first()) {
+            Some(cert) => PeerIdentity::from_cert_der(cert),
+            None => Err(logvault_certs::IdentityError::NoName),
+        }
+    };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(err) => {
+            refuse(&mut tls, ingest, RefuseCode::Identity, &format!("client certificate unusable: {err}")).await;
+            tracing::warn!(%peer, error = %err, "refused agent certificate");
+            return;
+        }
+    };
+    let tenant = ingest.config.tenant_of(&identity.name).to_owned();
+    let decoder = FrameDecoder::new(ingest.config.ingest.max_frame_bytes);
+    match tokio::time::timeout(limit, decoder.read(&mut tls)).await {
+        Ok(Ok(Some(Frame::Hello { version }))) if version == PROTOCOL_VERSION => {}
+        Ok(Ok(Some(Frame::Hello { version }))) => {
+            let message = format!("protocol version {version} is not supported; this collector speaks {PROTOCOL_VERSION}");
+            refuse(&mut tls, ingest, RefuseCode::UnsupportedVersion, &message).await;
+            return;
+        }
+        other => {
+            let what = match other {
+                Err(_) => "no hello within the handshake timeout".to_owned(),
+                Ok(Err(err)) => err.to_string(),
+                Ok(Ok(frame)) => format!("expected hello, got {frame:?}"),
+            };
+            tracing::warn!(%peer, agent = %identity.name, reason = %what, "bad opening");
+            refuse(&mut tls, ingest, RefuseCode::Malformed, &what).await;
+            return;
+        }
+    }
+    tracing::info!(%peer, agent = %identity.name, %tenant, "agent connected");
+    let limits = Limits::default();
+    loop {
+        let frame = tokio::select! {
+            _ = cancel.cancelled() => break,
+            frame = decoder.read(&mut tls) => frame,
+        };
+        let bytes = match frame {
+            Ok(Some(Frame::Batch(bytes))) => bytes,
+            Ok(None) => break,
+            Ok(Some(other)) => {
+                refuse(&mut tls, ingest, RefuseCode::Malformed, &format!("unexpected frame {other:?}")).await;
+                break;
+            }
+            Err(FrameError::TooLarge { len, max }) => {
+                let message = format!("frame of {len} bytes is over the cap of {max} bytes");
+                tracing::warn!(%peer, agent = %identity.name, len, max, "frame over the cap");
+                refuse(&mut tls, ingest, RefuseCode::TooLarge, &message).await;
+                break;
+            }
+            Err(FrameError::Io(err)) => {
+                tracing::info!(%peer, agent = %identity.name, error = %err, "connection lost");
+                break;
+            }
+            Err(err) => {
+                tracing::warn!(%peer, agent = %identity.name, error = %err, "bad frame");
+                refuse(&mut tls, ingest, RefuseCode::Malformed, &err.to_string()).await;
+                break;
+            }
+        };
+        let batch = match Batch::decode(&bytes, &limits) {
+            Ok(batch) => batch,
+            Err(err) => {
+                tracing::warn!(%peer, agent = %identity.name, error = %err, "malformed batch");
+                refuse(&mut tls, ingest, RefuseCode::Malformed, &err.to_string()).await;
+                break;
+            }
+        };
+        if batch.header.agent_id != identity.name {
+            let message = format!(
+                "batch claims agent {:?} but the certificate names {:?}",
+                batch.header.agent_id, identity.name
+            );
+            tracing::warn!(%peer, agent = %identity.name, claimed = %batch.header.agent_id, "forged agent id");
+            refuse(&mut tls, ingest, RefuseCode::Identity, &message).await;
+            break;
+        }
+        if let Err(err) = batch.verify_encoded(&bytes, &identity.signing_key) {
+            tracing::warn!(%peer, agent = %identity.name, error = %err, "bad batch signature");
+            refuse(&mut tls, ingest, RefuseCode::Identity, &err.to_string()).await;
+            break;
+        }
+        let request = AppendRequest {
+            tenant: tenant.clone(),
+            host: identity.name.clone(),
+            received_ns: crate::time::now_ns(),
+            header: batch.header,
+            batch: bytes,
+        };
+        let hash = batch.hash;
+        match ingest.wal.append(request).await {
+            Ok(appended) => {
+                let status = match appended {
+                    Appended::Stored { .. } => AckStatus::Stored,
+                    Appended::Duplicate => {
+                        ingest.stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
+                        AckStatus::Duplicate
+                    }
+                };
+                ingest.stats.batches_acked.fetch_add(1, Ordering::Relaxed);
+                if write_frame(&mut tls, &Frame::Ack { batch_hash: hash, status }).await.is_err() {
+                    break;
+                }
+            }
+            Err(err) => {
+                tracing::error!(agent = %identity.name, error = %err, "wal append failed");
+                refuse(&mut tls, ingest, RefuseCode::Internal, &err.to_string()).await;
+                break;
+            }
+        }
+    }
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+}
+
+async fn refuse(
+    tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    ingest: &Ingest,
+    code: RefuseCode,
+    message: &str,
+) {
+    ingest.stats.refused.fetch_add(1, Ordering::Relaxed);
+    let frame = Frame::Refused { code, message: message.to_owned() };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(tls, &frame)).await;
+}

@@ -1,0 +1,131 @@
+//! Wiring: WAL, indexer, ingest listener and API, started and stopped
+//! together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use logvault_certs::TlsFiles;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::auth::Verifier;
+use crate::config::CollectorConfig;
+use crate::index::{IndexProgress, LogIndex};
+use crate::ingest::{self, Ingest, IngestStats};
+use crate::wal::Wal;
+
+/// Why the collector could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] logvault_certs::TlsError),
+    /// The token key is unusable.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    /// The WAL could not be opened.
+    #[error(transparent)]
+    Wal(#[from] crate::wal::WalError),
+    /// The index could not be opened or written.
+    #[error(transparent)]
+    Index(#[from] crate::index::IndexError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A started collector.
+pub struct Running {
+    /// Where agents connect.
+    pub ingest_addr: SocketAddr,
+    /// Where the API listens.
+    pub api_addr: SocketAddr,
+    done: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl Running {
+    /// Waits until the collector has shut down (after its cancel token fired).
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.done.await.unwrap_or_else(|err| panic!("collector task panicked: {err}"))
+    }
+}
+
+async fn bind(address: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| ServerError::Bind { address: address.to_owned(), source })
+}
+
+/// Starts the collector; it runs until `cancel` fires.
+pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result<Running, ServerError> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let ingest_tls = logvault_certs::server_config(&TlsFiles {
+        ca: config.ingest.ca.clone(),
+        cert: config.ingest.cert.clone(),
+        key: config.ingest.key.clone(),
+    })?;
+    let api_tls = logvault_certs::api_server_config(
+        config.api.cert.as_ref().unwrap_or(&config.ingest.cert),
+        config.api.key.as_ref().unwrap_or(&config.ingest.key),
+    )?;
+    let verifier = Verifier::from_public_pem(&config.api.jwt_public_key, &config.api.issuer, &config.api.audience)?;
+
+    let wal_dir = config.data_dir.join("wal");
+    let (wal, wal_thread) = Wal::open(&wal_dir, config.wal.segment_bytes, config.wal.queue)?;
+    let index = Arc::new(LogIndex::open(&config.data_dir.join("index"))?);
+    let progress = Arc::new(IndexProgress::default());
+    let indexer = {
+        let (index, durable, progress, cancel) = (index.clone(), wal.durable_counter(), progress.clone(), cancel.clone());
+        let interval = Duration::from_millis(config.index.commit_interval_ms);
+        let wal_dir = wal_dir.clone();
+        std::thread::Builder::new()
+            .name("logvault-index".into())
+            .spawn(move || crate::index::run_indexer(index, wal_dir, durable, progress, interval, cancel))
+            .expect("spawning a thread works")
+    };
+
+    let ingest_listener = bind(&config.ingest.listen).await?;
+    let api_listener = bind(&config.api.listen).await?;
+    let ingest_addr = ingest_listener.local_addr().map_err(|source| ServerError::Bind { address: config.ingest.listen.clone(), source })?;
+    let api_addr = api_listener.local_addr().map_err(|source| ServerError::Bind { address: config.api.listen.clone(), source })?;
+    tracing::info!(%ingest_addr, %api_addr, data_dir = %config.data_dir.display(), "collector listening");
+
+    let ingest = Arc::new(Ingest {
+        config: config.clone(),
+        acceptor: TlsAcceptor::from(ingest_tls),
+        wal,
+        stats: Arc::new(IngestStats::default()),
+    });
+    let state = Arc::new(ApiState { index, verifier, max_limit: config.api.max_limit });
+    let ingest_task = tokio::spawn(ingest::serve(ingest_listener, ingest.clone(), cancel.clone()));
+    let api_task = tokio::spawn(api::serve(api_listener, TlsAcceptor::from(api_tls), api::router(state), cancel.clone()));
+    let done = tokio::spawn(async move {
+        let _ = ingest_task.await;
+        let _ = api_task.await;
+        // The last Wal handle goes with `ingest`: the writer thread drains
+        // what it was handed, fsyncs and exits.
+        drop(ingest);
+        let _ = tokio::task::spawn_blocking(move || wal_thread.join()).await;
+        let indexed = tokio::task::spawn_blocking(move || indexer.join()).await;
+        match indexed {
+            Ok(Ok(result)) => result?,
+            _ => tracing::error!("indexer thread panicked"),
+        }
+        tracing::info!("collector stopped");
+        Ok(())
+    });
+    Ok(Running { ingest_addr, api_addr, done })
+}
