@@ -13,9 +13,10 @@
 //! has been gone for [`DRAIN_GRACE`] and holds nothing unread: lines a
 //! writer adds after the rename are not lost.
 //!
-//! Only complete lines (ending in `\n`) are shipped, plus the pieces of a
-//! line longer than `max_line_bytes`; a last line still being written waits
-//! for its newline.
+//! Complete lines (ending in `\n`) are shipped as soon as they are read,
+//! and so are the pieces of a line longer than `max_line_bytes`. A last
+//! line without its newline waits [`PARTIAL_LINE_TIMEOUT`] for the file to
+//! grow, then is shipped as it is.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -38,6 +39,9 @@ use crate::config::{AgentConfig, LongLine, ReadFrom, SourceConfig};
 
 /// How long a file renamed away or deleted is still read before release.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
+/// How long an unterminated last line waits for its newline before it is
+/// shipped as it is.
+pub const PARTIAL_LINE_TIMEOUT: Duration = Duration::from_secs(1);
 const READ_CHUNK: usize = 1024 * 1024;
 
 /// A signed batch on its way to the collector, with the checkpoint its ack
@@ -67,6 +71,8 @@ struct Tracked {
     in_long_line: bool,
     prev_hash: [u8; 32],
     missing_since: Option<Instant>,
+    /// Length of the file when an unterminated last line was first seen.
+    partial_since: Option<(u64, Instant)>,
 }
 
 /// The tailer: runs on its own thread, blocking on file reads and on the
@@ -196,6 +202,7 @@ impl Tailer {
                     in_long_line: checkpoint.in_long_line,
                     prev_hash: unhex32(&checkpoint.prev_hash).unwrap_or([0; 32]),
                     missing_since: None,
+                    partial_since: None,
                 });
             }
             tracing::warn!(path = %path_text, "file shrank while the agent was stopped; starting a new epoch");
@@ -214,6 +221,7 @@ impl Tailer {
             in_long_line: false,
             prev_hash: [0; 32],
             missing_since: None,
+            partial_since: None,
         })
     }
 
@@ -286,45 +294,99 @@ impl Tailer {
                 let was_in_long_line = tracked.in_long_line;
                 tracked.in_long_line = piece.cut;
                 let Some(line) = piece.line else { continue };
-                let line = &rest[..line];
-                let message = String::from_utf8_lossy(line);
-                let mut flags = 0;
-                if let std::borrow::Cow::Owned(_) = message {
-                    self.stats.invalid_utf8_lines.fetch_add(1, Ordering::Relaxed);
-                    flags |= FLAG_INVALID_UTF8;
-                }
-                if piece.cut {
-                    flags |= FLAG_TRUNCATED;
-                    let counter = match tracked.settings.on_long_line {
-                        LongLine::Split => &self.stats.lines_split,
-                        LongLine::Truncate => &self.stats.lines_truncated,
-                    };
-                    if !was_in_long_line {
-                        counter.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                if was_in_long_line {
-                    flags |= FLAG_CONTINUED;
-                }
-                let batch = builder.get_or_insert_with(|| {
-                    BatchBuilder::new(&self.agent_id, &tracked.source, tracked.epoch, tracked.next_seq, tracked.prev_hash)
-                });
-                batch.push_parts(now_ns, Level::sniff(&message), flags, &message, &[]);
-                tracked.next_seq += 1;
-                self.stats.lines_read.fetch_add(1, Ordering::Relaxed);
-                if batch.len() >= self.config.batch.max_records
-                    || batch.body_bytes() >= self.config.batch.max_bytes
-                {
-                    let full = builder.take().expect("just pushed");
-                    self.send(key, tracked, full)?;
-                }
+                self.push_line(key, tracked, &mut builder, &rest[..line], piece.cut, was_in_long_line, now_ns)?;
             }
             if consumed == 0 {
                 break; // an incomplete last line: wait for its newline
             }
         }
+        self.flush_stale_tail(key, tracked, len, &mut buf, &mut builder)?;
         if let Some(batch) = builder.take() {
             self.send(key, tracked, batch)?;
+        }
+        Ok(())
+    }
+
+    /// Ships an unterminated last line once the file has not grown for
+    /// [`PARTIAL_LINE_TIMEOUT`]: a writer that ends its file without a
+    /// newline loses no line. Bytes appended to that line later become a
+    /// record of their own.
+    fn flush_stale_tail(
+        &mut self,
+        key: FileKey,
+        tracked: &mut Tracked,
+        len: u64,
+        buf: &mut [u8],
+        builder: &mut Option<BatchBuilder>,
+    ) -> Result<(), ReadError> {
+        if tracked.read_offset >= len {
+            tracked.partial_since = None;
+            return Ok(());
+        }
+        match tracked.partial_since {
+            Some((seen_len, since)) if seen_len == len && since.elapsed() >= PARTIAL_LINE_TIMEOUT => {}
+            Some((seen_len, _)) if seen_len == len => return Ok(()),
+            _ => {
+                tracked.partial_since = Some((len, Instant::now()));
+                return Ok(());
+            }
+        }
+        tracked.partial_since = None;
+        let tail = ((len - tracked.read_offset) as usize).min(buf.len());
+        let got = tracked.file.read_at(&mut buf[..tail], tracked.read_offset)?;
+        tracked.read_offset += got as u64;
+        let was_in_long_line = std::mem::replace(&mut tracked.in_long_line, false);
+        if was_in_long_line && tracked.settings.on_long_line == LongLine::Truncate {
+            self.stats.bytes_discarded.fetch_add(got as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        let mut line = &buf[..got];
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        self.push_line(key, tracked, builder, line, false, was_in_long_line, now_ns())
+    }
+
+    /// Adds one record to the open batch, sending the batch when full.
+    #[allow(clippy::too_many_arguments)]
+    fn push_line(
+        &mut self,
+        key: FileKey,
+        tracked: &mut Tracked,
+        builder: &mut Option<BatchBuilder>,
+        line: &[u8],
+        cut: bool,
+        was_in_long_line: bool,
+        now_ns: i64,
+    ) -> Result<(), ReadError> {
+        let message = String::from_utf8_lossy(line);
+        let mut flags = 0;
+        if let std::borrow::Cow::Owned(_) = message {
+            self.stats.invalid_utf8_lines.fetch_add(1, Ordering::Relaxed);
+            flags |= FLAG_INVALID_UTF8;
+        }
+        if cut {
+            flags |= FLAG_TRUNCATED;
+            let counter = match tracked.settings.on_long_line {
+                LongLine::Split => &self.stats.lines_split,
+                LongLine::Truncate => &self.stats.lines_truncated,
+            };
+            if !was_in_long_line {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if was_in_long_line {
+            flags |= FLAG_CONTINUED;
+        }
+        let batch = builder.get_or_insert_with(|| {
+            BatchBuilder::new(&self.agent_id, &tracked.source, tracked.epoch, tracked.next_seq, tracked.prev_hash)
+        });
+        batch.push_parts(now_ns, Level::sniff(&message), flags, &message, &[]);
+        tracked.next_seq += 1;
+        self.stats.lines_read.fetch_add(1, Ordering::Relaxed);
+        if batch.len() >= self.config.batch.max_records || batch.body_bytes() >= self.config.batch.max_bytes {
+            let full = builder.take().expect("just pushed");
+            self.send(key, tracked, full)?;
         }
         Ok(())
     }
