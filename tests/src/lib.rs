@@ -1,1 +1,531 @@
+//! Helpers for the end-to-end tests: they start the real `logvault` and
+//! `logvault-agent` binaries on loopback and talk to them as users and
+//! peers would.
+//!
+//! Every child runs under `timeout`, so a test run that dies leaves no
+//! server behind for long.
+#![allow(missing_docs, unreachable_pub)]
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use logvault_certs::{Pki, Role as CertRole};
+use logvault_collector::auth::{self, Claims, Role};
+
+/// Seconds a child may live before `timeout` kills it.
+const CHILD_LIFETIME_SECS: u32 = 900;
+
+/// The loghub samples shipped with the workspace.
+pub fn loghub_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/loghub");
+    assert!(dir.join("HDFS_2k.log").exists(), "loghub samples missing at {}", dir.display());
+    dir
+}
+
+pub const SAMPLES: [&str; 8] = [
+    "Apache_2k.log",
+    "BGL_2k.log",
+    "HDFS_2k.log",
+    "Hadoop_2k.log",
+    "Linux_2k.log",
+    "OpenSSH_2k.log",
+    "Spark_2k.log",
+    "Zookeeper_2k.log",
+];
+
+/// The lines of a sample (a missing final newline does not drop a line).
+pub fn sample_lines(name: &str) -> Vec<String> {
+    let bytes = std::fs::read(loghub_dir().join(name)).unwrap();
+    String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect()
+}
+
+/// The terms of a line as the index sees them: maximal runs of letters
+/// and digits, lower-cased.
+pub fn terms(line: &str) -> impl Iterator<Item = String> + '_ {
+    line.split(|c: char| !c.is_alphanumeric()).filter(|t| !t.is_empty()).map(str::to_lowercase)
+}
+
+/// Number of lines holding `word` as a term.
+pub fn lines_with_term(lines: &[String], word: &str) -> u64 {
+    let word = word.to_lowercase();
+    lines.iter().filter(|line| terms(line).any(|t| t == word)).count() as u64
+}
+
+/// A built binary of the workspace, next to the test executable's target dir.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("logvault-e2e-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("LOGVAULT_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some` or `limit` passes.
+pub fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process under `timeout`, killed when dropped.
+pub struct Process {
+    wrapper: Child,
+    pid: u32,
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Process {
+    fn spawn(name: &str, binary: &Path, args: &[&str], log: PathBuf) -> Process {
+        let log_file = std::fs::File::create(&log).unwrap();
+        let wrapper = Command::new("timeout")
+            .arg("--signal=KILL")
+            .arg(CHILD_LIFETIME_SECS.to_string())
+            .arg(binary)
+            .args(args)
+            .env("RUST_LOG", "info,tantivy=warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let wrapper_pid = wrapper.id();
+        let pid = wait_for(Duration::from_secs(5), "the child under timeout", || {
+            let out = Command::new("pgrep").arg("-P").arg(wrapper_pid.to_string()).output().ok()?;
+            String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
+        });
+        Process { wrapper, pid, log, name: name.to_owned() }
+    }
+
+    /// The first line the child prints on stdout.
+    pub fn first_stdout_line(&mut self) -> String {
+        let stdout = self.wrapper.stdout.take().expect("stdout is read once");
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "{} printed nothing; log:\n{}", self.name, self.log_text());
+        // Keep draining so the child never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        line
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let _ = Command::new("kill").arg(format!("-{signal}")).arg(self.pid.to_string()).status();
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(20));
+        assert!(status.success(), "{} exited with {status}; log:\n{}", self.name, self.log_text());
+        status
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        self.signal("KILL");
+        self.wait_exit(Duration::from_secs(10));
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        wait_for(limit, "the child to exit", || self.wrapper.try_wait().unwrap())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.wrapper.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.wrapper.try_wait().ok().flatten().is_none() {
+            self.signal("KILL");
+            let _ = self.wrapper.wait();
+        }
+    }
+}
+
+/// A PKI with a collector certificate and a token key.
+pub struct Setup {
+    pub dir: TempDir,
+    pub pki: Pki,
+    pub jwt_key: PathBuf,
+    pub jwt_public: PathBuf,
+}
+
+impl Setup {
+    pub fn new(label: &str) -> Setup {
+        let dir = TempDir::new(label);
+        let pki = Pki::init(dir.path().join("pki")).unwrap();
+        pki.issue(CertRole::Collector, "collector", &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let jwt_key = dir.path().join("jwt.key");
+        let jwt_public = auth::ensure_key_pair(&jwt_key).unwrap();
+        Setup { dir, pki, jwt_key, jwt_public }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn agent_cert(&self, name: &str) -> logvault_certs::Issued {
+        self.pki.ensure(CertRole::Agent, name, &[]).unwrap()
+    }
+
+    /// A token signed with this setup's key.
+    pub fn token(&self, tenants: &[&str], role: Role) -> String {
+        let now = auth::now_secs();
+        auth::mint(&self.jwt_key, &self.claims(tenants, role, now)).unwrap()
+    }
+
+    pub fn claims(&self, tenants: &[&str], role: Role, now: u64) -> Claims {
+        Claims {
+            sub: "e2e".into(),
+            iss: "logvault".into(),
+            aud: "logvault".into(),
+            exp: now + 3600,
+            nbf: now,
+            iat: now,
+            tenant: None,
+            tenants: Some(tenants.iter().map(|t| t.to_string()).collect()),
+            role,
+        }
+    }
+}
+
+/// Extra collector settings a test may need.
+#[derive(Default, Clone)]
+pub struct CollectorOptions {
+    /// `ingest.listen`; default `127.0.0.1:0`.
+    pub ingest_listen: Option<String>,
+    /// Extra TOML appended to the configuration.
+    pub extra_toml: String,
+    /// `ingest.max_frame_bytes`.
+    pub max_frame_bytes: Option<u32>,
+    /// `ingest.handshake_timeout_ms`.
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+pub struct Collector {
+    pub process: Process,
+    pub ingest: SocketAddr,
+    pub api: SocketAddr,
+    pub ca: PathBuf,
+}
+
+impl Collector {
+    pub fn start(setup: &Setup, options: &CollectorOptions) -> Collector {
+        let collector = setup.pki.paths(CertRole::Collector, "collector");
+        let config = setup.path().join("collector.toml");
+        let toml = format!(
+            r#"data_dir = "{data}"
+
+[ingest]
+listen = "{listen}"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+max_frame_bytes = {max_frame}
+handshake_timeout_ms = {handshake}
+
+[api]
+listen = "127.0.0.1:0"
+jwt_public_key = "{jwt}"
+
+[index]
+commit_interval_ms = 300
+{extra}
+"#,
+            data = setup.path().join("collector-data").display(),
+            listen = options.ingest_listen.as_deref().unwrap_or("127.0.0.1:0"),
+            ca = setup.pki.ca_cert().display(),
+            cert = collector.cert.display(),
+            key = collector.key.display(),
+            max_frame = options.max_frame_bytes.unwrap_or(16 * 1024 * 1024),
+            handshake = options.handshake_timeout_ms.unwrap_or(10_000),
+            jwt = setup.jwt_public.display(),
+            extra = options.extra_toml,
+        );
+        std::fs::write(&config, toml).unwrap();
+        let n = std::fs::read_dir(setup.path()).unwrap().count();
+        let log = setup.path().join(format!("collector-{n}.log"));
+        let mut process =
+            Process::spawn("collector", &bin("logvault"), &["serve", "--config", config.to_str().unwrap()], log);
+        let line = process.first_stdout_line();
+        // "ingest 127.0.0.1:P api https://127.0.0.1:Q"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words.first(), Some(&"ingest"), "unexpected first line {line:?}");
+        let ingest = words[1].parse().unwrap();
+        let api = words[3].trim_start_matches("https://").parse().unwrap();
+        Collector { process, ingest, api, ca: setup.pki.ca_cert() }
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("https://{}", self.api)
+    }
+
+    /// GET /api/v1/search; returns (status, body).
+    pub fn search_raw(&self, token: Option<&str>, params: &[(&str, &str)]) -> (u16, serde_json::Value) {
+        let query: Vec<String> = params
+            .iter()
+            .map(|(k, v)| format!("{k}={}", logvault_collector::client::encode_component(v)))
+            .collect();
+        let url = format!("{}/api/v1/search?{}", self.api_url(), query.join("&"));
+        let answer = runtime()
+            .block_on(logvault_collector::client::request("GET", &url, &self.ca, token, None))
+            .unwrap();
+        let body = serde_json::from_slice(&answer.body).unwrap_or(serde_json::Value::Null);
+        (answer.status, body)
+    }
+
+    /// The exact total of a query; panics on a non-200 answer.
+    pub fn total(&self, token: &str, query: &str) -> u64 {
+        let (status, body) = self.search_raw(Some(token), &[("q", query), ("limit", "1")]);
+        assert_eq!(status, 200, "search {query:?} failed: {body}");
+        body["total"].as_u64().unwrap()
+    }
+
+    /// Waits until `query` has exactly `want` hits (and stays there a moment).
+    pub fn wait_total(&self, token: &str, query: &str, want: u64, limit: Duration) {
+        let start = Instant::now();
+        let mut last;
+        loop {
+            last = self.total(token, query);
+            if last == want {
+                std::thread::sleep(Duration::from_millis(700));
+                let again = self.total(token, query);
+                assert_eq!(again, want, "{query:?} moved past {want} to {again}");
+                return;
+            }
+            assert!(last <= want, "{query:?} has {last} hits, more than the {want} expected");
+            if start.elapsed() > limit {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{query:?}: {last} hits after {limit:?}, expected {want}; collector log:\n{}",
+            tail(&self.process.log_text(), 40)
+        );
+    }
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A query term matching exactly one source.
+pub fn source_query(path: &Path) -> String {
+    format!("source:\"{}\"", path.display())
+}
+
+pub struct AgentOptions {
+    pub read_from: &'static str,
+    pub max_records: u32,
+    pub extra_toml: String,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self { read_from: "beginning", max_records: 2000, extra_toml: String::new() }
+    }
+}
+
+/// Writes an agent configuration for `name` shipping `include` to `collector`.
+pub fn agent_config(setup: &Setup, name: &str, collector: SocketAddr, include: &[String], options: &AgentOptions) -> PathBuf {
+    let cert = setup.agent_cert(name);
+    let config = setup.path().join(format!("agent-{name}.toml"));
+    let include: Vec<String> = include.iter().map(|p| format!("{p:?}")).collect();
+    let toml = format!(
+        r#"state_dir = "{state}"
+poll_interval_ms = 100
+
+[collector]
+address = "{collector}"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+max_backoff_ms = 500
+
+[[sources]]
+include = [{include}]
+read_from = "{read_from}"
+
+[batch]
+max_records = {max_records}
+{extra}
+"#,
+        state = setup.path().join(format!("agent-{name}-state")).display(),
+        ca = setup.pki.ca_cert().display(),
+        cert = cert.cert.display(),
+        key = cert.key.display(),
+        include = include.join(", "),
+        read_from = options.read_from,
+        max_records = options.max_records,
+        extra = options.extra_toml,
+    );
+    std::fs::write(&config, toml).unwrap();
+    config
+}
+
+pub fn start_agent(setup: &Setup, name: &str, config: &Path) -> Process {
+    let n = std::fs::read_dir(setup.path()).unwrap().count();
+    let log = setup.path().join(format!("agent-{name}-{n}.log"));
+    Process::spawn(&format!("agent {name}"), &bin("logvault-agent"), &["--config", config.to_str().unwrap()], log)
+}
+
+/// Copies samples into `dir`, returning their new paths by name.
+pub fn copy_samples(dir: &Path, names: &[&str]) -> HashMap<String, PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    names
+        .iter()
+        .map(|name| {
+            let to = dir.join(name);
+            std::fs::copy(loghub_dir().join(name), &to).unwrap();
+            (name.to_string(), to)
+        })
+        .collect()
+}
+
+/// Appends lines to a file, each with its newline.
+pub fn append_lines(path: &Path, lines: &[String]) {
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(line);
+        text.push('\n');
+    }
+    file.write_all(text.as_bytes()).unwrap();
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// A rustls client configuration for probing the ingest port by hand.
+pub fn client_tls(
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in logvault_certs::load_certs(ca).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(logvault_certs::load_certs(cert).unwrap(), logvault_certs::load_key(key).unwrap())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+/// A hand-driven agent connection: the native protocol without the agent,
+/// for resends, forgeries and malformed input.
+pub struct RawAgent {
+    runtime: tokio::runtime::Runtime,
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    pub key: ring::signature::Ed25519KeyPair,
+}
+
+impl RawAgent {
+    /// Connects with `name`'s certificate and sends the hello.
+    pub fn connect(setup: &Setup, name: &str, addr: SocketAddr) -> RawAgent {
+        let cert = setup.agent_cert(name);
+        let tls = client_tls(&setup.pki.ca_cert(), Some((&cert.cert, &cert.key)), &[&rustls::version::TLS13]);
+        let runtime = runtime();
+        let stream = runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
+            logvault_storage::frame::write_frame(
+                &mut stream,
+                &logvault_storage::Frame::Hello { version: logvault_storage::frame::PROTOCOL_VERSION },
+            )
+            .await
+            .unwrap();
+            stream
+        });
+        let key_der = logvault_certs::load_key(&cert.key).unwrap();
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(key_der.secret_der()).unwrap();
+        RawAgent { runtime, stream, key }
+    }
+
+    /// A signed batch of `count` records `"{text} {seq}"` from `first_seq`.
+    pub fn batch(&self, agent_id: &str, source: &str, first_seq: u64, count: u32, text: &str) -> Vec<u8> {
+        let mut builder = logvault_storage::BatchBuilder::new(agent_id, source, 0, first_seq, [0; 32]);
+        for i in 0..count {
+            let seq = first_seq + u64::from(i);
+            builder.push(logvault_storage::WireRecord::new(
+                1_700_000_000_000_000_000 + seq as i64,
+                logvault_storage::Level::Info,
+                format!("{text} {seq}"),
+            ));
+        }
+        builder.sign(&self.key)
+    }
+
+    /// Sends raw bytes and reads the answer frame (`None` when closed).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Option<logvault_storage::Frame> {
+        let stream = &mut self.stream;
+        self.runtime.block_on(async {
+            use tokio::io::AsyncWriteExt;
+            if stream.write_all(bytes).await.is_err() || stream.flush().await.is_err() {
+                return None;
+            }
+            let decoder = logvault_storage::FrameDecoder::new(logvault_storage::frame::DEFAULT_MAX_FRAME);
+            tokio::time::timeout(Duration::from_secs(10), decoder.read(stream)).await.ok()?.ok()?
+        })
+    }
+
+    /// Sends a batch frame and reads the answer.
+    pub fn send_batch(&mut self, batch: Vec<u8>) -> Option<logvault_storage::Frame> {
+        self.send_raw(&logvault_storage::Frame::Batch(batch).encode())
+    }
+}
