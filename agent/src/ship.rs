@@ -202,6 +202,9 @@ async fn session(
                     Some(Ok(Frame::Refused { code, message })) => {
                         if code == RefuseCode::Busy {
                             tracing::info!(reason = %message, "collector busy; backing off");
+                        } else if code == RefuseCode::TooLarge {
+                            stats.batches_refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(reason = %message, "collector refused a batch as too large; lower batch.max_bytes below the collector's ingest.max_frame_bytes");
                         } else {
                             stats.batches_refused.fetch_add(1, Ordering::Relaxed);
                             tracing::error!(code = ?code, reason = %message, "collector refused a batch; it stays queued and is retried");

@@ -112,6 +112,11 @@ pub struct Process {
 }
 
 impl Process {
+    /// Starts `binary` with `args`, its stderr going to `log`.
+    pub fn spawn_named(name: &str, binary: &Path, args: &[&str], log: PathBuf) -> Process {
+        Process::spawn(name, binary, args, log)
+    }
+
     fn spawn(name: &str, binary: &Path, args: &[&str], log: PathBuf) -> Process {
         let log_file = std::fs::File::create(&log).unwrap();
         let wrapper = Command::new("timeout")

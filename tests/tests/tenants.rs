@@ -1,0 +1,56 @@
+//! A token only ever sees its own tenants' records.
+
+use std::time::Duration;
+
+use logvault_collector::auth::Role;
+use logvault_e2e::*;
+
+#[test]
+fn a_token_for_tenant_a_never_sees_tenant_b() {
+    let setup = Setup::new("tenants");
+    let tenants = r#"
+[tenants]
+default = "default"
+[[tenants.map]]
+tenant = "alpha"
+agents = ["alpha-*"]
+[[tenants.map]]
+tenant = "beta"
+agents = ["beta-*"]
+"#;
+    let collector = Collector::start(&setup, &CollectorOptions { extra_toml: tenants.into(), ..Default::default() });
+    let alpha_logs = setup.path().join("alpha");
+    let beta_logs = setup.path().join("beta");
+    copy_samples(&alpha_logs, &["HDFS_2k.log"]);
+    copy_samples(&beta_logs, &["OpenSSH_2k.log"]);
+    let alpha_config = agent_config(&setup, "alpha-1", collector.ingest, &[alpha_logs.join("*.log").to_string_lossy().into_owned()], &AgentOptions::default());
+    let beta_config = agent_config(&setup, "beta-1", collector.ingest, &[beta_logs.join("*.log").to_string_lossy().into_owned()], &AgentOptions::default());
+    let alpha_agent = start_agent(&setup, "alpha-1", &alpha_config);
+    let beta_agent = start_agent(&setup, "beta-1", &beta_config);
+
+    let alpha = setup.token(&["alpha"], Role::Reader);
+    let beta = setup.token(&["beta"], Role::Reader);
+    let both = setup.token(&["alpha", "beta"], Role::Reader);
+    let nobody = setup.token(&["gamma"], Role::Reader);
+    collector.wait_total(&both, "*", 4000, Duration::from_secs(60));
+
+    assert_eq!(collector.total(&alpha, "*"), 2000);
+    assert_eq!(collector.total(&beta, "*"), 2000);
+    assert_eq!(collector.total(&nobody, "*"), 0);
+    // Words only the other tenant's logs hold find nothing.
+    assert_eq!(collector.total(&alpha, "sshd"), 0);
+    assert_eq!(collector.total(&beta, "PacketResponder"), 0);
+    assert!(collector.total(&both, "sshd") > 0 && collector.total(&both, "PacketResponder") > 0);
+    // Naming the other tenant or host in the query text changes nothing:
+    // the tenant filter is applied in code, outside the query.
+    assert_eq!(collector.total(&alpha, "tenant:beta"), 0);
+    assert_eq!(collector.total(&alpha, "host:\"beta-1\""), 0);
+    assert_eq!(collector.total(&alpha, "* OR tenant:beta"), 2000);
+    let (status, body) = collector.search_raw(Some(&alpha), &[("q", "*"), ("limit", "1000")]);
+    assert_eq!(status, 200);
+    assert!(body["hits"].as_array().unwrap().iter().all(|hit| hit["tenant"] == "alpha" && hit["host"] == "alpha-1"));
+
+    alpha_agent.stop();
+    beta_agent.stop();
+    collector.process.stop();
+}
