@@ -109,17 +109,31 @@ impl Level {
     /// for log4j, syslog-style and bracketed `[error]` layouts; structured
     /// parsers set the level from their own field instead.
     pub fn sniff(line: &str) -> Level {
-        line.split(|c: char| !c.is_ascii_alphabetic())
-            .filter(|word| !word.is_empty())
-            .take(8)
-            .find_map(|word| {
-                // Only upper-case words or bracketed lower-case ones are
-                // levels: "error" inside prose is not a severity.
-                let upper = word.bytes().all(|b| b.is_ascii_uppercase());
-                let bracketed = line.contains(&format!("[{word}]"));
-                if upper || bracketed { Level::from_word(word) } else { None }
-            })
-            .unwrap_or(Level::Unknown)
+        let bytes = line.as_bytes();
+        let mut words = 0;
+        let mut start = None;
+        for (i, &b) in bytes.iter().chain(std::iter::once(&b' ')).enumerate() {
+            if b.is_ascii_alphabetic() {
+                start.get_or_insert(i);
+                continue;
+            }
+            let Some(from) = start.take() else { continue };
+            let word = &line[from..i];
+            // Only upper-case words or bracketed ones are levels: "error"
+            // inside prose is not a severity.
+            let upper = word.bytes().all(|c| c.is_ascii_uppercase());
+            let bracketed = from > 0 && bytes[from - 1] == b'[' && bytes.get(i) == Some(&b']');
+            if upper || bracketed {
+                if let Some(level) = Level::from_word(word) {
+                    return level;
+                }
+            }
+            words += 1;
+            if words == 8 {
+                break;
+            }
+        }
+        Level::Unknown
     }
 }
 

@@ -20,9 +20,12 @@ use logvault_collector::auth::{self, Claims, Role};
 /// Seconds a child may live before `timeout` kills it.
 const CHILD_LIFETIME_SECS: u32 = 900;
 
-/// The loghub samples shipped with the workspace.
+/// The loghub samples: `$LOGVAULT_LOGHUB`, else `shared/data/loghub`
+/// beside the workspace.
 pub fn loghub_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/loghub");
+    let dir = std::env::var_os("LOGVAULT_LOGHUB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/loghub"));
     assert!(dir.join("HDFS_2k.log").exists(), "loghub samples missing at {}", dir.display());
     dir
 }
