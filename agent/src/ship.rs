@@ -42,7 +42,10 @@ struct Backoff {
 
 impl Backoff {
     fn new(max: Duration) -> Self {
-        Self { next: Duration::from_millis(100), max }
+        Self {
+            next: Duration::from_millis(100),
+            max,
+        }
     }
 
     fn reset(&mut self) {
@@ -100,7 +103,17 @@ pub async fn run(
         };
         tracing::info!(collector = %config.address, resending = window.len(), "connected to collector");
         stats.connects.fetch_add(1, Ordering::Relaxed);
-        let end = session(stream, &config, &mut window, &mut batches, &checkpoints, &stats, &cancel, &mut backoff).await;
+        let end = session(
+            stream,
+            &config,
+            &mut window,
+            &mut batches,
+            &checkpoints,
+            &stats,
+            &cancel,
+            &mut backoff,
+        )
+        .await;
         match end {
             SessionEnd::Done => return,
             SessionEnd::Retry => {

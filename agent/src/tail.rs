@@ -130,10 +130,15 @@ impl Tailer {
     fn scan(&mut self) {
         let mut matched: BTreeMap<PathBuf, usize> = BTreeMap::new();
         for (index, source) in self.config.sources.iter().enumerate() {
-            let excludes: Vec<glob::Pattern> =
-                source.exclude.iter().filter_map(|p| glob::Pattern::new(p).ok()).collect();
+            let excludes: Vec<glob::Pattern> = source
+                .exclude
+                .iter()
+                .filter_map(|p| glob::Pattern::new(p).ok())
+                .collect();
             for pattern in &source.include {
-                let Ok(paths) = glob::glob(pattern) else { continue };
+                let Ok(paths) = glob::glob(pattern) else {
+                    continue;
+                };
                 for path in paths.flatten() {
                     if excludes.iter().any(|ex| ex.matches_path(&path)) {
                         continue;
@@ -144,11 +149,16 @@ impl Tailer {
         }
         let mut now_by_path = HashMap::new();
         for (path, index) in matched {
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
             if !meta.is_file() {
                 continue;
             }
-            let key = FileKey { dev: meta.dev(), ino: meta.ino() };
+            let key = FileKey {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            };
             now_by_path.insert(path.clone(), key);
             if let Some(tracked) = self.tracked.get_mut(&key) {
                 tracked.missing_since = None;
@@ -164,7 +174,9 @@ impl Tailer {
                     tracing::info!(path = %path.display(), epoch = tracked.epoch, offset = tracked.read_offset, "tailing file");
                     self.tracked.insert(key, tracked);
                 }
-                Err(err) => tracing::warn!(path = %path.display(), error = %err, "cannot open file"),
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), error = %err, "cannot open file")
+                }
             }
         }
         let now = Instant::now();
@@ -207,9 +219,14 @@ impl Tailer {
             }
             tracing::warn!(path = %path_text, "file shrank while the agent was stopped; starting a new epoch");
         }
-        let start = if self.fresh_start && !replaced && settings.read_from == ReadFrom::End { len } else { 0 };
+        let start = if self.fresh_start && !replaced && settings.read_from == ReadFrom::End {
+            len
+        } else {
+            0
+        };
         let epoch = self.checkpoints.next_epoch(&path_text);
-        self.checkpoints.register(key, new_checkpoint(&path_text, &path_text, epoch, start));
+        self.checkpoints
+            .register(key, new_checkpoint(&path_text, &path_text, epoch, start));
         Ok(Tracked {
             source: path_text,
             path: path.to_owned(),
@@ -233,7 +250,9 @@ impl Tailer {
             let outcome = self.read_file(key, &mut tracked);
             // After a successful read nothing complete is left unread.
             let release = outcome.is_ok()
-                && tracked.missing_since.is_some_and(|since| since.elapsed() >= DRAIN_GRACE);
+                && tracked
+                    .missing_since
+                    .is_some_and(|since| since.elapsed() >= DRAIN_GRACE);
             if release {
                 tracing::info!(path = %tracked.path.display(), "released drained file");
                 self.checkpoints.release(key, tracked.read_offset);
@@ -263,7 +282,12 @@ impl Tailer {
             tracked.prev_hash = [0; 32];
             self.checkpoints.register(
                 key,
-                new_checkpoint(&tracked.source, &tracked.path.to_string_lossy(), tracked.epoch, 0),
+                new_checkpoint(
+                    &tracked.source,
+                    &tracked.path.to_string_lossy(),
+                    tracked.epoch,
+                    0,
+                ),
             );
         }
         let max_line = tracked.settings.max_line_bytes;
@@ -274,7 +298,9 @@ impl Tailer {
             if want == 0 {
                 break;
             }
-            let got = tracked.file.read_at(&mut buf[..want], tracked.read_offset)?;
+            let got = tracked
+                .file
+                .read_at(&mut buf[..want], tracked.read_offset)?;
             if got == 0 {
                 break;
             }
@@ -282,19 +308,33 @@ impl Tailer {
             let mut consumed = 0;
             while consumed < got {
                 let rest = &buf[consumed..got];
-                let Some(piece) = next_piece(rest, max_line, tracked.in_long_line, tracked.settings.on_long_line)
-                else {
+                let Some(piece) = next_piece(
+                    rest,
+                    max_line,
+                    tracked.in_long_line,
+                    tracked.settings.on_long_line,
+                ) else {
                     break;
                 };
                 consumed += piece.consumed;
                 tracked.read_offset += piece.consumed as u64;
                 if piece.discarded > 0 {
-                    self.stats.bytes_discarded.fetch_add(piece.discarded as u64, Ordering::Relaxed);
+                    self.stats
+                        .bytes_discarded
+                        .fetch_add(piece.discarded as u64, Ordering::Relaxed);
                 }
                 let was_in_long_line = tracked.in_long_line;
                 tracked.in_long_line = piece.cut;
                 let Some(line) = piece.line else { continue };
-                self.push_line(key, tracked, &mut builder, &rest[..line], piece.cut, was_in_long_line, now_ns)?;
+                self.push_line(
+                    key,
+                    tracked,
+                    &mut builder,
+                    &rest[..line],
+                    piece.cut,
+                    was_in_long_line,
+                    now_ns,
+                )?;
             }
             if consumed == 0 {
                 break; // an incomplete last line: wait for its newline
@@ -324,7 +364,8 @@ impl Tailer {
             return Ok(());
         }
         match tracked.partial_since {
-            Some((seen_len, since)) if seen_len == len && since.elapsed() >= PARTIAL_LINE_TIMEOUT => {}
+            Some((seen_len, since))
+                if seen_len == len && since.elapsed() >= PARTIAL_LINE_TIMEOUT => {}
             Some((seen_len, _)) if seen_len == len => return Ok(()),
             _ => {
                 tracked.partial_since = Some((len, Instant::now()));
@@ -333,18 +374,30 @@ impl Tailer {
         }
         tracked.partial_since = None;
         let tail = ((len - tracked.read_offset) as usize).min(buf.len());
-        let got = tracked.file.read_at(&mut buf[..tail], tracked.read_offset)?;
+        let got = tracked
+            .file
+            .read_at(&mut buf[..tail], tracked.read_offset)?;
         tracked.read_offset += got as u64;
         let was_in_long_line = std::mem::replace(&mut tracked.in_long_line, false);
         if was_in_long_line && tracked.settings.on_long_line == LongLine::Truncate {
-            self.stats.bytes_discarded.fetch_add(got as u64, Ordering::Relaxed);
+            self.stats
+                .bytes_discarded
+                .fetch_add(got as u64, Ordering::Relaxed);
             return Ok(());
         }
         let mut line = &buf[..got];
         if line.last() == Some(&b'\r') {
             line = &line[..line.len() - 1];
         }
-        self.push_line(key, tracked, builder, line, false, was_in_long_line, now_ns())
+        self.push_line(
+            key,
+            tracked,
+            builder,
+            line,
+            false,
+            was_in_long_line,
+            now_ns(),
+        )
     }
 
     /// Adds one record to the open batch, sending the batch when full.
@@ -362,7 +415,9 @@ impl Tailer {
         let message = String::from_utf8_lossy(line);
         let mut flags = 0;
         if let std::borrow::Cow::Owned(_) = message {
-            self.stats.invalid_utf8_lines.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .invalid_utf8_lines
+                .fetch_add(1, Ordering::Relaxed);
             flags |= FLAG_INVALID_UTF8;
         }
         if cut {
@@ -379,19 +434,32 @@ impl Tailer {
             flags |= FLAG_CONTINUED;
         }
         let batch = builder.get_or_insert_with(|| {
-            BatchBuilder::new(&self.agent_id, &tracked.source, tracked.epoch, tracked.next_seq, tracked.prev_hash)
+            BatchBuilder::new(
+                &self.agent_id,
+                &tracked.source,
+                tracked.epoch,
+                tracked.next_seq,
+                tracked.prev_hash,
+            )
         });
         batch.push_parts(now_ns, Level::sniff(&message), flags, &message, &[]);
         tracked.next_seq += 1;
         self.stats.lines_read.fetch_add(1, Ordering::Relaxed);
-        if batch.len() >= self.config.batch.max_records || batch.body_bytes() >= self.config.batch.max_bytes {
+        if batch.len() >= self.config.batch.max_records
+            || batch.body_bytes() >= self.config.batch.max_bytes
+        {
             let full = builder.take().expect("just pushed");
             self.send(key, tracked, full)?;
         }
         Ok(())
     }
 
-    fn send(&mut self, key: FileKey, tracked: &mut Tracked, batch: BatchBuilder) -> Result<(), ReadError> {
+    fn send(
+        &mut self,
+        key: FileKey,
+        tracked: &mut Tracked,
+        batch: BatchBuilder,
+    ) -> Result<(), ReadError> {
         let records = batch.len();
         let bytes = batch.sign(&self.key);
         let hash = encoded_batch_hash(&bytes).expect("a batch we built decodes");
@@ -409,7 +477,9 @@ impl Tailer {
             },
             records,
         };
-        self.tx.blocking_send(signed).map_err(|_| ReadError::Stopped)
+        self.tx
+            .blocking_send(signed)
+            .map_err(|_| ReadError::Stopped)
     }
 }
 
@@ -426,7 +496,9 @@ fn new_checkpoint(source: &str, path: &str, epoch: u64, offset: u64) -> FileChec
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 struct Stopped;
@@ -462,8 +534,18 @@ struct Piece {
 fn next_piece(input: &[u8], max_line: usize, in_long_line: bool, mode: LongLine) -> Option<Piece> {
     if in_long_line && mode == LongLine::Truncate {
         return Some(match input.iter().position(|&b| b == b'\n') {
-            Some(newline) => Piece { consumed: newline + 1, line: None, cut: false, discarded: newline },
-            None => Piece { consumed: input.len(), line: None, cut: true, discarded: input.len() },
+            Some(newline) => Piece {
+                consumed: newline + 1,
+                line: None,
+                cut: false,
+                discarded: newline,
+            },
+            None => Piece {
+                consumed: input.len(),
+                line: None,
+                cut: true,
+                discarded: input.len(),
+            },
         });
     }
     let window = &input[..input.len().min(max_line + 1)];
@@ -472,7 +554,12 @@ fn next_piece(input: &[u8], max_line: usize, in_long_line: bool, mode: LongLine)
         if line > 0 && input[line - 1] == b'\r' {
             line -= 1;
         }
-        return Some(Piece { consumed: newline + 1, line: Some(line), cut: false, discarded: 0 });
+        return Some(Piece {
+            consumed: newline + 1,
+            line: Some(line),
+            cut: false,
+            discarded: 0,
+        });
     }
     if input.len() <= max_line {
         return None;
@@ -488,7 +575,12 @@ fn next_piece(input: &[u8], max_line: usize, in_long_line: bool, mode: LongLine)
     if (input[cut] & 0b1100_0000) == 0b1000_0000 {
         cut = max_line; // not UTF-8 anyway
     }
-    Some(Piece { consumed: cut, line: Some(cut), cut: true, discarded: 0 })
+    Some(Piece {
+        consumed: cut,
+        line: Some(cut),
+        cut: true,
+        discarded: 0,
+    })
 }
 
 #[cfg(test)]
@@ -501,7 +593,10 @@ mod tests {
         let mut in_long = false;
         while let Some(piece) = next_piece(&input[pos..], max, in_long, mode) {
             if let Some(line) = piece.line {
-                out.push((String::from_utf8_lossy(&input[pos..pos + line]).into_owned(), piece.cut));
+                out.push((
+                    String::from_utf8_lossy(&input[pos..pos + line]).into_owned(),
+                    piece.cut,
+                ));
             }
             in_long = piece.cut;
             pos += piece.consumed;
@@ -530,13 +625,19 @@ mod tests {
 
     #[test]
     fn a_line_of_exactly_the_cap_is_whole() {
-        assert_eq!(pieces(b"abcd\n", 4, LongLine::Split), vec![("abcd".to_owned(), false)]);
+        assert_eq!(
+            pieces(b"abcd\n", 4, LongLine::Split),
+            vec![("abcd".to_owned(), false)]
+        );
     }
 
     #[test]
     fn a_long_line_is_truncated_and_the_rest_skipped() {
         let got = pieces(b"abcdefghij\nxy\n", 4, LongLine::Truncate);
-        assert_eq!(got, vec![("abcd".to_owned(), true), ("xy".to_owned(), false)]);
+        assert_eq!(
+            got,
+            vec![("abcd".to_owned(), true), ("xy".to_owned(), false)]
+        );
     }
 
     #[test]

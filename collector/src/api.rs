@@ -46,7 +46,11 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -74,7 +78,9 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/search", get(search_get).post(search_post))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
         .with_state(state)
 }
 
@@ -113,7 +119,8 @@ async fn search_get(
     params: Result<Query<SearchParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let claims = authenticate(&state, &headers)?;
-    let Query(params) = params.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let Query(params) =
+        params.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
     search(state, claims, params).await
 }
 
@@ -123,18 +130,36 @@ async fn search_post(
     body: Result<Json<SearchParams>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let claims = authenticate(&state, &headers)?;
-    let Json(params) = body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let Json(params) =
+        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
     search(state, claims, params).await
 }
 
-async fn search(state: Arc<ApiState>, claims: Claims, params: SearchParams) -> Result<Response, ApiError> {
+async fn search(
+    state: Arc<ApiState>,
+    claims: Claims,
+    params: SearchParams,
+) -> Result<Response, ApiError> {
     let now = crate::time::now_ns();
     let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message);
-    let from_ns = params.from.as_deref().map(|t| crate::time::parse_time(t, now)).transpose().map_err(bad)?;
-    let to_ns = params.to.as_deref().map(|t| crate::time::parse_time(t, now)).transpose().map_err(bad)?;
+    let from_ns = params
+        .from
+        .as_deref()
+        .map(|t| crate::time::parse_time(t, now))
+        .transpose()
+        .map_err(bad)?;
+    let to_ns = params
+        .to
+        .as_deref()
+        .map(|t| crate::time::parse_time(t, now))
+        .transpose()
+        .map_err(bad)?;
     let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
     if limit > state.max_limit {
-        return Err(bad(format!("limit {limit} is over the maximum of {}", state.max_limit)));
+        return Err(bad(format!(
+            "limit {limit} is over the maximum of {}",
+            state.max_limit
+        )));
     }
     let request = SearchRequest {
         tenants: claims.all_tenants(),
@@ -153,13 +178,22 @@ async fn search(state: Arc<ApiState>, claims: Claims, params: SearchParams) -> R
         Err(SearchError::BadQuery(message)) => {
             Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_query", message))
         }
-        Err(err) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string())),
+        Err(err) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            err.to_string(),
+        )),
     }
 }
 
 /// Serves HTTPS on `listener` until `cancel` fires, then lets open
 /// requests finish.
-pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: axum::Router, cancel: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: axum::Router,
+    cancel: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {

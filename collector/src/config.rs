@@ -146,7 +146,10 @@ pub struct TenantConfig {
 
 impl Default for TenantConfig {
     fn default() -> Self {
-        Self { default: default_tenant(), map: Vec::new() }
+        Self {
+            default: default_tenant(),
+            map: Vec::new(),
+        }
     }
 }
 
@@ -175,7 +178,10 @@ pub struct WalConfig {
 
 impl Default for WalConfig {
     fn default() -> Self {
-        Self { segment_bytes: default_segment_bytes(), queue: default_wal_queue() }
+        Self {
+            segment_bytes: default_segment_bytes(),
+            queue: default_wal_queue(),
+        }
     }
 }
 
@@ -191,7 +197,9 @@ pub struct IndexConfig {
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self { commit_interval_ms: default_commit_interval_ms() }
+        Self {
+            commit_interval_ms: default_commit_interval_ms(),
+        }
     }
 }
 
@@ -226,17 +234,26 @@ fn default_commit_interval_ms() -> u64 {
 impl CollectorConfig {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<CollectorConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let config: CollectorConfig = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: CollectorConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Checks ranges that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
         if self.ingest.max_connections == 0 {
             return invalid("ingest.max_connections", "must be at least 1");
         }
@@ -247,14 +264,22 @@ impl CollectorConfig {
             return invalid("api.max_limit", "must be at least 1");
         }
         if self.wal.queue == 0 || self.wal.segment_bytes < 1024 * 1024 {
-            return invalid("wal", "queue must be at least 1 and segment_bytes at least 1 MiB");
+            return invalid(
+                "wal",
+                "queue must be at least 1 and segment_bytes at least 1 MiB",
+            );
         }
         if self.index.commit_interval_ms == 0 || self.index.commit_interval_ms > 60_000 {
             return invalid("index.commit_interval_ms", "must be between 1 and 60000");
         }
-        for tenant in std::iter::once(&self.tenants.default).chain(self.tenants.map.iter().map(|m| &m.tenant)) {
+        for tenant in
+            std::iter::once(&self.tenants.default).chain(self.tenants.map.iter().map(|m| &m.tenant))
+        {
             if logvault_certs::validate_name(tenant).is_err() {
-                return invalid("tenants", &format!("{tenant:?} is not a valid tenant name ([A-Za-z0-9.-])"));
+                return invalid(
+                    "tenants",
+                    &format!("{tenant:?} is not a valid tenant name ([A-Za-z0-9.-])"),
+                );
             }
         }
         Ok(())
@@ -265,7 +290,11 @@ impl CollectorConfig {
         self.tenants
             .map
             .iter()
-            .find(|m| m.agents.iter().any(|pattern| wildcard_match(pattern, agent)))
+            .find(|m| {
+                m.agents
+                    .iter()
+                    .any(|pattern| wildcard_match(pattern, agent))
+            })
             .map_or(self.tenants.default.as_str(), |m| m.tenant.as_str())
     }
 }

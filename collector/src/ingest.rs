@@ -95,12 +95,18 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
     let mut tls = match tokio::time::timeout(limit, ingest.acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
-            ingest.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            ingest
+                .stats
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, error = %err, "tls handshake failed");
             return;
         }
         Err(_) => {
-            ingest.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            ingest
+                .stats
+                .handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, timeout_ms = limit.as_millis() as u64, "tls handshake timed out");
             return;
         }
@@ -115,7 +121,13 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
     let identity = match identity {
         Ok(identity) => identity,
         Err(err) => {
-            refuse(&mut tls, ingest, RefuseCode::Identity, &format!("client certificate unusable: {err}")).await;
+            refuse(
+                &mut tls,
+                ingest,
+                RefuseCode::Identity,
+                &format!("client certificate unusable: {err}"),
+            )
+            .await;
             tracing::warn!(%peer, error = %err, "refused agent certificate");
             return;
         }
@@ -125,7 +137,9 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
     match tokio::time::timeout(limit, decoder.read(&mut tls)).await {
         Ok(Ok(Some(Frame::Hello { version }))) if version == PROTOCOL_VERSION => {}
         Ok(Ok(Some(Frame::Hello { version }))) => {
-            let message = format!("protocol version {version} is not supported; this collector speaks {PROTOCOL_VERSION}");
+            let message = format!(
+                "protocol version {version} is not supported; this collector speaks {PROTOCOL_VERSION}"
+            );
             refuse(&mut tls, ingest, RefuseCode::UnsupportedVersion, &message).await;
             return;
         }
@@ -151,7 +165,13 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             Ok(Some(Frame::Batch(bytes))) => bytes,
             Ok(None) => break,
             Ok(Some(other)) => {
-                refuse(&mut tls, ingest, RefuseCode::Malformed, &format!("unexpected frame {other:?}")).await;
+                refuse(
+                    &mut tls,
+                    ingest,
+                    RefuseCode::Malformed,
+                    &format!("unexpected frame {other:?}"),
+                )
+                .await;
                 break;
             }
             Err(FrameError::TooLarge { len, max }) => {
@@ -205,12 +225,24 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
                 let status = match appended {
                     Appended::Stored { .. } => AckStatus::Stored,
                     Appended::Duplicate => {
-                        ingest.stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
+                        ingest
+                            .stats
+                            .batches_duplicate
+                            .fetch_add(1, Ordering::Relaxed);
                         AckStatus::Duplicate
                     }
                 };
                 ingest.stats.batches_acked.fetch_add(1, Ordering::Relaxed);
-                if write_frame(&mut tls, &Frame::Ack { batch_hash: hash, status }).await.is_err() {
+                if write_frame(
+                    &mut tls,
+                    &Frame::Ack {
+                        batch_hash: hash,
+                        status,
+                    },
+                )
+                .await
+                .is_err()
+                {
                     break;
                 }
             }
@@ -231,6 +263,9 @@ async fn refuse(
     message: &str,
 ) {
     ingest.stats.refused.fetch_add(1, Ordering::Relaxed);
-    let frame = Frame::Refused { code, message: message.to_owned() };
+    let frame = Frame::Refused {
+        code,
+        message: message.to_owned(),
+    };
     let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(tls, &frame)).await;
 }

@@ -4,10 +4,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use logvault_agent::config::{AgentConfig, BatchConfig, CollectorConfig as AgentCollector, LongLine, ReadFrom, SourceConfig};
+use logvault_agent::config::{
+    AgentConfig, BatchConfig, CollectorConfig as AgentCollector, LongLine, ReadFrom, SourceConfig,
+};
 use logvault_certs::{Pki, Role as CertRole};
 use logvault_collector::auth::{self, Claims, Role};
-use logvault_collector::config::{ApiConfig, CollectorConfig, IndexConfig, IngestConfig, TenantConfig, WalConfig};
+use logvault_collector::config::{
+    ApiConfig, CollectorConfig, IndexConfig, IngestConfig, TenantConfig, WalConfig,
+};
 use tokio_util::sync::CancellationToken;
 
 /// The samples tailed when no `--logs` is given (see collector/samples/README.md).
@@ -39,13 +43,21 @@ pub(crate) struct Options {
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if path.is_absolute() { path.to_owned() } else { std::env::current_dir()?.join(path) })
+    Ok(if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
 }
 
 fn agent_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host = host.trim();
-    if logvault_certs::validate_name(host).is_ok() { host.to_owned() } else { "localhost".to_owned() }
+    if logvault_certs::validate_name(host).is_ok() {
+        host.to_owned()
+    } else {
+        "localhost".to_owned()
+    }
 }
 
 /// Runs until `cancel` fires.
@@ -67,7 +79,8 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         for (name, text) in SAMPLES {
             let path = samples.join(name);
             if !path.exists() {
-                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
         }
         vec![samples.join("*.log").to_string_lossy().into_owned()]
@@ -156,11 +169,17 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         "logs": logs,
     });
     let json_path = data.join("quickstart.json");
-    logvault_certs::write_private_file(&json_path, serde_json::to_string_pretty(&details)?.as_bytes())?;
+    logvault_certs::write_private_file(
+        &json_path,
+        serde_json::to_string_pretty(&details)?.as_bytes(),
+    )?;
 
     println!("logvault quickstart is running");
     println!("  query API   {api_url}");
-    println!("  ingest      {} (mutual TLS, agent {agent})", running.ingest_addr);
+    println!(
+        "  ingest      {} (mutual TLS, agent {agent})",
+        running.ingest_addr
+    );
     println!("  tailing     {}", logs.join(" "));
     println!("  data        {}", data.display());
     println!();

@@ -68,7 +68,10 @@ pub enum WalError {
 }
 
 fn io_err(path: &Path, err: std::io::Error) -> WalError {
-    WalError::Io { path: path.to_owned(), message: err.to_string() }
+    WalError::Io {
+        path: path.to_owned(),
+        message: err.to_string(),
+    }
 }
 
 /// What a batch is appended with: who sent it, as the collector knows it.
@@ -152,7 +155,11 @@ impl Wal {
     /// Opens (recovering) the WAL in `dir` and starts its writer thread.
     /// `queue` bounds the appends waiting for the writer; when it is full,
     /// appenders wait, and so do their agents.
-    pub fn open(dir: &Path, segment_bytes: u64, queue: usize) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
+    pub fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        queue: usize,
+    ) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let durable = Arc::new(AtomicU64::new(0));
         let mut streams = HashMap::new();
@@ -180,7 +187,11 @@ impl Wal {
             Some((base, path)) => (*base, path.clone()),
             None => (0, segment_path(dir, 0)),
         };
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, e))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
         let len = end - base;
         if file.metadata().map_err(|e| io_err(&path, e))?.len() > len {
             tracing::warn!(path = %path.display(), kept = len, "cutting torn tail of the wal");
@@ -204,13 +215,23 @@ impl Wal {
             .name("logvault-wal".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| io_err(dir, e))?;
-        Ok((Wal { tx, durable, dir: dir.to_owned() }, handle))
+        Ok((
+            Wal {
+                tx,
+                durable,
+                dir: dir.to_owned(),
+            },
+            handle,
+        ))
     }
 
     /// Appends a batch; resolves once it is fsynced (or known duplicate).
     pub async fn append(&self, request: AppendRequest) -> Result<Appended, WalError> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send((request, reply)).await.map_err(|_| WalError::Closed)?;
+        self.tx
+            .send((request, reply))
+            .await
+            .map_err(|_| WalError::Closed)?;
         answer.await.map_err(|_| WalError::Closed)?
     }
 
@@ -264,7 +285,11 @@ impl Writer {
                 source: request.header.source.clone(),
                 epoch: request.header.epoch,
             };
-            let high = updates.get(&key).or_else(|| self.streams.get(&key)).copied().unwrap_or(0);
+            let high = updates
+                .get(&key)
+                .or_else(|| self.streams.get(&key))
+                .copied()
+                .unwrap_or(0);
             let end = request.header.end_seq();
             if end <= high && request.header.count > 0 {
                 outcomes.push(Appended::Duplicate);
@@ -279,7 +304,10 @@ impl Writer {
             outcomes.push(Appended::Stored { skipped });
         }
         if !buffer.is_empty() {
-            let written = self.file.write_all(buffer).and_then(|_| self.file.sync_data());
+            let written = self
+                .file
+                .write_all(buffer)
+                .and_then(|_| self.file.sync_data());
             if let Err(err) = written {
                 tracing::error!(path = %self.path.display(), error = %err, "wal write failed; refusing further appends");
                 self.poisoned = true;
@@ -296,11 +324,11 @@ impl Writer {
         for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
             let _ = reply.send(Ok(outcome));
         }
-        if self.len >= self.segment_bytes {
-            if let Err(err) = self.roll() {
-                tracing::error!(error = %err, "wal roll failed; refusing further appends");
-                self.poisoned = true;
-            }
+        if self.len >= self.segment_bytes
+            && let Err(err) = self.roll()
+        {
+            tracing::error!(error = %err, "wal roll failed; refusing further appends");
+            self.poisoned = true;
         }
     }
 
@@ -308,8 +336,14 @@ impl Writer {
         self.file.sync_all().map_err(|e| io_err(&self.path, e))?;
         let base = self.base + self.len;
         let path = segment_path(&self.dir, base);
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, e))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io_err(&self.dir, e))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(&self.dir, e))?;
         self.file = file;
         self.path = path;
         self.base = base;
@@ -412,7 +446,15 @@ fn scan_segment(
         };
         let position = base + offset;
         offset += 8 + u64::from(len);
-        each(Entry { position, next: base + offset, received_ns, tenant, host, skip, batch });
+        each(Entry {
+            position,
+            next: base + offset,
+            received_ns,
+            tenant,
+            host,
+            skip,
+            batch,
+        });
     }
 }
 
@@ -421,7 +463,11 @@ fn torn(path: &Path, offset: u64, is_last: bool, reason: &str) -> Result<(), Wal
         tracing::warn!(path = %path.display(), offset, reason, "wal ends in a torn entry");
         Ok(())
     } else {
-        Err(WalError::Corrupt { path: path.to_owned(), offset, reason: reason.to_owned() })
+        Err(WalError::Corrupt {
+            path: path.to_owned(),
+            offset,
+            reason: reason.to_owned(),
+        })
     }
 }
 
@@ -440,7 +486,12 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Reads entries from `from` up to `until` (a durable end), at most
 /// `max_bytes` of them (at least one entry when any is there).
-pub fn read_range(dir: &Path, from: u64, until: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
+pub fn read_range(
+    dir: &Path,
+    from: u64,
+    until: u64,
+    max_bytes: u64,
+) -> Result<Vec<Entry>, WalError> {
     let mut out = Vec::new();
     if from >= until {
         return Ok(out);
@@ -454,7 +505,8 @@ pub fn read_range(dir: &Path, from: u64, until: u64, max_bytes: u64) -> Result<V
         }
         let mut file = File::open(path).map_err(|e| io_err(path, e))?;
         let start = from.max(*base) - base;
-        file.seek(SeekFrom::Start(start)).map_err(|e| io_err(path, e))?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| io_err(path, e))?;
         let mut reader = std::io::BufReader::new(file);
         let mut offset = start;
         while base + offset < until && (taken < max_bytes || out.is_empty()) {
@@ -464,7 +516,11 @@ pub fn read_range(dir: &Path, from: u64, until: u64, max_bytes: u64) -> Result<V
             }
             let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
             let crc = u32::from_be_bytes(head[4..].try_into().expect("4 bytes"));
-            let corrupt = |reason: &str| WalError::Corrupt { path: path.clone(), offset, reason: reason.to_owned() };
+            let corrupt = |reason: &str| WalError::Corrupt {
+                path: path.clone(),
+                offset,
+                reason: reason.to_owned(),
+            };
             if len > MAX_ENTRY {
                 return Err(corrupt("entry length over the cap"));
             }
@@ -480,7 +536,15 @@ pub fn read_range(dir: &Path, from: u64, until: u64, max_bytes: u64) -> Result<V
             let position = base + offset;
             offset += 8 + u64::from(len);
             taken += 8 + u64::from(len);
-            out.push(Entry { position, next: base + offset, received_ns, tenant, host, skip, batch });
+            out.push(Entry {
+                position,
+                next: base + offset,
+                received_ns,
+                tenant,
+                host,
+                skip,
+                batch,
+            });
         }
         if taken >= max_bytes {
             break;
@@ -498,7 +562,11 @@ mod tests {
         let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[1; 32]).unwrap();
         let mut builder = BatchBuilder::new("h", "/s", 0, first_seq, [0; 32]);
         for i in 0..count {
-            builder.push(WireRecord::new(i64::from(i), Level::Info, format!("line {i}")));
+            builder.push(WireRecord::new(
+                i64::from(i),
+                Level::Info,
+                format!("line {i}"),
+            ));
         }
         let bytes = builder.sign(&key);
         let header = peek_header(&bytes).unwrap();
@@ -507,7 +575,13 @@ mod tests {
 
     fn request(first_seq: u64, count: u32) -> AppendRequest {
         let (batch, header) = batch(first_seq, count);
-        AppendRequest { tenant: "t".into(), host: "h".into(), received_ns: 1, batch, header }
+        AppendRequest {
+            tenant: "t".into(),
+            host: "h".into(),
+            received_ns: 1,
+            batch,
+            header,
+        }
     }
 
     #[tokio::test]
@@ -516,9 +590,18 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         {
             let (wal, _thread) = Wal::open(&dir, 1 << 20, 8).unwrap();
-            assert_eq!(wal.append(request(0, 10)).await.unwrap(), Appended::Stored { skipped: 0 });
-            assert_eq!(wal.append(request(0, 10)).await.unwrap(), Appended::Duplicate);
-            assert_eq!(wal.append(request(5, 10)).await.unwrap(), Appended::Stored { skipped: 5 });
+            assert_eq!(
+                wal.append(request(0, 10)).await.unwrap(),
+                Appended::Stored { skipped: 0 }
+            );
+            assert_eq!(
+                wal.append(request(0, 10)).await.unwrap(),
+                Appended::Duplicate
+            );
+            assert_eq!(
+                wal.append(request(5, 10)).await.unwrap(),
+                Appended::Stored { skipped: 5 }
+            );
         }
         // A crash mid-write leaves half an entry behind.
         let segment = segment_path(&dir, 0);
@@ -531,10 +614,19 @@ mod tests {
         assert_eq!(wal.durable_end(), good_len);
         assert_eq!(std::fs::metadata(&segment).unwrap().len(), good_len);
         // The high-water mark was rebuilt from the WAL: 0..15 is stored.
-        assert_eq!(wal.append(request(10, 5)).await.unwrap(), Appended::Duplicate);
-        assert_eq!(wal.append(request(15, 1)).await.unwrap(), Appended::Stored { skipped: 0 });
+        assert_eq!(
+            wal.append(request(10, 5)).await.unwrap(),
+            Appended::Duplicate
+        );
+        assert_eq!(
+            wal.append(request(15, 1)).await.unwrap(),
+            Appended::Stored { skipped: 0 }
+        );
         let entries = read_range(&dir, 0, wal.durable_end(), u64::MAX).unwrap();
-        assert_eq!(entries.iter().map(|e| e.skip).collect::<Vec<_>>(), vec![0, 5, 0]);
+        assert_eq!(
+            entries.iter().map(|e| e.skip).collect::<Vec<_>>(),
+            vec![0, 5, 0]
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -150,7 +150,9 @@ impl BatchHeader {
     fn decode(reader: &mut Reader<'_>) -> Result<Self, BatchError> {
         let magic = reader.array::<4>("magic")?;
         if magic != MAGIC_V1 {
-            return Err(BatchError::BadMagic { found: magic.to_vec() });
+            return Err(BatchError::BadMagic {
+                found: magic.to_vec(),
+            });
         }
         let agent_id = read_str16(reader, "agent_id")?;
         let source = read_str16(reader, "source")?;
@@ -210,7 +212,13 @@ impl Batch {
             return Err(BatchError::BodyHashMismatch);
         }
         let records = decode_records(body, header.count, limits)?;
-        Ok(Batch { header, signature, records, hash, signed_len })
+        Ok(Batch {
+            header,
+            signature,
+            records,
+            hash,
+            signed_len,
+        })
     }
 
     /// Checks the signature against the raw 32-byte Ed25519 public key bound
@@ -256,7 +264,11 @@ fn read_str32(
 ) -> Result<String, BatchError> {
     let len = reader.u32(what)?;
     if len > limit {
-        return Err(BatchError::OverLimit { what, found: len.into(), limit: limit.into() });
+        return Err(BatchError::OverLimit {
+            what,
+            found: len.into(),
+            limit: limit.into(),
+        });
     }
     let bytes = reader.take(len as usize, what)?;
     String::from_utf8(bytes.to_vec()).map_err(|_| BatchError::NotUtf8(what))
@@ -287,7 +299,13 @@ fn decode_records(body: &[u8], count: u32, limits: &Limits) -> Result<Vec<WireRe
             let value = read_str32(&mut reader, "field value", limits.max_field_value_bytes)?;
             fields.push((key, value));
         }
-        records.push(WireRecord { timestamp_ns, level, flags, message, fields });
+        records.push(WireRecord {
+            timestamp_ns,
+            level,
+            flags,
+            message,
+            fields,
+        });
     }
     if reader.remaining() != 0 {
         return Err(BatchError::BodyLength {
@@ -334,7 +352,13 @@ impl BatchBuilder {
 
     /// Appends a record. Field names over 65,535 bytes are cut.
     pub fn push(&mut self, record: WireRecord) {
-        self.push_parts(record.timestamp_ns, record.level, record.flags, &record.message, &record.fields);
+        self.push_parts(
+            record.timestamp_ns,
+            record.level,
+            record.flags,
+            &record.message,
+            &record.fields,
+        );
     }
 
     /// Appends a record from borrowed parts, without building a [`WireRecord`].
@@ -351,7 +375,8 @@ impl BatchBuilder {
         self.body.push(flags);
         put_str32(&mut self.body, message);
         let field_count = fields.len().min(u16::MAX as usize);
-        self.body.extend_from_slice(&(field_count as u16).to_be_bytes());
+        self.body
+            .extend_from_slice(&(field_count as u16).to_be_bytes());
         for (key, value) in &fields[..field_count] {
             put_str16(&mut self.body, cap_u16(key));
             put_str32(&mut self.body, value);
@@ -377,7 +402,9 @@ impl BatchBuilder {
     /// Seals the header, signs it and returns the encoded batch.
     pub fn sign(mut self, key: &Ed25519KeyPair) -> Vec<u8> {
         self.header.body_len = u32::try_from(self.body.len()).expect("batches stay under 4 GiB");
-        self.header.body_sha.copy_from_slice(digest::digest(&digest::SHA256, &self.body).as_ref());
+        self.header
+            .body_sha
+            .copy_from_slice(digest::digest(&digest::SHA256, &self.body).as_ref());
         let mut out = Vec::with_capacity(256 + SIGNATURE_LEN + self.body.len());
         self.header.encode(&mut out);
         let signature = key.sign(&out);
@@ -488,10 +515,16 @@ mod tests {
         let mut builder = BatchBuilder::new("a", "s", 0, 0, [0; 32]);
         builder.push(WireRecord::new(1, Level::Info, "x"));
         let bytes = builder.sign(&key());
-        let limits = Limits { max_records: 0, ..Limits::default() };
+        let limits = Limits {
+            max_records: 0,
+            ..Limits::default()
+        };
         assert!(matches!(
             Batch::decode(&bytes, &limits),
-            Err(BatchError::OverLimit { what: "record count", .. })
+            Err(BatchError::OverLimit {
+                what: "record count",
+                ..
+            })
         ));
     }
 
@@ -500,10 +533,17 @@ mod tests {
         let mut builder = BatchBuilder::new("a", "s", 0, 0, [0; 32]);
         builder.push(WireRecord::new(1, Level::Info, "x".repeat(100)));
         let bytes = builder.sign(&key());
-        let limits = Limits { max_message_bytes: 99, ..Limits::default() };
+        let limits = Limits {
+            max_message_bytes: 99,
+            ..Limits::default()
+        };
         assert_eq!(
             Batch::decode(&bytes, &limits),
-            Err(BatchError::OverLimit { what: "message", found: 100, limit: 99 })
+            Err(BatchError::OverLimit {
+                what: "message",
+                found: 100,
+                limit: 99
+            })
         );
     }
 
@@ -522,9 +562,16 @@ mod tests {
 
     fn golden_batch() -> Vec<u8> {
         let mut builder = BatchBuilder::new("golden-agent", "/var/log/golden.log", 2, 40, [9; 32]);
-        builder.push(WireRecord::new(1_700_000_000_000_000_000, Level::Info, "first line"));
-        let mut second =
-            WireRecord::new(1_700_000_001_000_000_000, Level::Error, "second \u{1b}[31m line");
+        builder.push(WireRecord::new(
+            1_700_000_000_000_000_000,
+            Level::Info,
+            "first line",
+        ));
+        let mut second = WireRecord::new(
+            1_700_000_001_000_000_000,
+            Level::Error,
+            "second \u{1b}[31m line",
+        );
         second.fields.push(("pid".into(), "4242".into()));
         builder.push(second);
         builder.sign(&key())
@@ -546,7 +593,10 @@ mod tests {
         assert_eq!(batch.header.epoch, 2);
         assert_eq!(batch.header.first_seq, 40);
         assert_eq!(batch.records.len(), 2);
-        assert_eq!(batch.records[1].fields, vec![("pid".to_owned(), "4242".to_owned())]);
+        assert_eq!(
+            batch.records[1].fields,
+            vec![("pid".to_owned(), "4242".to_owned())]
+        );
         batch.verify(key().public_key().as_ref()).unwrap();
         assert_eq!(golden, golden_batch(), "version 1 encoding changed");
     }

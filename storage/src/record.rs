@@ -123,10 +123,10 @@ impl Level {
             // inside prose is not a severity.
             let upper = word.bytes().all(|c| c.is_ascii_uppercase());
             let bracketed = from > 0 && bytes[from - 1] == b'[' && bytes.get(i) == Some(&b']');
-            if upper || bracketed {
-                if let Some(level) = Level::from_word(word) {
-                    return level;
-                }
+            if (upper || bracketed)
+                && let Some(level) = Level::from_word(word)
+            {
+                return level;
             }
             words += 1;
             if words == 8 {
@@ -162,7 +162,13 @@ pub struct WireRecord {
 impl WireRecord {
     /// A record with no flags and no fields.
     pub fn new(timestamp_ns: i64, level: Level, message: impl Into<String>) -> Self {
-        Self { timestamp_ns, level, flags: 0, message: message.into(), fields: Vec::new() }
+        Self {
+            timestamp_ns,
+            level,
+            flags: 0,
+            message: message.into(),
+            fields: Vec::new(),
+        }
     }
 }
 
@@ -187,13 +193,18 @@ mod tests {
             Level::Info
         );
         assert_eq!(
-            Level::sniff("[Sun Dec 04 04:47:44 2005] [error] mod_jk child workerEnv in error state 6"),
+            Level::sniff(
+                "[Sun Dec 04 04:47:44 2005] [error] mod_jk child workerEnv in error state 6"
+            ),
             Level::Error
         );
         assert_eq!(
             Level::sniff("2015-10-18 18:01:47,978 WARN [main] org.apache.hadoop: x"),
             Level::Warn
         );
-        assert_eq!(Level::sniff("an error occurred while reading"), Level::Unknown);
+        assert_eq!(
+            Level::sniff("an error occurred while reading"),
+            Level::Unknown
+        );
     }
 }

@@ -18,13 +18,31 @@ agents = ["alpha-*"]
 tenant = "beta"
 agents = ["beta-*"]
 "#;
-    let collector = Collector::start(&setup, &CollectorOptions { extra_toml: tenants.into(), ..Default::default() });
+    let collector = Collector::start(
+        &setup,
+        &CollectorOptions {
+            extra_toml: tenants.into(),
+            ..Default::default()
+        },
+    );
     let alpha_logs = setup.path().join("alpha");
     let beta_logs = setup.path().join("beta");
     copy_samples(&alpha_logs, &["HDFS_2k.log"]);
     copy_samples(&beta_logs, &["OpenSSH_2k.log"]);
-    let alpha_config = agent_config(&setup, "alpha-1", collector.ingest, &[alpha_logs.join("*.log").to_string_lossy().into_owned()], &AgentOptions::default());
-    let beta_config = agent_config(&setup, "beta-1", collector.ingest, &[beta_logs.join("*.log").to_string_lossy().into_owned()], &AgentOptions::default());
+    let alpha_config = agent_config(
+        &setup,
+        "alpha-1",
+        collector.ingest,
+        &[alpha_logs.join("*.log").to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
+    let beta_config = agent_config(
+        &setup,
+        "beta-1",
+        collector.ingest,
+        &[beta_logs.join("*.log").to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
     let alpha_agent = start_agent(&setup, "alpha-1", &alpha_config);
     let beta_agent = start_agent(&setup, "beta-1", &beta_config);
 
@@ -48,7 +66,13 @@ agents = ["beta-*"]
     assert_eq!(collector.total(&alpha, "* OR tenant:beta"), 2000);
     let (status, body) = collector.search_raw(Some(&alpha), &[("q", "*"), ("limit", "1000")]);
     assert_eq!(status, 200);
-    assert!(body["hits"].as_array().unwrap().iter().all(|hit| hit["tenant"] == "alpha" && hit["host"] == "alpha-1"));
+    assert!(
+        body["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|hit| hit["tenant"] == "alpha" && hit["host"] == "alpha-1")
+    );
 
     alpha_agent.stop();
     beta_agent.stop();
