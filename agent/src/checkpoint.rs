@@ -95,18 +95,13 @@ pub struct Checkpoints {
 impl Checkpoints {
     /// Loads `state_dir/checkpoints.json`, or starts empty when missing.
     pub fn load(state_dir: &Path) -> Result<Checkpoints, CheckpointError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| CheckpointError::Io {
-            path: state_dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(state_dir)
+            .map_err(|source| CheckpointError::Io { path: state_dir.to_owned(), source })?;
         let path = state_dir.join("checkpoints.json");
         let mut state = State::default();
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let corrupt = |message: String| CheckpointError::Corrupt {
-                    path: path.clone(),
-                    message,
-                };
+                let corrupt = |message: String| CheckpointError::Corrupt { path: path.clone(), message };
                 let file: CheckpointFile =
                     serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
                 if file.version != CHECKPOINT_VERSION {
@@ -121,16 +116,11 @@ impl Checkpoints {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(CheckpointError::Io { path, source }),
         }
-        Ok(Checkpoints {
-            path,
-            state: Arc::new(Mutex::new(state)),
-        })
+        Ok(Checkpoints { path, state: Arc::new(Mutex::new(state)) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The acked state of a file, if known.
@@ -140,11 +130,7 @@ impl Checkpoints {
 
     /// Every known file.
     pub fn all(&self) -> Vec<(FileKey, FileCheckpoint)> {
-        self.lock()
-            .files
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect()
+        self.lock().files.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
     /// A new epoch for `source`, never handed out before.
@@ -190,11 +176,7 @@ impl Checkpoints {
         entry.in_long_line = ack.in_long_line;
         entry.prev_hash = hex(&ack.batch_hash);
         state.dirty = true;
-        if state
-            .released
-            .get(&key)
-            .is_some_and(|end| ack.offset >= *end)
-        {
+        if state.released.get(&key).is_some_and(|end| ack.offset >= *end) {
             state.released.remove(&key);
             state.files.remove(&key);
         }
@@ -204,10 +186,7 @@ impl Checkpoints {
     /// entry is removed once that much is acked.
     pub fn release(&self, key: FileKey, end_offset: u64) {
         let mut state = self.lock();
-        let fully_acked = state
-            .files
-            .get(&key)
-            .is_none_or(|entry| entry.acked_offset >= end_offset);
+        let fully_acked = state.files.get(&key).is_none_or(|entry| entry.acked_offset >= end_offset);
         if fully_acked {
             state.files.remove(&key);
         } else {
@@ -255,19 +234,14 @@ pub struct Acked {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let io_err = |source| CheckpointError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io_err = |source| CheckpointError::Io { path: path.to_owned(), source };
     let tmp = path.with_extension("json.tmp");
     let mut file = std::fs::File::create(&tmp).map_err(io_err)?;
     file.write_all(bytes).map_err(io_err)?;
     file.sync_all().map_err(io_err)?;
     std::fs::rename(&tmp, path).map_err(io_err)?;
     if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err)?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
     }
     Ok(())
 }
@@ -312,26 +286,11 @@ mod tests {
                 prev_hash: hex(&[0; 32]),
             },
         );
-        store.ack(
-            key,
-            Acked {
-                epoch,
-                offset: 120,
-                seq: 3,
-                in_long_line: false,
-                batch_hash: [5; 32],
-            },
-        );
+        store.ack(key, Acked { epoch, offset: 120, seq: 3, in_long_line: false, batch_hash: [5; 32] });
         // An ack of an older epoch never moves the checkpoint.
         store.ack(
             key,
-            Acked {
-                epoch: epoch + 9,
-                offset: 999,
-                seq: 9,
-                in_long_line: false,
-                batch_hash: [0; 32],
-            },
+            Acked { epoch: epoch + 9, offset: 999, seq: 9, in_long_line: false, batch_hash: [0; 32] },
         );
         store.persist().unwrap();
         let reloaded = Checkpoints::load(&dir).unwrap();

@@ -165,11 +165,7 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self {
-            max_records: default_max_records(),
-            max_bytes: default_max_bytes(),
-            queue: default_queue(),
-        }
+        Self { max_records: default_max_records(), max_bytes: default_max_bytes(), queue: default_queue() }
     }
 }
 
@@ -198,26 +194,17 @@ fn default_queue() -> usize {
 impl AgentConfig {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: AgentConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Checks ranges that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.into(),
-            })
-        };
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if self.sources.is_empty() {
             return invalid("sources", "at least one [[sources]] is needed");
         }
@@ -261,13 +248,8 @@ impl CollectorConfig {
         if let Some(name) = &self.server_name {
             return name.clone();
         }
-        let host = self
-            .address
-            .rsplit_once(':')
-            .map_or(self.address.as_str(), |(host, _)| host);
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned()
+        let host = self.address.rsplit_once(':').map_or(self.address.as_str(), |(host, _)| host);
+        host.trim_start_matches('[').trim_end_matches(']').to_owned()
     }
 }
 

@@ -103,10 +103,7 @@ pub struct AgentIdentity {
 
 impl std::fmt::Debug for AgentIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentIdentity")
-            .field("name", &self.name)
-            .field("key", &"<redacted>")
-            .finish()
+        f.debug_struct("AgentIdentity").field("name", &self.name).field("key", &"<redacted>").finish()
     }
 }
 
@@ -115,20 +112,15 @@ impl AgentIdentity {
     /// to the certificate.
     pub fn load(files: &TlsFiles) -> Result<AgentIdentity, AgentError> {
         let cert = load_certs(&files.cert)?.remove(0);
-        let peer = PeerIdentity::from_cert_der(&cert).map_err(|source| AgentError::Identity {
-            path: files.cert.clone(),
-            source,
-        })?;
+        let peer = PeerIdentity::from_cert_der(&cert)
+            .map_err(|source| AgentError::Identity { path: files.cert.clone(), source })?;
         let key = load_key(&files.key)?;
         let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(key.secret_der())
             .map_err(|_| AgentError::SigningKey(files.key.clone()))?;
         if ring::signature::KeyPair::public_key(&key).as_ref() != peer.signing_key.as_slice() {
             return Err(AgentError::SigningKey(files.key.clone()));
         }
-        Ok(AgentIdentity {
-            name: peer.name,
-            key,
-        })
+        Ok(AgentIdentity { name: peer.name, key })
     }
 }
 
@@ -183,15 +175,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         })
     };
 
-    ship::run(
-        config.collector.clone(),
-        tls,
-        rx,
-        checkpoints.clone(),
-        stats.clone(),
-        cancel.clone(),
-    )
-    .await;
+    ship::run(config.collector.clone(), tls, rx, checkpoints.clone(), stats.clone(), cancel.clone()).await;
     cancel.cancel();
     let _ = writer.await;
     let _ = tokio::task::spawn_blocking(move || tail_thread.join()).await;

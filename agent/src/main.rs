@@ -46,10 +46,7 @@ fn real_main() -> anyhow::Result<()> {
         };
         let identity = logvault_agent::AgentIdentity::load(&files)?;
         logvault_certs::client_config(&files)?;
-        println!(
-            "ok: agent {} ships to {}",
-            identity.name, config.collector.address
-        );
+        println!("ok: agent {} ships to {}", identity.name, config.collector.address);
         return Ok(());
     }
     tracing_subscriber::fmt()
@@ -60,9 +57,7 @@ fn real_main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let cancel = CancellationToken::new();
         let signals = cancel.clone();

@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use logvault_storage::frame::{
-    AckStatus, DEFAULT_MAX_FRAME, Frame, FrameDecoder, PROTOCOL_VERSION, RefuseCode,
-    write_batch_frame, write_frame,
+    AckStatus, DEFAULT_MAX_FRAME, Frame, FrameDecoder, PROTOCOL_VERSION, RefuseCode, write_batch_frame,
+    write_frame,
 };
 use ring::rand::SecureRandom;
 use rustls::ClientConfig;
@@ -42,10 +42,7 @@ struct Backoff {
 
 impl Backoff {
     fn new(max: Duration) -> Self {
-        Self {
-            next: Duration::from_millis(100),
-            max,
-        }
+        Self { next: Duration::from_millis(100), max }
     }
 
     fn reset(&mut self) {
@@ -103,17 +100,9 @@ pub async fn run(
         };
         tracing::info!(collector = %config.address, resending = window.len(), "connected to collector");
         stats.connects.fetch_add(1, Ordering::Relaxed);
-        let end = session(
-            stream,
-            &config,
-            &mut window,
-            &mut batches,
-            &checkpoints,
-            &stats,
-            &cancel,
-            &mut backoff,
-        )
-        .await;
+        let end =
+            session(stream, &config, &mut window, &mut batches, &checkpoints, &stats, &cancel, &mut backoff)
+                .await;
         match end {
             SessionEnd::Done => return,
             SessionEnd::Retry => {

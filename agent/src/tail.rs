@@ -130,11 +130,8 @@ impl Tailer {
     fn scan(&mut self) {
         let mut matched: BTreeMap<PathBuf, usize> = BTreeMap::new();
         for (index, source) in self.config.sources.iter().enumerate() {
-            let excludes: Vec<glob::Pattern> = source
-                .exclude
-                .iter()
-                .filter_map(|p| glob::Pattern::new(p).ok())
-                .collect();
+            let excludes: Vec<glob::Pattern> =
+                source.exclude.iter().filter_map(|p| glob::Pattern::new(p).ok()).collect();
             for pattern in &source.include {
                 let Ok(paths) = glob::glob(pattern) else {
                     continue;
@@ -155,10 +152,7 @@ impl Tailer {
             if !meta.is_file() {
                 continue;
             }
-            let key = FileKey {
-                dev: meta.dev(),
-                ino: meta.ino(),
-            };
+            let key = FileKey { dev: meta.dev(), ino: meta.ino() };
             now_by_path.insert(path.clone(), key);
             if let Some(tracked) = self.tracked.get_mut(&key) {
                 tracked.missing_since = None;
@@ -219,14 +213,10 @@ impl Tailer {
             }
             tracing::warn!(path = %path_text, "file shrank while the agent was stopped; starting a new epoch");
         }
-        let start = if self.fresh_start && !replaced && settings.read_from == ReadFrom::End {
-            len
-        } else {
-            0
-        };
+        let start =
+            if self.fresh_start && !replaced && settings.read_from == ReadFrom::End { len } else { 0 };
         let epoch = self.checkpoints.next_epoch(&path_text);
-        self.checkpoints
-            .register(key, new_checkpoint(&path_text, &path_text, epoch, start));
+        self.checkpoints.register(key, new_checkpoint(&path_text, &path_text, epoch, start));
         Ok(Tracked {
             source: path_text,
             path: path.to_owned(),
@@ -249,10 +239,8 @@ impl Tailer {
             let mut tracked = self.tracked.remove(&key).expect("key listed above");
             let outcome = self.read_file(key, &mut tracked);
             // After a successful read nothing complete is left unread.
-            let release = outcome.is_ok()
-                && tracked
-                    .missing_since
-                    .is_some_and(|since| since.elapsed() >= DRAIN_GRACE);
+            let release =
+                outcome.is_ok() && tracked.missing_since.is_some_and(|since| since.elapsed() >= DRAIN_GRACE);
             if release {
                 tracing::info!(path = %tracked.path.display(), "released drained file");
                 self.checkpoints.release(key, tracked.read_offset);
@@ -282,12 +270,7 @@ impl Tailer {
             tracked.prev_hash = [0; 32];
             self.checkpoints.register(
                 key,
-                new_checkpoint(
-                    &tracked.source,
-                    &tracked.path.to_string_lossy(),
-                    tracked.epoch,
-                    0,
-                ),
+                new_checkpoint(&tracked.source, &tracked.path.to_string_lossy(), tracked.epoch, 0),
             );
         }
         let max_line = tracked.settings.max_line_bytes;
@@ -298,9 +281,7 @@ impl Tailer {
             if want == 0 {
                 break;
             }
-            let got = tracked
-                .file
-                .read_at(&mut buf[..want], tracked.read_offset)?;
+            let got = tracked.file.read_at(&mut buf[..want], tracked.read_offset)?;
             if got == 0 {
                 break;
             }
@@ -308,20 +289,15 @@ impl Tailer {
             let mut consumed = 0;
             while consumed < got {
                 let rest = &buf[consumed..got];
-                let Some(piece) = next_piece(
-                    rest,
-                    max_line,
-                    tracked.in_long_line,
-                    tracked.settings.on_long_line,
-                ) else {
+                let Some(piece) =
+                    next_piece(rest, max_line, tracked.in_long_line, tracked.settings.on_long_line)
+                else {
                     break;
                 };
                 consumed += piece.consumed;
                 tracked.read_offset += piece.consumed as u64;
                 if piece.discarded > 0 {
-                    self.stats
-                        .bytes_discarded
-                        .fetch_add(piece.discarded as u64, Ordering::Relaxed);
+                    self.stats.bytes_discarded.fetch_add(piece.discarded as u64, Ordering::Relaxed);
                 }
                 let was_in_long_line = tracked.in_long_line;
                 tracked.in_long_line = piece.cut;
@@ -364,8 +340,7 @@ impl Tailer {
             return Ok(());
         }
         match tracked.partial_since {
-            Some((seen_len, since))
-                if seen_len == len && since.elapsed() >= PARTIAL_LINE_TIMEOUT => {}
+            Some((seen_len, since)) if seen_len == len && since.elapsed() >= PARTIAL_LINE_TIMEOUT => {}
             Some((seen_len, _)) if seen_len == len => return Ok(()),
             _ => {
                 tracked.partial_since = Some((len, Instant::now()));
@@ -374,30 +349,18 @@ impl Tailer {
         }
         tracked.partial_since = None;
         let tail = ((len - tracked.read_offset) as usize).min(buf.len());
-        let got = tracked
-            .file
-            .read_at(&mut buf[..tail], tracked.read_offset)?;
+        let got = tracked.file.read_at(&mut buf[..tail], tracked.read_offset)?;
         tracked.read_offset += got as u64;
         let was_in_long_line = std::mem::replace(&mut tracked.in_long_line, false);
         if was_in_long_line && tracked.settings.on_long_line == LongLine::Truncate {
-            self.stats
-                .bytes_discarded
-                .fetch_add(got as u64, Ordering::Relaxed);
+            self.stats.bytes_discarded.fetch_add(got as u64, Ordering::Relaxed);
             return Ok(());
         }
         let mut line = &buf[..got];
         if line.last() == Some(&b'\r') {
             line = &line[..line.len() - 1];
         }
-        self.push_line(
-            key,
-            tracked,
-            builder,
-            line,
-            false,
-            was_in_long_line,
-            now_ns(),
-        )
+        self.push_line(key, tracked, builder, line, false, was_in_long_line, now_ns())
     }
 
     /// Adds one record to the open batch, sending the batch when full.
@@ -415,9 +378,7 @@ impl Tailer {
         let message = String::from_utf8_lossy(line);
         let mut flags = 0;
         if let std::borrow::Cow::Owned(_) = message {
-            self.stats
-                .invalid_utf8_lines
-                .fetch_add(1, Ordering::Relaxed);
+            self.stats.invalid_utf8_lines.fetch_add(1, Ordering::Relaxed);
             flags |= FLAG_INVALID_UTF8;
         }
         if cut {
@@ -445,21 +406,14 @@ impl Tailer {
         batch.push_parts(now_ns, Level::sniff(&message), flags, &message, &[]);
         tracked.next_seq += 1;
         self.stats.lines_read.fetch_add(1, Ordering::Relaxed);
-        if batch.len() >= self.config.batch.max_records
-            || batch.body_bytes() >= self.config.batch.max_bytes
-        {
+        if batch.len() >= self.config.batch.max_records || batch.body_bytes() >= self.config.batch.max_bytes {
             let full = builder.take().expect("just pushed");
             self.send(key, tracked, full)?;
         }
         Ok(())
     }
 
-    fn send(
-        &mut self,
-        key: FileKey,
-        tracked: &mut Tracked,
-        batch: BatchBuilder,
-    ) -> Result<(), ReadError> {
+    fn send(&mut self, key: FileKey, tracked: &mut Tracked, batch: BatchBuilder) -> Result<(), ReadError> {
         let records = batch.len();
         let bytes = batch.sign(&self.key);
         let hash = encoded_batch_hash(&bytes).expect("a batch we built decodes");
@@ -477,9 +431,7 @@ impl Tailer {
             },
             records,
         };
-        self.tx
-            .blocking_send(signed)
-            .map_err(|_| ReadError::Stopped)
+        self.tx.blocking_send(signed).map_err(|_| ReadError::Stopped)
     }
 }
 
@@ -496,9 +448,7 @@ fn new_checkpoint(source: &str, path: &str, epoch: u64, offset: u64) -> FileChec
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
 struct Stopped;
@@ -534,18 +484,8 @@ struct Piece {
 fn next_piece(input: &[u8], max_line: usize, in_long_line: bool, mode: LongLine) -> Option<Piece> {
     if in_long_line && mode == LongLine::Truncate {
         return Some(match input.iter().position(|&b| b == b'\n') {
-            Some(newline) => Piece {
-                consumed: newline + 1,
-                line: None,
-                cut: false,
-                discarded: newline,
-            },
-            None => Piece {
-                consumed: input.len(),
-                line: None,
-                cut: true,
-                discarded: input.len(),
-            },
+            Some(newline) => Piece { consumed: newline + 1, line: None, cut: false, discarded: newline },
+            None => Piece { consumed: input.len(), line: None, cut: true, discarded: input.len() },
         });
     }
     let window = &input[..input.len().min(max_line + 1)];
@@ -554,12 +494,7 @@ fn next_piece(input: &[u8], max_line: usize, in_long_line: bool, mode: LongLine)
         if line > 0 && input[line - 1] == b'\r' {
             line -= 1;
         }
-        return Some(Piece {
-            consumed: newline + 1,
-            line: Some(line),
-            cut: false,
-            discarded: 0,
-        });
+        return Some(Piece { consumed: newline + 1, line: Some(line), cut: false, discarded: 0 });
     }
     if input.len() <= max_line {
         return None;
@@ -575,12 +510,7 @@ fn next_piece(input: &[u8], max_line: usize, in_long_line: bool, mode: LongLine)
     if (input[cut] & 0b1100_0000) == 0b1000_0000 {
         cut = max_line; // not UTF-8 anyway
     }
-    Some(Piece {
-        consumed: cut,
-        line: Some(cut),
-        cut: true,
-        discarded: 0,
-    })
+    Some(Piece { consumed: cut, line: Some(cut), cut: true, discarded: 0 })
 }
 
 #[cfg(test)]
@@ -593,10 +523,7 @@ mod tests {
         let mut in_long = false;
         while let Some(piece) = next_piece(&input[pos..], max, in_long, mode) {
             if let Some(line) = piece.line {
-                out.push((
-                    String::from_utf8_lossy(&input[pos..pos + line]).into_owned(),
-                    piece.cut,
-                ));
+                out.push((String::from_utf8_lossy(&input[pos..pos + line]).into_owned(), piece.cut));
             }
             in_long = piece.cut;
             pos += piece.consumed;
@@ -625,19 +552,13 @@ mod tests {
 
     #[test]
     fn a_line_of_exactly_the_cap_is_whole() {
-        assert_eq!(
-            pieces(b"abcd\n", 4, LongLine::Split),
-            vec![("abcd".to_owned(), false)]
-        );
+        assert_eq!(pieces(b"abcd\n", 4, LongLine::Split), vec![("abcd".to_owned(), false)]);
     }
 
     #[test]
     fn a_long_line_is_truncated_and_the_rest_skipped() {
         let got = pieces(b"abcdefghij\nxy\n", 4, LongLine::Truncate);
-        assert_eq!(
-            got,
-            vec![("abcd".to_owned(), true), ("xy".to_owned(), false)]
-        );
+        assert_eq!(got, vec![("abcd".to_owned(), true), ("xy".to_owned(), false)]);
     }
 
     #[test]

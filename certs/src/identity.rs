@@ -42,9 +42,7 @@ pub struct PeerIdentity {
 
 impl std::fmt::Debug for PeerIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerIdentity")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("PeerIdentity").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -53,12 +51,8 @@ impl PeerIdentity {
     pub fn from_cert_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         let (_, cert) =
             X509Certificate::from_der(der).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
-        let sans = cert
-            .subject_alternative_name()
-            .map_err(|e| IdentityError::Unparsable(e.to_string()))?;
-        let names = sans
-            .map(|ext| ext.value.general_names.clone())
-            .unwrap_or_default();
+        let sans = cert.subject_alternative_name().map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+        let names = sans.map(|ext| ext.value.general_names.clone()).unwrap_or_default();
         let from_uri = names.iter().find_map(|name| match name {
             GeneralName::URI(uri) => uri.strip_prefix(AGENT_URI_PREFIX),
             _ => None,
@@ -74,10 +68,7 @@ impl PeerIdentity {
         if algorithm != ED25519_OID {
             return Err(IdentityError::NotEd25519(algorithm));
         }
-        Ok(PeerIdentity {
-            name: name.to_owned(),
-            signing_key: spki.subject_public_key.data.to_vec(),
-        })
+        Ok(PeerIdentity { name: name.to_owned(), signing_key: spki.subject_public_key.data.to_vec() })
     }
 }
 
@@ -85,19 +76,11 @@ impl PeerIdentity {
 /// `[A-Za-z0-9.-]`, starting with a letter or digit. Names become file names
 /// and object-key parts, so nothing else is allowed.
 pub fn validate_name(name: &str) -> Result<(), IdentityError> {
-    let bad = |reason| {
-        Err(IdentityError::BadName {
-            name: name.to_owned(),
-            reason,
-        })
-    };
+    let bad = |reason| Err(IdentityError::BadName { name: name.to_owned(), reason });
     if name.is_empty() || name.len() > 253 {
         return bad("must be 1 to 253 characters");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-    {
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
         return bad("only letters, digits, '-' and '.' are allowed");
     }
     if !name.as_bytes()[0].is_ascii_alphanumeric() {
@@ -132,10 +115,7 @@ mod tests {
 
         let collector = pki.issue(crate::Role::Collector, "c1", &[]).unwrap();
         let der = crate::load_certs(&collector.cert).unwrap().remove(0);
-        assert!(matches!(
-            PeerIdentity::from_cert_der(&der),
-            Err(IdentityError::NotEd25519(_))
-        ));
+        assert!(matches!(PeerIdentity::from_cert_der(&der), Err(IdentityError::NotEd25519(_))));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

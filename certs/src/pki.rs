@@ -6,8 +6,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -141,10 +141,7 @@ impl Pki {
     /// Where the certificate of `name` in `role` lives (issued or not).
     pub fn paths(&self, role: Role, name: &str) -> Issued {
         let base = self.dir.join(role.dir());
-        Issued {
-            cert: base.join(format!("{name}.crt")),
-            key: base.join(format!("{name}.key")),
-        }
+        Issued { cert: base.join(format!("{name}.crt")), key: base.join(format!("{name}.key")) }
     }
 
     /// Issues a certificate for `name`. Agents get `name` as DNS SAN and
@@ -162,9 +159,7 @@ impl Pki {
             Role::Agent => {
                 let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
                 let mut params = CertificateParams::new(vec![name.to_owned()])?;
-                params.subject_alt_names.push(SanType::URI(
-                    format!("{AGENT_URI_PREFIX}{name}").try_into()?,
-                ));
+                params.subject_alt_names.push(SanType::URI(format!("{AGENT_URI_PREFIX}{name}").try_into()?));
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
                 (key, params)
             }
@@ -191,12 +186,7 @@ impl Pki {
     }
 
     /// Returns the existing certificate of `name`, issuing it when missing.
-    pub fn ensure(
-        &self,
-        role: Role,
-        name: &str,
-        extra_sans: &[String],
-    ) -> Result<Issued, PkiError> {
+    pub fn ensure(&self, role: Role, name: &str, extra_sans: &[String]) -> Result<Issued, PkiError> {
         let paths = self.paths(role, name);
         if paths.cert.exists() && paths.key.exists() {
             return Ok(paths);
@@ -221,17 +211,11 @@ fn random_serial() -> SerialNumber {
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(|source| PkiError::Io {
-        path: path.to_owned(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| PkiError::Io { path: path.to_owned(), source })
 }
 
 fn create_dir(dir: &Path) -> Result<(), PkiError> {
-    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
-        path: dir.to_owned(),
-        source,
-    })
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io { path: dir.to_owned(), source })
 }
 
 /// Writes a secret atomically with mode 0600 from its creation on: a temp
@@ -245,27 +229,17 @@ fn write_public_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
 }
 
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    let io_err = |source| PkiError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io_err = |source| PkiError::Io { path: path.to_owned(), source };
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err)?;
+    let mut file =
+        fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io_err)?;
     file.write_all(contents).map_err(io_err)?;
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(io_err)?;
+    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_err)?;
     file.sync_all().map_err(io_err)?;
     fs::rename(&tmp, path).map_err(io_err)?;
     if let Some(parent) = path.parent() {
-        fs::File::open(parent)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io_err)?;
+        fs::File::open(parent).and_then(|dir| dir.sync_all()).map_err(io_err)?;
     }
     Ok(())
 }
@@ -286,26 +260,13 @@ mod tests {
         let dir = temp_dir("perm");
         let pki = Pki::init(&dir).unwrap();
         let agent = pki.issue(Role::Agent, "web-1", &[]).unwrap();
-        let collector = pki
-            .issue(Role::Collector, "collector", &["127.0.0.1".into()])
-            .unwrap();
+        let collector = pki.issue(Role::Collector, "collector", &["127.0.0.1".into()]).unwrap();
         for key in [dir.join("ca.key"), agent.key, collector.key] {
-            assert_eq!(
-                fs::metadata(&key).unwrap().mode() & 0o777,
-                0o600,
-                "{}",
-                key.display()
-            );
+            assert_eq!(fs::metadata(&key).unwrap().mode() & 0o777, 0o600, "{}", key.display());
         }
         assert!(matches!(Pki::init(&dir), Err(PkiError::CaExists(_))));
-        assert!(matches!(
-            pki.issue(Role::Agent, "web-1", &[]),
-            Err(PkiError::AlreadyIssued(_))
-        ));
-        assert!(matches!(
-            pki.issue(Role::Agent, "../evil", &[]),
-            Err(PkiError::Name(_))
-        ));
+        assert!(matches!(pki.issue(Role::Agent, "web-1", &[]), Err(PkiError::AlreadyIssued(_))));
+        assert!(matches!(pki.issue(Role::Agent, "../evil", &[]), Err(PkiError::Name(_))));
         fs::remove_dir_all(dir).unwrap();
     }
 }

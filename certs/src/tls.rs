@@ -46,10 +46,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_err = |message: String| TlsError::Pem {
-        path: path.to_owned(),
-        message,
-    };
+    let pem_err = |message: String| TlsError::Pem { path: path.to_owned(), message };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| pem_err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -62,19 +59,14 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Reads the private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| TlsError::Pem { path: path.to_owned(), message: e.to_string() })
 }
 
 fn roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca)? {
-        roots.add(cert).map_err(|e| TlsError::Pem {
-            path: ca.to_owned(),
-            message: e.to_string(),
-        })?;
+        roots.add(cert).map_err(|e| TlsError::Pem { path: ca.to_owned(), message: e.to_string() })?;
     }
     Ok(Arc::new(roots))
 }

@@ -46,11 +46,7 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
+        Self { status, code, message: message.into() }
     }
 }
 
@@ -59,9 +55,7 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -78,21 +72,14 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/search", get(search_get).post(search_post))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-        })
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(state)
 }
 
 fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(AuthError::Missing)?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or(AuthError::Missing)?;
+    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or(AuthError::Missing)?;
+    let token =
+        value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).ok_or(AuthError::Missing)?;
     Ok(state.verifier.verify(token.trim())?)
 }
 
@@ -135,31 +122,14 @@ async fn search_post(
     search(state, claims, params).await
 }
 
-async fn search(
-    state: Arc<ApiState>,
-    claims: Claims,
-    params: SearchParams,
-) -> Result<Response, ApiError> {
+async fn search(state: Arc<ApiState>, claims: Claims, params: SearchParams) -> Result<Response, ApiError> {
     let now = crate::time::now_ns();
     let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message);
-    let from_ns = params
-        .from
-        .as_deref()
-        .map(|t| crate::time::parse_time(t, now))
-        .transpose()
-        .map_err(bad)?;
-    let to_ns = params
-        .to
-        .as_deref()
-        .map(|t| crate::time::parse_time(t, now))
-        .transpose()
-        .map_err(bad)?;
+    let from_ns = params.from.as_deref().map(|t| crate::time::parse_time(t, now)).transpose().map_err(bad)?;
+    let to_ns = params.to.as_deref().map(|t| crate::time::parse_time(t, now)).transpose().map_err(bad)?;
     let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
     if limit > state.max_limit {
-        return Err(bad(format!(
-            "limit {limit} is over the maximum of {}",
-            state.max_limit
-        )));
+        return Err(bad(format!("limit {limit} is over the maximum of {}", state.max_limit)));
     }
     let request = SearchRequest {
         tenants: claims.all_tenants(),
@@ -178,11 +148,7 @@ async fn search(
         Err(SearchError::BadQuery(message)) => {
             Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_query", message))
         }
-        Err(err) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            err.to_string(),
-        )),
+        Err(err) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string())),
     }
 }
 

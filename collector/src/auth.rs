@@ -84,28 +84,18 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("key", &"<redacted>")
-            .finish_non_exhaustive()
+        f.debug_struct("Verifier").field("key", &"<redacted>").finish_non_exhaustive()
     }
 }
 
 impl Verifier {
     /// A verifier for tokens signed by the Ed25519 key whose public half is
     /// in `public_pem`, with issuer and audience pinned.
-    pub fn from_public_pem(
-        public_pem: &Path,
-        issuer: &str,
-        audience: &str,
-    ) -> Result<Verifier, AuthError> {
-        let pem = std::fs::read(public_pem).map_err(|e| AuthError::Key {
-            path: public_pem.to_owned(),
-            message: e.to_string(),
-        })?;
-        let key = DecodingKey::from_ed_pem(&pem).map_err(|e| AuthError::Key {
-            path: public_pem.to_owned(),
-            message: e.to_string(),
-        })?;
+    pub fn from_public_pem(public_pem: &Path, issuer: &str, audience: &str) -> Result<Verifier, AuthError> {
+        let pem = std::fs::read(public_pem)
+            .map_err(|e| AuthError::Key { path: public_pem.to_owned(), message: e.to_string() })?;
+        let key = DecodingKey::from_ed_pem(&pem)
+            .map_err(|e| AuthError::Key { path: public_pem.to_owned(), message: e.to_string() })?;
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.algorithms = vec![Algorithm::EdDSA];
         validation.set_issuer(&[issuer]);
@@ -131,14 +121,10 @@ impl Verifier {
 
 /// Mints a token signed with the Ed25519 private key in `key_pem`.
 pub fn mint(key_pem: &Path, claims: &Claims) -> Result<String, AuthError> {
-    let pem = std::fs::read(key_pem).map_err(|e| AuthError::Key {
-        path: key_pem.to_owned(),
-        message: e.to_string(),
-    })?;
-    let key = EncodingKey::from_ed_pem(&pem).map_err(|e| AuthError::Key {
-        path: key_pem.to_owned(),
-        message: e.to_string(),
-    })?;
+    let pem = std::fs::read(key_pem)
+        .map_err(|e| AuthError::Key { path: key_pem.to_owned(), message: e.to_string() })?;
+    let key = EncodingKey::from_ed_pem(&pem)
+        .map_err(|e| AuthError::Key { path: key_pem.to_owned(), message: e.to_string() })?;
     jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, &key)
         .map_err(|e| AuthError::Invalid(e.to_string()))
 }
@@ -150,12 +136,8 @@ pub fn ensure_key_pair(key_path: &Path) -> Result<std::path::PathBuf, AuthError>
     if key_path.exists() && public.exists() {
         return Ok(public);
     }
-    let key_err = |message: String| AuthError::Key {
-        path: key_path.to_owned(),
-        message,
-    };
-    let pair =
-        rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| key_err(e.to_string()))?;
+    let key_err = |message: String| AuthError::Key { path: key_path.to_owned(), message };
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| key_err(e.to_string()))?;
     logvault_certs::write_private_file(key_path, pair.serialize_pem().as_bytes())
         .map_err(|e| key_err(e.to_string()))?;
     std::fs::write(&public, pair.public_key_pem()).map_err(|e| key_err(e.to_string()))?;
@@ -164,7 +146,5 @@ pub fn ensure_key_pair(key_path: &Path) -> Result<std::path::PathBuf, AuthError>
 
 /// Seconds since the epoch.
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -60,9 +60,7 @@ pub async fn request(
     token: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Result<Answer, ClientError> {
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| ClientError::BadUrl(url.to_owned()))?;
+    let rest = url.strip_prefix("https://").ok_or_else(|| ClientError::BadUrl(url.to_owned()))?;
     let (authority, path) = match rest.find('/') {
         Some(at) => (&rest[..at], &rest[at..]),
         None => (rest, "/"),
@@ -71,28 +69,13 @@ pub async fn request(
         Some((host, port)) if port.parse::<u16>().is_ok() => host,
         _ => authority,
     };
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let address = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:443")
-    };
-    let transport = |message: String| ClientError::Transport {
-        url: url.to_owned(),
-        message,
-    };
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let address = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:443") };
+    let transport = |message: String| ClientError::Transport { url: url.to_owned(), message };
     let name = ServerName::try_from(host.clone()).map_err(|e| transport(e.to_string()))?;
     let connector = TlsConnector::from(Arc::clone(&logvault_certs::https_client_config(ca)?));
-    let tcp = TcpStream::connect(&address)
-        .await
-        .map_err(|e| transport(e.to_string()))?;
-    let tls = connector
-        .connect(name, tcp)
-        .await
-        .map_err(|e| transport(e.to_string()))?;
+    let tcp = TcpStream::connect(&address).await.map_err(|e| transport(e.to_string()))?;
+    let tls = connector.connect(name, tcp).await.map_err(|e| transport(e.to_string()))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| transport(e.to_string()))?;
@@ -111,18 +94,10 @@ pub async fn request(
     let request = builder
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| transport(e.to_string()))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| transport(e.to_string()))?;
+    let response = sender.send_request(request).await.map_err(|e| transport(e.to_string()))?;
     let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| transport(e.to_string()))?
-        .to_bytes()
-        .to_vec();
+    let body =
+        response.into_body().collect().await.map_err(|e| transport(e.to_string()))?.to_bytes().to_vec();
     driver.abort();
     Ok(Answer { status, body })
 }

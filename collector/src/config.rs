@@ -11,6 +11,7 @@
 //! max_connections = 1024
 //! handshake_timeout_ms = 10000
 //! max_frame_bytes = 16777216
+//! idle_timeout_ms = 300000
 //!
 //! [api]
 //! listen = "127.0.0.1:8443"
@@ -104,6 +105,10 @@ pub struct IngestConfig {
     /// Default 16 MiB.
     #[serde(default = "default_max_frame_bytes")]
     pub max_frame_bytes: u32,
+    /// A connection that sends nothing for this long is closed (the agent
+    /// reconnects when it has data), in milliseconds. Default 300000.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
 }
 
 /// The HTTPS query API.
@@ -146,10 +151,7 @@ pub struct TenantConfig {
 
 impl Default for TenantConfig {
     fn default() -> Self {
-        Self {
-            default: default_tenant(),
-            map: Vec::new(),
-        }
+        Self { default: default_tenant(), map: Vec::new() }
     }
 }
 
@@ -178,10 +180,7 @@ pub struct WalConfig {
 
 impl Default for WalConfig {
     fn default() -> Self {
-        Self {
-            segment_bytes: default_segment_bytes(),
-            queue: default_wal_queue(),
-        }
+        Self { segment_bytes: default_segment_bytes(), queue: default_wal_queue() }
     }
 }
 
@@ -197,9 +196,7 @@ pub struct IndexConfig {
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self {
-            commit_interval_ms: default_commit_interval_ms(),
-        }
+        Self { commit_interval_ms: default_commit_interval_ms() }
     }
 }
 
@@ -211,6 +208,9 @@ fn default_handshake_timeout_ms() -> u64 {
 }
 fn default_max_frame_bytes() -> u32 {
     logvault_storage::frame::DEFAULT_MAX_FRAME
+}
+fn default_idle_timeout_ms() -> u64 {
+    300_000
 }
 fn default_issuer() -> String {
     "logvault".into()
@@ -234,52 +234,42 @@ fn default_commit_interval_ms() -> u64 {
 impl CollectorConfig {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<CollectorConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config: CollectorConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: CollectorConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Checks ranges that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.into(),
-            })
-        };
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if self.ingest.max_connections == 0 {
             return invalid("ingest.max_connections", "must be at least 1");
         }
-        if self.ingest.max_frame_bytes < 1024 {
-            return invalid("ingest.max_frame_bytes", "must be at least 1024");
+        if !(1024..=crate::wal::MAX_BATCH_BYTES).contains(&self.ingest.max_frame_bytes) {
+            return invalid(
+                "ingest.max_frame_bytes",
+                &format!("must be between 1024 and {}", crate::wal::MAX_BATCH_BYTES),
+            );
+        }
+        if self.ingest.idle_timeout_ms < 1000 {
+            return invalid("ingest.idle_timeout_ms", "must be at least 1000");
         }
         if self.api.max_limit == 0 {
             return invalid("api.max_limit", "must be at least 1");
         }
         if self.wal.queue == 0 || self.wal.segment_bytes < 1024 * 1024 {
-            return invalid(
-                "wal",
-                "queue must be at least 1 and segment_bytes at least 1 MiB",
-            );
+            return invalid("wal", "queue must be at least 1 and segment_bytes at least 1 MiB");
         }
         if self.index.commit_interval_ms == 0 || self.index.commit_interval_ms > 60_000 {
             return invalid("index.commit_interval_ms", "must be between 1 and 60000");
         }
-        for tenant in
-            std::iter::once(&self.tenants.default).chain(self.tenants.map.iter().map(|m| &m.tenant))
+        for tenant in std::iter::once(&self.tenants.default).chain(self.tenants.map.iter().map(|m| &m.tenant))
         {
             if logvault_certs::validate_name(tenant).is_err() {
-                return invalid(
-                    "tenants",
-                    &format!("{tenant:?} is not a valid tenant name ([A-Za-z0-9.-])"),
-                );
+                return invalid("tenants", &format!("{tenant:?} is not a valid tenant name ([A-Za-z0-9.-])"));
             }
         }
         Ok(())
@@ -290,11 +280,7 @@ impl CollectorConfig {
         self.tenants
             .map
             .iter()
-            .find(|m| {
-                m.agents
-                    .iter()
-                    .any(|pattern| wildcard_match(pattern, agent))
-            })
+            .find(|m| m.agents.iter().any(|pattern| wildcard_match(pattern, agent)))
             .map_or(self.tenants.default.as_str(), |m| m.tenant.as_str())
     }
 }

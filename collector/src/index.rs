@@ -21,13 +21,11 @@ use serde::Serialize;
 use tantivy::collector::{Count, TopDocs};
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
 use tantivy::schema::{
-    DateOptions, DateTimePrecision, FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions,
-    OwnedValue, STORED, Schema, TextFieldIndexing, TextOptions, Value,
+    DateOptions, DateTimePrecision, FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions, OwnedValue,
+    STORED, Schema, TextFieldIndexing, TextOptions, Value,
 };
 use tantivy::tokenizer::{LowerCaser, RawTokenizer, SimpleTokenizer, TextAnalyzer};
-use tantivy::{
-    DateTime, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term,
-};
+use tantivy::{DateTime, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term};
 use tokio_util::sync::CancellationToken;
 
 use crate::wal;
@@ -84,8 +82,7 @@ pub struct Fields {
 
 fn build_schema() -> (Schema, Fields) {
     let mut builder = Schema::builder();
-    let date =
-        DateOptions::from(INDEXED | STORED | FAST).set_precision(DateTimePrecision::Microseconds);
+    let date = DateOptions::from(INDEXED | STORED | FAST).set_precision(DateTimePrecision::Microseconds);
     let keyword = |tokenizer: &str| {
         TextOptions::default()
             .set_indexing_options(
@@ -113,14 +110,9 @@ fn build_schema() -> (Schema, Fields) {
         level: builder.add_text_field("level", keyword(KEYWORD)),
         message: builder.add_text_field(
             "message",
-            TextOptions::default()
-                .set_indexing_options(words.clone())
-                .set_stored(),
+            TextOptions::default().set_indexing_options(words.clone()).set_stored(),
         ),
-        fields: builder.add_json_field(
-            "fields",
-            JsonObjectOptions::default().set_indexing_options(words),
-        ),
+        fields: builder.add_json_field("fields", JsonObjectOptions::default().set_indexing_options(words)),
         fields_json: builder.add_text_field("fields_json", STORED),
     };
     (builder.build(), fields)
@@ -136,9 +128,7 @@ pub struct LogIndex {
 
 impl std::fmt::Debug for LogIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogIndex")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("LogIndex").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -207,49 +197,26 @@ pub struct SearchResponse {
 impl LogIndex {
     /// Opens the index in `dir`, creating it when missing.
     pub fn open(dir: &Path) -> Result<LogIndex, IndexError> {
-        let tantivy_err = |source| IndexError::Tantivy {
-            path: dir.to_owned(),
-            source,
-        };
+        let tantivy_err = |source| IndexError::Tantivy { path: dir.to_owned(), source };
         std::fs::create_dir_all(dir).map_err(|e| {
             tantivy_err(tantivy::TantivyError::from(
                 tantivy::directory::error::OpenDirectoryError::wrap_io_error(e, dir.to_owned()),
             ))
         })?;
         let (schema, fields) = build_schema();
-        let directory =
-            tantivy::directory::MmapDirectory::open(dir).map_err(|e| tantivy_err(e.into()))?;
+        let directory = tantivy::directory::MmapDirectory::open(dir).map_err(|e| tantivy_err(e.into()))?;
         let index = Index::open_or_create(directory, schema).map_err(tantivy_err)?;
         let tokenizers = index.tokenizers();
-        tokenizers.register(
-            WORDS,
-            TextAnalyzer::builder(SimpleTokenizer::default())
-                .filter(LowerCaser)
-                .build(),
-        );
-        tokenizers.register(
-            KEYWORD,
-            TextAnalyzer::builder(RawTokenizer::default())
-                .filter(LowerCaser)
-                .build(),
-        );
-        index.fast_field_tokenizer().register(
-            KEYWORD,
-            TextAnalyzer::builder(RawTokenizer::default())
-                .filter(LowerCaser)
-                .build(),
-        );
-        let reader = index
-            .reader_builder()
-            .reload_policy(ReloadPolicy::Manual)
-            .try_into()
-            .map_err(tantivy_err)?;
-        Ok(LogIndex {
-            index,
-            reader,
-            fields,
-            path: dir.to_owned(),
-        })
+        tokenizers
+            .register(WORDS, TextAnalyzer::builder(SimpleTokenizer::default()).filter(LowerCaser).build());
+        tokenizers
+            .register(KEYWORD, TextAnalyzer::builder(RawTokenizer::default()).filter(LowerCaser).build());
+        index
+            .fast_field_tokenizer()
+            .register(KEYWORD, TextAnalyzer::builder(RawTokenizer::default()).filter(LowerCaser).build());
+        let reader =
+            index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(tantivy_err)?;
+        Ok(LogIndex { index, reader, fields, path: dir.to_owned() })
     }
 
     /// The WAL position the last commit covers.
@@ -270,9 +237,7 @@ impl LogIndex {
         if !text.is_empty() && text != "*" {
             let mut parser = QueryParser::for_index(&self.index, vec![f.message]);
             parser.set_conjunction_by_default();
-            let parsed = parser
-                .parse_query(text)
-                .map_err(|e| SearchError::BadQuery(e.to_string()))?;
+            let parsed = parser.parse_query(text).map_err(|e| SearchError::BadQuery(e.to_string()))?;
             clauses.push((Occur::Must, parsed));
         } else {
             clauses.push((Occur::Must, Box::new(AllQuery)));
@@ -283,10 +248,7 @@ impl LogIndex {
             .iter()
             .map(|tenant| {
                 let term = Term::from_field_text(f.tenant, tenant);
-                (
-                    Occur::Should,
-                    Box::new(TermQuery::new(term, IndexRecordOption::Basic)) as Box<dyn Query>,
-                )
+                (Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::Basic)) as Box<dyn Query>)
             })
             .collect();
         if tenants.is_empty() {
@@ -294,14 +256,9 @@ impl LogIndex {
         }
         clauses.push((Occur::Must, Box::new(BooleanQuery::new(tenants))));
         if request.from_ns.is_some() || request.to_ns.is_some() {
-            let bound =
-                |ns: i64| Term::from_field_date(f.timestamp, DateTime::from_timestamp_nanos(ns));
-            let lower = request
-                .from_ns
-                .map_or(Bound::Unbounded, |ns| Bound::Included(bound(ns)));
-            let upper = request
-                .to_ns
-                .map_or(Bound::Unbounded, |ns| Bound::Excluded(bound(ns)));
+            let bound = |ns: i64| Term::from_field_date(f.timestamp, DateTime::from_timestamp_nanos(ns));
+            let lower = request.from_ns.map_or(Bound::Unbounded, |ns| Bound::Included(bound(ns)));
+            let upper = request.to_ns.map_or(Bound::Unbounded, |ns| Bound::Excluded(bound(ns)));
             clauses.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
         }
         let query = BooleanQuery::new(clauses);
@@ -310,37 +267,23 @@ impl LogIndex {
             SortOrder::Desc => Order::Desc,
             SortOrder::Asc => Order::Asc,
         };
-        let top = TopDocs::with_limit(request.limit.max(1))
-            .order_by_fast_field::<DateTime>("timestamp", order);
-        let (total, top) = searcher
-            .search(&query, &(Count, top))
-            .map_err(|e| SearchError::Internal(e.to_string()))?;
+        let top =
+            TopDocs::with_limit(request.limit.max(1)).order_by_fast_field::<DateTime>("timestamp", order);
+        let (total, top) =
+            searcher.search(&query, &(Count, top)).map_err(|e| SearchError::Internal(e.to_string()))?;
         let mut hits = Vec::with_capacity(top.len().min(request.limit));
         for (_, address) in top.into_iter().take(request.limit) {
-            let doc: TantivyDocument = searcher
-                .doc(address)
-                .map_err(|e| SearchError::Internal(e.to_string()))?;
+            let doc: TantivyDocument =
+                searcher.doc(address).map_err(|e| SearchError::Internal(e.to_string()))?;
             hits.push(self.hit(&doc));
         }
-        Ok(SearchResponse {
-            total: total as u64,
-            hits,
-        })
+        Ok(SearchResponse { total: total as u64, hits })
     }
 
     fn hit(&self, doc: &TantivyDocument) -> Hit {
         let f = &self.fields;
-        let text = |field| {
-            doc.get_first(field)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let number = |field| {
-            doc.get_first(field)
-                .and_then(|v| v.as_u64())
-                .unwrap_or_default()
-        };
+        let text = |field| doc.get_first(field).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let number = |field| doc.get_first(field).and_then(|v| v.as_u64()).unwrap_or_default();
         let date = |field| {
             doc.get_first(field)
                 .and_then(|v| v.as_datetime())
@@ -378,17 +321,9 @@ impl LogIndex {
             }
         };
         let received = DateTime::from_timestamp_nanos(entry.received_ns);
-        for (i, record) in batch
-            .records
-            .into_iter()
-            .enumerate()
-            .skip(entry.skip as usize)
-        {
+        for (i, record) in batch.records.into_iter().enumerate().skip(entry.skip as usize) {
             let mut doc = TantivyDocument::new();
-            doc.add_date(
-                f.timestamp,
-                DateTime::from_timestamp_nanos(record.timestamp_ns),
-            );
+            doc.add_date(f.timestamp, DateTime::from_timestamp_nanos(record.timestamp_ns));
             doc.add_date(f.received, received);
             doc.add_text(f.tenant, &entry.tenant);
             doc.add_text(f.host, &entry.host);
@@ -398,17 +333,11 @@ impl LogIndex {
             doc.add_text(f.level, record.level.as_str());
             doc.add_text(f.message, &record.message);
             if !record.fields.is_empty() {
-                let object: BTreeMap<String, OwnedValue> = record
-                    .fields
-                    .iter()
-                    .map(|(k, v)| (k.clone(), OwnedValue::Str(v.clone())))
-                    .collect();
+                let object: BTreeMap<String, OwnedValue> =
+                    record.fields.iter().map(|(k, v)| (k.clone(), OwnedValue::Str(v.clone()))).collect();
                 doc.add_object(f.fields, object);
-                let json: serde_json::Map<String, serde_json::Value> = record
-                    .fields
-                    .into_iter()
-                    .map(|(k, v)| (k, serde_json::Value::String(v)))
-                    .collect();
+                let json: serde_json::Map<String, serde_json::Value> =
+                    record.fields.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
                 doc.add_text(f.fields_json, serde_json::Value::Object(json).to_string());
             }
             out.push(doc);
@@ -433,24 +362,15 @@ pub fn run_indexer(
     commit_interval: Duration,
     cancel: CancellationToken,
 ) -> Result<(), IndexError> {
-    let tantivy_err = |source| IndexError::Tantivy {
-        path: index.path.clone(),
-        source,
-    };
-    let mut writer: IndexWriter = index
-        .index
-        .writer_with_num_threads(1, WRITER_MEMORY)
-        .map_err(tantivy_err)?;
+    let tantivy_err = |source| IndexError::Tantivy { path: index.path.clone(), source };
+    let mut writer: IndexWriter =
+        index.index.writer_with_num_threads(1, WRITER_MEMORY).map_err(tantivy_err)?;
     let mut position = index.committed_position();
     progress.committed.store(position, Ordering::Release);
     let mut pending = false;
     let mut last_commit = Instant::now();
     let mut docs = Vec::new();
-    tracing::info!(
-        from = position,
-        to = durable.load(Ordering::Acquire),
-        "indexer catching up from the wal"
-    );
+    tracing::info!(from = position, to = durable.load(Ordering::Acquire), "indexer catching up from the wal");
     loop {
         let stopping = cancel.is_cancelled();
         let until = durable.load(Ordering::Acquire);

@@ -25,6 +25,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::CollectorConfig;
 use crate::wal::{AppendRequest, Appended, Wal};
 
+/// How long an ack or a close may take before the peer is given up on.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Counters for operators.
 #[derive(Debug, Default)]
 pub struct IngestStats {
@@ -95,18 +98,12 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
     let mut tls = match tokio::time::timeout(limit, ingest.acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(err)) => {
-            ingest
-                .stats
-                .handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
+            ingest.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, error = %err, "tls handshake failed");
             return;
         }
         Err(_) => {
-            ingest
-                .stats
-                .handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
+            ingest.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, timeout_ms = limit.as_millis() as u64, "tls handshake timed out");
             return;
         }
@@ -121,13 +118,8 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
     let identity = match identity {
         Ok(identity) => identity,
         Err(err) => {
-            refuse(
-                &mut tls,
-                ingest,
-                RefuseCode::Identity,
-                &format!("client certificate unusable: {err}"),
-            )
-            .await;
+            refuse(&mut tls, ingest, RefuseCode::Identity, &format!("client certificate unusable: {err}"))
+                .await;
             tracing::warn!(%peer, error = %err, "refused agent certificate");
             return;
         }
@@ -156,22 +148,23 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
     }
     tracing::info!(%peer, agent = %identity.name, %tenant, "agent connected");
     let limits = Limits::default();
+    let idle = Duration::from_millis(ingest.config.ingest.idle_timeout_ms);
     loop {
         let frame = tokio::select! {
             _ = cancel.cancelled() => break,
-            frame = decoder.read(&mut tls) => frame,
+            frame = tokio::time::timeout(idle, decoder.read(&mut tls)) => match frame {
+                Ok(frame) => frame,
+                Err(_) => {
+                    tracing::info!(%peer, agent = %identity.name, idle_ms = idle.as_millis() as u64, "closing idle connection");
+                    break;
+                }
+            },
         };
         let bytes = match frame {
             Ok(Some(Frame::Batch(bytes))) => bytes,
             Ok(None) => break,
             Ok(Some(other)) => {
-                refuse(
-                    &mut tls,
-                    ingest,
-                    RefuseCode::Malformed,
-                    &format!("unexpected frame {other:?}"),
-                )
-                .await;
+                refuse(&mut tls, ingest, RefuseCode::Malformed, &format!("unexpected frame {other:?}")).await;
                 break;
             }
             Err(FrameError::TooLarge { len, max }) => {
@@ -225,24 +218,15 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
                 let status = match appended {
                     Appended::Stored { .. } => AckStatus::Stored,
                     Appended::Duplicate => {
-                        ingest
-                            .stats
-                            .batches_duplicate
-                            .fetch_add(1, Ordering::Relaxed);
+                        ingest.stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
                         AckStatus::Duplicate
                     }
                 };
                 ingest.stats.batches_acked.fetch_add(1, Ordering::Relaxed);
-                if write_frame(
-                    &mut tls,
-                    &Frame::Ack {
-                        batch_hash: hash,
-                        status,
-                    },
-                )
-                .await
-                .is_err()
-                {
+                let ack = Frame::Ack { batch_hash: hash, status };
+                let sent = tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut tls, &ack)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    tracing::info!(%peer, agent = %identity.name, "ack not delivered; the agent resends");
                     break;
                 }
             }
@@ -253,7 +237,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             }
         }
     }
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, tokio::io::AsyncWriteExt::shutdown(&mut tls)).await;
 }
 
 async fn refuse(
@@ -263,9 +247,6 @@ async fn refuse(
     message: &str,
 ) {
     ingest.stats.refused.fetch_add(1, Ordering::Relaxed);
-    let frame = Frame::Refused {
-        code,
-        message: message.to_owned(),
-    };
+    let frame = Frame::Refused { code, message: message.to_owned() };
     let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(tls, &frame)).await;
 }

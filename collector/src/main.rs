@@ -54,11 +54,7 @@ enum CertsCommand {
         #[arg(long)]
         dir: PathBuf,
         /// Issue a client certificate for the agent NAME.
-        #[arg(
-            long,
-            conflicts_with = "collector",
-            required_unless_present = "collector"
-        )]
+        #[arg(long, conflicts_with = "collector", required_unless_present = "collector")]
         agent: Option<String>,
         /// Issue a server certificate for the collector NAME.
         #[arg(long)]
@@ -147,9 +143,7 @@ fn init_logging() {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn shutdown_on_signal(cancel: CancellationToken) {
@@ -182,10 +176,7 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 let cancel = CancellationToken::new();
                 shutdown_on_signal(cancel.clone());
                 let running = logvault_collector::server::start(config, cancel).await?;
-                println!(
-                    "ingest {} api https://{}",
-                    running.ingest_addr, running.api_addr
-                );
+                println!("ingest {} api https://{}", running.ingest_addr, running.api_addr);
                 running.wait().await?;
                 anyhow::Ok(())
             })?;
@@ -194,12 +185,7 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let pki = Pki::init(&dir)?;
             println!("{}", pki.ca_cert().display());
         }
-        Command::Certs(CertsCommand::Issue {
-            dir,
-            agent,
-            collector,
-            san,
-        }) => {
+        Command::Certs(CertsCommand::Issue { dir, agent, collector, san }) => {
             let pki = Pki::open(&dir)?;
             let issued = match (agent, collector) {
                 (Some(name), None) => pki.issue(CertRole::Agent, &name, &[])?,
@@ -215,13 +201,9 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 }
 
 fn parse_ttl(text: &str) -> anyhow::Result<u64> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (amount, unit) = text.split_at(split);
-    let amount: u64 = amount
-        .parse()
-        .with_context(|| format!("bad ttl {text:?}"))?;
+    let amount: u64 = amount.parse().with_context(|| format!("bad ttl {text:?}"))?;
     let unit = match unit {
         "s" | "" => 1,
         "m" => 60,
@@ -290,11 +272,7 @@ async fn search(args: SearchArgs) -> anyhow::Result<std::process::ExitCode> {
         .with_context(|| format!("answer with status {} is not JSON", answer.status))?;
     if answer.status != 200 {
         let message = body["error"]["message"].as_str().unwrap_or("no message");
-        eprintln!(
-            "logvault: search failed ({}): {}",
-            answer.status,
-            escape_control(message)
-        );
+        eprintln!("logvault: search failed ({}): {}", answer.status, escape_control(message));
         return Ok(std::process::ExitCode::FAILURE);
     }
     let stdout = std::io::stdout();

@@ -43,21 +43,13 @@ pub(crate) struct Options {
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if path.is_absolute() {
-        path.to_owned()
-    } else {
-        std::env::current_dir()?.join(path)
-    })
+    Ok(if path.is_absolute() { path.to_owned() } else { std::env::current_dir()?.join(path) })
 }
 
 fn agent_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host = host.trim();
-    if logvault_certs::validate_name(host).is_ok() {
-        host.to_owned()
-    } else {
-        "localhost".to_owned()
-    }
+    if logvault_certs::validate_name(host).is_ok() { host.to_owned() } else { "localhost".to_owned() }
 }
 
 /// Runs until `cancel` fires.
@@ -79,8 +71,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         for (name, text) in SAMPLES {
             let path = samples.join(name);
             if !path.exists() {
-                std::fs::write(&path, text)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
             }
         }
         vec![samples.join("*.log").to_string_lossy().into_owned()]
@@ -102,6 +93,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             max_connections: 64,
             handshake_timeout_ms: 10_000,
             max_frame_bytes: logvault_storage::frame::DEFAULT_MAX_FRAME,
+            idle_timeout_ms: 300_000,
         },
         api: ApiConfig {
             listen: options.api_listen.clone(),
@@ -169,17 +161,11 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         "logs": logs,
     });
     let json_path = data.join("quickstart.json");
-    logvault_certs::write_private_file(
-        &json_path,
-        serde_json::to_string_pretty(&details)?.as_bytes(),
-    )?;
+    logvault_certs::write_private_file(&json_path, serde_json::to_string_pretty(&details)?.as_bytes())?;
 
     println!("logvault quickstart is running");
     println!("  query API   {api_url}");
-    println!(
-        "  ingest      {} (mutual TLS, agent {agent})",
-        running.ingest_addr
-    );
+    println!("  ingest      {} (mutual TLS, agent {agent})", running.ingest_addr);
     println!("  tailing     {}", logs.join(" "));
     println!("  data        {}", data.display());
     println!();

@@ -58,26 +58,18 @@ pub struct Running {
 impl Running {
     /// Waits until the collector has shut down (after its cancel token fired).
     pub async fn wait(self) -> Result<(), ServerError> {
-        self.done
-            .await
-            .unwrap_or_else(|err| panic!("collector task panicked: {err}"))
+        self.done.await.unwrap_or_else(|err| panic!("collector task panicked: {err}"))
     }
 }
 
 async fn bind(address: &str) -> Result<TcpListener, ServerError> {
     TcpListener::bind(address)
         .await
-        .map_err(|source| ServerError::Bind {
-            address: address.to_owned(),
-            source,
-        })
+        .map_err(|source| ServerError::Bind { address: address.to_owned(), source })
 }
 
 /// Starts the collector; it runs until `cancel` fires.
-pub async fn start(
-    config: CollectorConfig,
-    cancel: CancellationToken,
-) -> Result<Running, ServerError> {
+pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result<Running, ServerError> {
     config.validate()?;
     let config = Arc::new(config);
     let ingest_tls = logvault_certs::server_config(&TlsFiles {
@@ -89,30 +81,21 @@ pub async fn start(
         config.api.cert.as_ref().unwrap_or(&config.ingest.cert),
         config.api.key.as_ref().unwrap_or(&config.ingest.key),
     )?;
-    let verifier = Verifier::from_public_pem(
-        &config.api.jwt_public_key,
-        &config.api.issuer,
-        &config.api.audience,
-    )?;
+    let verifier =
+        Verifier::from_public_pem(&config.api.jwt_public_key, &config.api.issuer, &config.api.audience)?;
 
     let wal_dir = config.data_dir.join("wal");
     let (wal, wal_thread) = Wal::open(&wal_dir, config.wal.segment_bytes, config.wal.queue)?;
     let index = Arc::new(LogIndex::open(&config.data_dir.join("index"))?);
     let progress = Arc::new(IndexProgress::default());
     let indexer = {
-        let (index, durable, progress, cancel) = (
-            index.clone(),
-            wal.durable_counter(),
-            progress.clone(),
-            cancel.clone(),
-        );
+        let (index, durable, progress, cancel) =
+            (index.clone(), wal.durable_counter(), progress.clone(), cancel.clone());
         let interval = Duration::from_millis(config.index.commit_interval_ms);
         let wal_dir = wal_dir.clone();
         std::thread::Builder::new()
             .name("logvault-index".into())
-            .spawn(move || {
-                crate::index::run_indexer(index, wal_dir, durable, progress, interval, cancel)
-            })
+            .spawn(move || crate::index::run_indexer(index, wal_dir, durable, progress, interval, cancel))
             .expect("spawning a thread works")
     };
 
@@ -120,16 +103,10 @@ pub async fn start(
     let api_listener = bind(&config.api.listen).await?;
     let ingest_addr = ingest_listener
         .local_addr()
-        .map_err(|source| ServerError::Bind {
-            address: config.ingest.listen.clone(),
-            source,
-        })?;
+        .map_err(|source| ServerError::Bind { address: config.ingest.listen.clone(), source })?;
     let api_addr = api_listener
         .local_addr()
-        .map_err(|source| ServerError::Bind {
-            address: config.api.listen.clone(),
-            source,
-        })?;
+        .map_err(|source| ServerError::Bind { address: config.api.listen.clone(), source })?;
     tracing::info!(%ingest_addr, %api_addr, data_dir = %config.data_dir.display(), "collector listening");
 
     let ingest = Arc::new(Ingest {
@@ -138,16 +115,8 @@ pub async fn start(
         wal,
         stats: Arc::new(IngestStats::default()),
     });
-    let state = Arc::new(ApiState {
-        index,
-        verifier,
-        max_limit: config.api.max_limit,
-    });
-    let ingest_task = tokio::spawn(ingest::serve(
-        ingest_listener,
-        ingest.clone(),
-        cancel.clone(),
-    ));
+    let state = Arc::new(ApiState { index, verifier, max_limit: config.api.max_limit });
+    let ingest_task = tokio::spawn(ingest::serve(ingest_listener, ingest.clone(), cancel.clone()));
     let api_task = tokio::spawn(api::serve(
         api_listener,
         TlsAcceptor::from(api_tls),
@@ -169,9 +138,5 @@ pub async fn start(
         tracing::info!("collector stopped");
         Ok(())
     });
-    Ok(Running {
-        ingest_addr,
-        api_addr,
-        done,
-    })
+    Ok(Running { ingest_addr, api_addr, done })
 }

@@ -24,13 +24,9 @@ pub fn parse_time(text: &str, now_ns: i64) -> Result<i64, String> {
         return Ok(now_ns);
     }
     if let Some(relative) = text.strip_prefix('-') {
-        let split = relative
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(relative.len());
+        let split = relative.find(|c: char| !c.is_ascii_digit()).unwrap_or(relative.len());
         let (amount, unit) = relative.split_at(split);
-        let amount: i64 = amount
-            .parse()
-            .map_err(|_| format!("bad relative time {text:?}"))?;
+        let amount: i64 = amount.parse().map_err(|_| format!("bad relative time {text:?}"))?;
         let unit_ns: i64 = match unit {
             "s" => 1_000_000_000,
             "m" => 60 * 1_000_000_000,
@@ -58,10 +54,7 @@ mod tests {
         let now = 1_000_000_000_000_000_000;
         assert_eq!(parse_time("-15m", now).unwrap(), now - 900_000_000_000);
         assert_eq!(parse_time("now", now).unwrap(), now);
-        assert_eq!(
-            parse_time("1970-01-01T00:00:01Z", now).unwrap(),
-            1_000_000_000
-        );
+        assert_eq!(parse_time("1970-01-01T00:00:01Z", now).unwrap(), 1_000_000_000);
         assert!(parse_time("-15y", now).is_err());
         assert!(parse_time("yesterday", now).is_err());
         assert_eq!(format_ns(1_500_000_000), "1970-01-01T00:00:01.5Z");

@@ -33,6 +33,9 @@ use tokio::sync::{mpsc, oneshot};
 const ENTRY_VERSION: u8 = 1;
 /// Largest entry accepted when reading back, a guard against a corrupt length.
 const MAX_ENTRY: u32 = 64 * 1024 * 1024;
+/// Largest batch the WAL takes: an entry's tenant, host and header fit in
+/// the rest of [`MAX_ENTRY`]. `ingest.max_frame_bytes` may not exceed it.
+pub const MAX_BATCH_BYTES: u32 = 32 * 1024 * 1024;
 /// Requests taken into one group commit, at most.
 const MAX_GROUP: usize = 1024;
 
@@ -68,10 +71,7 @@ pub enum WalError {
 }
 
 fn io_err(path: &Path, err: std::io::Error) -> WalError {
-    WalError::Io {
-        path: path.to_owned(),
-        message: err.to_string(),
-    }
+    WalError::Io { path: path.to_owned(), message: err.to_string() }
 }
 
 /// What a batch is appended with: who sent it, as the collector knows it.
@@ -187,11 +187,7 @@ impl Wal {
             Some((base, path)) => (*base, path.clone()),
             None => (0, segment_path(dir, 0)),
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err(&path, e))?;
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, e))?;
         let len = end - base;
         if file.metadata().map_err(|e| io_err(&path, e))?.len() > len {
             tracing::warn!(path = %path.display(), kept = len, "cutting torn tail of the wal");
@@ -215,23 +211,13 @@ impl Wal {
             .name("logvault-wal".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| io_err(dir, e))?;
-        Ok((
-            Wal {
-                tx,
-                durable,
-                dir: dir.to_owned(),
-            },
-            handle,
-        ))
+        Ok((Wal { tx, durable, dir: dir.to_owned() }, handle))
     }
 
     /// Appends a batch; resolves once it is fsynced (or known duplicate).
     pub async fn append(&self, request: AppendRequest) -> Result<Appended, WalError> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send((request, reply))
-            .await
-            .map_err(|_| WalError::Closed)?;
+        self.tx.send((request, reply)).await.map_err(|_| WalError::Closed)?;
         answer.await.map_err(|_| WalError::Closed)?
     }
 
@@ -285,11 +271,7 @@ impl Writer {
                 source: request.header.source.clone(),
                 epoch: request.header.epoch,
             };
-            let high = updates
-                .get(&key)
-                .or_else(|| self.streams.get(&key))
-                .copied()
-                .unwrap_or(0);
+            let high = updates.get(&key).or_else(|| self.streams.get(&key)).copied().unwrap_or(0);
             let end = request.header.end_seq();
             if end <= high && request.header.count > 0 {
                 outcomes.push(Appended::Duplicate);
@@ -304,10 +286,7 @@ impl Writer {
             outcomes.push(Appended::Stored { skipped });
         }
         if !buffer.is_empty() {
-            let written = self
-                .file
-                .write_all(buffer)
-                .and_then(|_| self.file.sync_data());
+            let written = self.file.write_all(buffer).and_then(|_| self.file.sync_data());
             if let Err(err) = written {
                 tracing::error!(path = %self.path.display(), error = %err, "wal write failed; refusing further appends");
                 self.poisoned = true;
@@ -336,20 +315,18 @@ impl Writer {
         self.file.sync_all().map_err(|e| io_err(&self.path, e))?;
         let base = self.base + self.len;
         let path = segment_path(&self.dir, base);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err(&path, e))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(&self.dir, e))?;
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, e))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io_err(&self.dir, e))?;
         self.file = file;
         self.path = path;
         self.base = base;
         self.len = 0;
         Ok(())
     }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))
 }
 
 fn encode_entry(out: &mut Vec<u8>, request: &AppendRequest, skip: u32) {
@@ -413,12 +390,7 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
 
 /// Reads a segment's entries in order. In the last segment a damaged or
 /// partial entry ends the scan (a torn tail); elsewhere it is an error.
-fn scan_segment(
-    path: &Path,
-    base: u64,
-    is_last: bool,
-    mut each: impl FnMut(Entry),
-) -> Result<(), WalError> {
+fn scan_segment(path: &Path, base: u64, is_last: bool, mut each: impl FnMut(Entry)) -> Result<(), WalError> {
     let mut file = std::io::BufReader::new(File::open(path).map_err(|e| io_err(path, e))?);
     let mut offset = 0u64;
     loop {
@@ -446,15 +418,7 @@ fn scan_segment(
         };
         let position = base + offset;
         offset += 8 + u64::from(len);
-        each(Entry {
-            position,
-            next: base + offset,
-            received_ns,
-            tenant,
-            host,
-            skip,
-            batch,
-        });
+        each(Entry { position, next: base + offset, received_ns, tenant, host, skip, batch });
     }
 }
 
@@ -463,11 +427,7 @@ fn torn(path: &Path, offset: u64, is_last: bool, reason: &str) -> Result<(), Wal
         tracing::warn!(path = %path.display(), offset, reason, "wal ends in a torn entry");
         Ok(())
     } else {
-        Err(WalError::Corrupt {
-            path: path.to_owned(),
-            offset,
-            reason: reason.to_owned(),
-        })
+        Err(WalError::Corrupt { path: path.to_owned(), offset, reason: reason.to_owned() })
     }
 }
 
@@ -486,12 +446,7 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Reads entries from `from` up to `until` (a durable end), at most
 /// `max_bytes` of them (at least one entry when any is there).
-pub fn read_range(
-    dir: &Path,
-    from: u64,
-    until: u64,
-    max_bytes: u64,
-) -> Result<Vec<Entry>, WalError> {
+pub fn read_range(dir: &Path, from: u64, until: u64, max_bytes: u64) -> Result<Vec<Entry>, WalError> {
     let mut out = Vec::new();
     if from >= until {
         return Ok(out);
@@ -505,8 +460,7 @@ pub fn read_range(
         }
         let mut file = File::open(path).map_err(|e| io_err(path, e))?;
         let start = from.max(*base) - base;
-        file.seek(SeekFrom::Start(start))
-            .map_err(|e| io_err(path, e))?;
+        file.seek(SeekFrom::Start(start)).map_err(|e| io_err(path, e))?;
         let mut reader = std::io::BufReader::new(file);
         let mut offset = start;
         while base + offset < until && (taken < max_bytes || out.is_empty()) {
@@ -516,11 +470,8 @@ pub fn read_range(
             }
             let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
             let crc = u32::from_be_bytes(head[4..].try_into().expect("4 bytes"));
-            let corrupt = |reason: &str| WalError::Corrupt {
-                path: path.clone(),
-                offset,
-                reason: reason.to_owned(),
-            };
+            let corrupt =
+                |reason: &str| WalError::Corrupt { path: path.clone(), offset, reason: reason.to_owned() };
             if len > MAX_ENTRY {
                 return Err(corrupt("entry length over the cap"));
             }
@@ -536,15 +487,7 @@ pub fn read_range(
             let position = base + offset;
             offset += 8 + u64::from(len);
             taken += 8 + u64::from(len);
-            out.push(Entry {
-                position,
-                next: base + offset,
-                received_ns,
-                tenant,
-                host,
-                skip,
-                batch,
-            });
+            out.push(Entry { position, next: base + offset, received_ns, tenant, host, skip, batch });
         }
         if taken >= max_bytes {
             break;
@@ -562,11 +505,7 @@ mod tests {
         let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[1; 32]).unwrap();
         let mut builder = BatchBuilder::new("h", "/s", 0, first_seq, [0; 32]);
         for i in 0..count {
-            builder.push(WireRecord::new(
-                i64::from(i),
-                Level::Info,
-                format!("line {i}"),
-            ));
+            builder.push(WireRecord::new(i64::from(i), Level::Info, format!("line {i}")));
         }
         let bytes = builder.sign(&key);
         let header = peek_header(&bytes).unwrap();
@@ -575,13 +514,7 @@ mod tests {
 
     fn request(first_seq: u64, count: u32) -> AppendRequest {
         let (batch, header) = batch(first_seq, count);
-        AppendRequest {
-            tenant: "t".into(),
-            host: "h".into(),
-            received_ns: 1,
-            batch,
-            header,
-        }
+        AppendRequest { tenant: "t".into(), host: "h".into(), received_ns: 1, batch, header }
     }
 
     #[tokio::test]
@@ -590,18 +523,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         {
             let (wal, _thread) = Wal::open(&dir, 1 << 20, 8).unwrap();
-            assert_eq!(
-                wal.append(request(0, 10)).await.unwrap(),
-                Appended::Stored { skipped: 0 }
-            );
-            assert_eq!(
-                wal.append(request(0, 10)).await.unwrap(),
-                Appended::Duplicate
-            );
-            assert_eq!(
-                wal.append(request(5, 10)).await.unwrap(),
-                Appended::Stored { skipped: 5 }
-            );
+            assert_eq!(wal.append(request(0, 10)).await.unwrap(), Appended::Stored { skipped: 0 });
+            assert_eq!(wal.append(request(0, 10)).await.unwrap(), Appended::Duplicate);
+            assert_eq!(wal.append(request(5, 10)).await.unwrap(), Appended::Stored { skipped: 5 });
         }
         // A crash mid-write leaves half an entry behind.
         let segment = segment_path(&dir, 0);
@@ -614,19 +538,10 @@ mod tests {
         assert_eq!(wal.durable_end(), good_len);
         assert_eq!(std::fs::metadata(&segment).unwrap().len(), good_len);
         // The high-water mark was rebuilt from the WAL: 0..15 is stored.
-        assert_eq!(
-            wal.append(request(10, 5)).await.unwrap(),
-            Appended::Duplicate
-        );
-        assert_eq!(
-            wal.append(request(15, 1)).await.unwrap(),
-            Appended::Stored { skipped: 0 }
-        );
+        assert_eq!(wal.append(request(10, 5)).await.unwrap(), Appended::Duplicate);
+        assert_eq!(wal.append(request(15, 1)).await.unwrap(), Appended::Stored { skipped: 0 });
         let entries = read_range(&dir, 0, wal.durable_end(), u64::MAX).unwrap();
-        assert_eq!(
-            entries.iter().map(|e| e.skip).collect::<Vec<_>>(),
-            vec![0, 5, 0]
-        );
+        assert_eq!(entries.iter().map(|e| e.skip).collect::<Vec<_>>(), vec![0, 5, 0]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

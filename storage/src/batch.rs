@@ -98,6 +98,14 @@ pub enum BatchError {
     /// The signature does not verify under the agent's key.
     #[error("signature does not verify under the agent's certificate key")]
     BadSignature,
+    /// `first_seq + count` does not fit in 64 bits.
+    #[error("sequence range {first_seq} + {count} overflows")]
+    SeqOverflow {
+        /// The batch's first sequence number.
+        first_seq: u64,
+        /// Its record count.
+        count: u32,
+    },
 }
 
 impl From<Truncated> for BatchError {
@@ -132,7 +140,7 @@ pub struct BatchHeader {
 impl BatchHeader {
     /// Sequence number one past the last record.
     pub fn end_seq(&self) -> u64 {
-        self.first_seq + u64::from(self.count)
+        self.first_seq.saturating_add(u64::from(self.count))
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
@@ -150,13 +158,11 @@ impl BatchHeader {
     fn decode(reader: &mut Reader<'_>) -> Result<Self, BatchError> {
         let magic = reader.array::<4>("magic")?;
         if magic != MAGIC_V1 {
-            return Err(BatchError::BadMagic {
-                found: magic.to_vec(),
-            });
+            return Err(BatchError::BadMagic { found: magic.to_vec() });
         }
         let agent_id = read_str16(reader, "agent_id")?;
         let source = read_str16(reader, "source")?;
-        Ok(BatchHeader {
+        let header = BatchHeader {
             agent_id,
             source,
             epoch: reader.u64("epoch")?,
@@ -165,7 +171,11 @@ impl BatchHeader {
             prev_hash: reader.array("prev_hash")?,
             body_len: reader.u32("body_len")?,
             body_sha: reader.array("body_sha")?,
-        })
+        };
+        if header.first_seq.checked_add(u64::from(header.count)).is_none() {
+            return Err(BatchError::SeqOverflow { first_seq: header.first_seq, count: header.count });
+        }
+        Ok(header)
     }
 }
 
@@ -212,13 +222,7 @@ impl Batch {
             return Err(BatchError::BodyHashMismatch);
         }
         let records = decode_records(body, header.count, limits)?;
-        Ok(Batch {
-            header,
-            signature,
-            records,
-            hash,
-            signed_len,
-        })
+        Ok(Batch { header, signature, records, hash, signed_len })
     }
 
     /// Checks the signature against the raw 32-byte Ed25519 public key bound
@@ -257,18 +261,10 @@ fn read_str16(reader: &mut Reader<'_>, what: &'static str) -> Result<String, Bat
     String::from_utf8(bytes.to_vec()).map_err(|_| BatchError::NotUtf8(what))
 }
 
-fn read_str32(
-    reader: &mut Reader<'_>,
-    what: &'static str,
-    limit: u32,
-) -> Result<String, BatchError> {
+fn read_str32(reader: &mut Reader<'_>, what: &'static str, limit: u32) -> Result<String, BatchError> {
     let len = reader.u32(what)?;
     if len > limit {
-        return Err(BatchError::OverLimit {
-            what,
-            found: len.into(),
-            limit: limit.into(),
-        });
+        return Err(BatchError::OverLimit { what, found: len.into(), limit: limit.into() });
     }
     let bytes = reader.take(len as usize, what)?;
     String::from_utf8(bytes.to_vec()).map_err(|_| BatchError::NotUtf8(what))
@@ -299,19 +295,10 @@ fn decode_records(body: &[u8], count: u32, limits: &Limits) -> Result<Vec<WireRe
             let value = read_str32(&mut reader, "field value", limits.max_field_value_bytes)?;
             fields.push((key, value));
         }
-        records.push(WireRecord {
-            timestamp_ns,
-            level,
-            flags,
-            message,
-            fields,
-        });
+        records.push(WireRecord { timestamp_ns, level, flags, message, fields });
     }
     if reader.remaining() != 0 {
-        return Err(BatchError::BodyLength {
-            found: body.len() as u64,
-            declared: reader.position() as u64,
-        });
+        return Err(BatchError::BodyLength { found: body.len() as u64, declared: reader.position() as u64 });
     }
     Ok(records)
 }
@@ -328,13 +315,7 @@ impl BatchBuilder {
     /// sequence number `first_seq`, chained to `prev_hash`.
     ///
     /// Names longer than 65,535 bytes are cut at a character boundary.
-    pub fn new(
-        agent_id: &str,
-        source: &str,
-        epoch: u64,
-        first_seq: u64,
-        prev_hash: [u8; 32],
-    ) -> Self {
+    pub fn new(agent_id: &str, source: &str, epoch: u64, first_seq: u64, prev_hash: [u8; 32]) -> Self {
         Self {
             header: BatchHeader {
                 agent_id: cap_u16(agent_id).to_owned(),
@@ -352,13 +333,7 @@ impl BatchBuilder {
 
     /// Appends a record. Field names over 65,535 bytes are cut.
     pub fn push(&mut self, record: WireRecord) {
-        self.push_parts(
-            record.timestamp_ns,
-            record.level,
-            record.flags,
-            &record.message,
-            &record.fields,
-        );
+        self.push_parts(record.timestamp_ns, record.level, record.flags, &record.message, &record.fields);
     }
 
     /// Appends a record from borrowed parts, without building a [`WireRecord`].
@@ -375,8 +350,7 @@ impl BatchBuilder {
         self.body.push(flags);
         put_str32(&mut self.body, message);
         let field_count = fields.len().min(u16::MAX as usize);
-        self.body
-            .extend_from_slice(&(field_count as u16).to_be_bytes());
+        self.body.extend_from_slice(&(field_count as u16).to_be_bytes());
         for (key, value) in &fields[..field_count] {
             put_str16(&mut self.body, cap_u16(key));
             put_str32(&mut self.body, value);
@@ -402,9 +376,7 @@ impl BatchBuilder {
     /// Seals the header, signs it and returns the encoded batch.
     pub fn sign(mut self, key: &Ed25519KeyPair) -> Vec<u8> {
         self.header.body_len = u32::try_from(self.body.len()).expect("batches stay under 4 GiB");
-        self.header
-            .body_sha
-            .copy_from_slice(digest::digest(&digest::SHA256, &self.body).as_ref());
+        self.header.body_sha.copy_from_slice(digest::digest(&digest::SHA256, &self.body).as_ref());
         let mut out = Vec::with_capacity(256 + SIGNATURE_LEN + self.body.len());
         self.header.encode(&mut out);
         let signature = key.sign(&out);
@@ -515,16 +487,10 @@ mod tests {
         let mut builder = BatchBuilder::new("a", "s", 0, 0, [0; 32]);
         builder.push(WireRecord::new(1, Level::Info, "x"));
         let bytes = builder.sign(&key());
-        let limits = Limits {
-            max_records: 0,
-            ..Limits::default()
-        };
+        let limits = Limits { max_records: 0, ..Limits::default() };
         assert!(matches!(
             Batch::decode(&bytes, &limits),
-            Err(BatchError::OverLimit {
-                what: "record count",
-                ..
-            })
+            Err(BatchError::OverLimit { what: "record count", .. })
         ));
     }
 
@@ -533,18 +499,22 @@ mod tests {
         let mut builder = BatchBuilder::new("a", "s", 0, 0, [0; 32]);
         builder.push(WireRecord::new(1, Level::Info, "x".repeat(100)));
         let bytes = builder.sign(&key());
-        let limits = Limits {
-            max_message_bytes: 99,
-            ..Limits::default()
-        };
+        let limits = Limits { max_message_bytes: 99, ..Limits::default() };
         assert_eq!(
             Batch::decode(&bytes, &limits),
-            Err(BatchError::OverLimit {
-                what: "message",
-                found: 100,
-                limit: 99
-            })
+            Err(BatchError::OverLimit { what: "message", found: 100, limit: 99 })
         );
+    }
+
+    /// A hostile agent must not be able to overflow the collector's
+    /// high-water marks.
+    #[test]
+    fn a_sequence_range_past_u64_max_is_refused() {
+        let mut builder = BatchBuilder::new("a", "s", 0, u64::MAX, [0; 32]);
+        builder.push(WireRecord::new(1, Level::Info, "x"));
+        let bytes = builder.sign(&key());
+        assert!(matches!(peek_header(&bytes), Err(BatchError::SeqOverflow { .. })));
+        assert!(matches!(Batch::decode(&bytes, &Limits::default()), Err(BatchError::SeqOverflow { .. })));
     }
 
     #[test]
@@ -554,24 +524,13 @@ mod tests {
         let bytes = builder.sign(&key());
         let other = Ed25519KeyPair::from_seed_unchecked(&[8u8; 32]).unwrap();
         let batch = Batch::decode(&bytes, &Limits::default()).unwrap();
-        assert_eq!(
-            batch.verify_encoded(&bytes, other.public_key().as_ref()),
-            Err(BatchError::BadSignature)
-        );
+        assert_eq!(batch.verify_encoded(&bytes, other.public_key().as_ref()), Err(BatchError::BadSignature));
     }
 
     fn golden_batch() -> Vec<u8> {
         let mut builder = BatchBuilder::new("golden-agent", "/var/log/golden.log", 2, 40, [9; 32]);
-        builder.push(WireRecord::new(
-            1_700_000_000_000_000_000,
-            Level::Info,
-            "first line",
-        ));
-        let mut second = WireRecord::new(
-            1_700_000_001_000_000_000,
-            Level::Error,
-            "second \u{1b}[31m line",
-        );
+        builder.push(WireRecord::new(1_700_000_000_000_000_000, Level::Info, "first line"));
+        let mut second = WireRecord::new(1_700_000_001_000_000_000, Level::Error, "second \u{1b}[31m line");
         second.fields.push(("pid".into(), "4242".into()));
         builder.push(second);
         builder.sign(&key())
@@ -593,10 +552,7 @@ mod tests {
         assert_eq!(batch.header.epoch, 2);
         assert_eq!(batch.header.first_seq, 40);
         assert_eq!(batch.records.len(), 2);
-        assert_eq!(
-            batch.records[1].fields,
-            vec![("pid".to_owned(), "4242".to_owned())]
-        );
+        assert_eq!(batch.records[1].fields, vec![("pid".to_owned(), "4242".to_owned())]);
         batch.verify(key().public_key().as_ref()).unwrap();
         assert_eq!(golden, golden_batch(), "version 1 encoding changed");
     }

@@ -198,9 +198,7 @@ impl Frame {
         }
         let mut reader = Reader::new(&body[1..]);
         let frame = match kind {
-            KIND_HELLO => Frame::Hello {
-                version: reader.u16("hello")?,
-            },
+            KIND_HELLO => Frame::Hello { version: reader.u16("hello")? },
             KIND_ACK => {
                 let batch_hash = reader.array("ack")?;
                 let status = match reader.u8("ack")? {
@@ -241,10 +239,7 @@ impl FrameDecoder {
     pub fn check_len(&self, prefix: [u8; 4]) -> Result<usize, FrameError> {
         let len = u32::from_be_bytes(prefix);
         if len > self.max_frame {
-            return Err(FrameError::TooLarge {
-                len,
-                max: self.max_frame,
-            });
+            return Err(FrameError::TooLarge { len, max: self.max_frame });
         }
         if len == 0 {
             return Err(FrameError::Empty);
@@ -253,10 +248,7 @@ impl FrameDecoder {
     }
 
     /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
-    pub async fn read<R: AsyncRead + Unpin>(
-        &self,
-        reader: &mut R,
-    ) -> Result<Option<Frame>, FrameError> {
+    pub async fn read<R: AsyncRead + Unpin>(&self, reader: &mut R) -> Result<Option<Frame>, FrameError> {
         let mut prefix = [0u8; 4];
         match reader.read_exact(&mut prefix).await {
             Ok(_) => {}
@@ -282,10 +274,7 @@ impl FrameDecoder {
 }
 
 /// Writes a `Batch` frame around an encoded batch without copying it.
-pub async fn write_batch_frame<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    batch: &[u8],
-) -> std::io::Result<()> {
+pub async fn write_batch_frame<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[u8]) -> std::io::Result<()> {
     let len = u32::try_from(batch.len() + 1)
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "batch over 4 GiB"))?;
     let mut head = [0u8; 5];
@@ -296,10 +285,7 @@ pub async fn write_batch_frame<W: AsyncWrite + Unpin>(
 }
 
 /// Writes one frame and flushes it.
-pub async fn write_frame<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    frame: &Frame,
-) -> std::io::Result<()> {
+pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::io::Result<()> {
     writer.write_all(&frame.encode()).await?;
     writer.flush().await
 }
@@ -315,16 +301,10 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..64).prop_map(Frame::Batch),
             (any::<[u8; 32]>(), any::<bool>()).prop_map(|(batch_hash, dup)| Frame::Ack {
                 batch_hash,
-                status: if dup {
-                    AckStatus::Duplicate
-                } else {
-                    AckStatus::Stored
-                },
+                status: if dup { AckStatus::Duplicate } else { AckStatus::Stored },
             }),
-            (1u16..7, ".{0,40}").prop_map(|(code, message)| Frame::Refused {
-                code: RefuseCode::from_u16(code),
-                message,
-            }),
+            (1u16..7, ".{0,40}")
+                .prop_map(|(code, message)| Frame::Refused { code: RefuseCode::from_u16(code), message }),
         ]
     }
 
@@ -345,13 +325,7 @@ mod tests {
     fn an_oversized_prefix_is_refused_before_reading_the_body() {
         let decoder = FrameDecoder::new(1024);
         let err = decoder.check_len(u32::MAX.to_be_bytes()).unwrap_err();
-        assert!(matches!(
-            err,
-            FrameError::TooLarge {
-                len: u32::MAX,
-                max: 1024
-            }
-        ));
+        assert!(matches!(err, FrameError::TooLarge { len: u32::MAX, max: 1024 }));
     }
 
     #[tokio::test]
@@ -360,14 +334,8 @@ mod tests {
         bytes.extend(Frame::Batch(vec![1, 2, 3]).encode());
         let mut reader = &bytes[..];
         let decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
-        assert_eq!(
-            decoder.read(&mut reader).await.unwrap(),
-            Some(Frame::Hello { version: 1 })
-        );
-        assert_eq!(
-            decoder.read(&mut reader).await.unwrap(),
-            Some(Frame::Batch(vec![1, 2, 3]))
-        );
+        assert_eq!(decoder.read(&mut reader).await.unwrap(), Some(Frame::Hello { version: 1 }));
+        assert_eq!(decoder.read(&mut reader).await.unwrap(), Some(Frame::Batch(vec![1, 2, 3])));
         assert_eq!(decoder.read(&mut reader).await.unwrap(), None);
     }
 }

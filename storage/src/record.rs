@@ -98,10 +98,7 @@ impl Level {
             ("emerg", Level::Fatal),
             ("panic", Level::Fatal),
         ];
-        WORDS
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(word))
-            .map(|(_, level)| *level)
+        WORDS.iter().find(|(name, _)| name.eq_ignore_ascii_case(word)).map(|(_, level)| *level)
     }
 
     /// Finds the level of a raw line: the first of its first eight words
@@ -162,13 +159,7 @@ pub struct WireRecord {
 impl WireRecord {
     /// A record with no flags and no fields.
     pub fn new(timestamp_ns: i64, level: Level, message: impl Into<String>) -> Self {
-        Self {
-            timestamp_ns,
-            level,
-            flags: 0,
-            message: message.into(),
-            fields: Vec::new(),
-        }
+        Self { timestamp_ns, level, flags: 0, message: message.into(), fields: Vec::new() }
     }
 }
 
@@ -193,18 +184,10 @@ mod tests {
             Level::Info
         );
         assert_eq!(
-            Level::sniff(
-                "[Sun Dec 04 04:47:44 2005] [error] mod_jk child workerEnv in error state 6"
-            ),
+            Level::sniff("[Sun Dec 04 04:47:44 2005] [error] mod_jk child workerEnv in error state 6"),
             Level::Error
         );
-        assert_eq!(
-            Level::sniff("2015-10-18 18:01:47,978 WARN [main] org.apache.hadoop: x"),
-            Level::Warn
-        );
-        assert_eq!(
-            Level::sniff("an error occurred while reading"),
-            Level::Unknown
-        );
+        assert_eq!(Level::sniff("2015-10-18 18:01:47,978 WARN [main] org.apache.hadoop: x"), Level::Warn);
+        assert_eq!(Level::sniff("an error occurred while reading"), Level::Unknown);
     }
 }

@@ -26,11 +26,7 @@ pub fn loghub_dir() -> PathBuf {
     let dir = std::env::var_os("LOGVAULT_LOGHUB")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/loghub"));
-    assert!(
-        dir.join("HDFS_2k.log").exists(),
-        "loghub samples missing at {}",
-        dir.display()
-    );
+    assert!(dir.join("HDFS_2k.log").exists(), "loghub samples missing at {}", dir.display());
     dir
 }
 
@@ -48,27 +44,19 @@ pub const SAMPLES: [&str; 8] = [
 /// The lines of a sample (a missing final newline does not drop a line).
 pub fn sample_lines(name: &str) -> Vec<String> {
     let bytes = std::fs::read(loghub_dir().join(name)).unwrap();
-    String::from_utf8_lossy(&bytes)
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect()
 }
 
 /// The terms of a line as the index sees them: maximal runs of letters
 /// and digits, lower-cased.
 pub fn terms(line: &str) -> impl Iterator<Item = String> + '_ {
-    line.split(|c: char| !c.is_alphanumeric())
-        .filter(|t| !t.is_empty())
-        .map(str::to_lowercase)
+    line.split(|c: char| !c.is_alphanumeric()).filter(|t| !t.is_empty()).map(str::to_lowercase)
 }
 
 /// Number of lines holding `word` as a term.
 pub fn lines_with_term(lines: &[String], word: &str) -> u64 {
     let word = word.to_lowercase();
-    lines
-        .iter()
-        .filter(|line| terms(line).any(|t| t == word))
-        .count() as u64
+    lines.iter().filter(|line| terms(line).any(|t| t == word)).count() as u64
 }
 
 /// A built binary of the workspace, next to the test executable's target dir.
@@ -76,11 +64,7 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo build --workspace --bins` first",
-        path.display()
-    );
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
     path
 }
 
@@ -91,8 +75,7 @@ impl TempDir {
     pub fn new(label: &str) -> TempDir {
         static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("logvault-e2e-{label}-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("logvault-e2e-{label}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -118,10 +101,7 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Optio
         if let Some(value) = check() {
             return value;
         }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -156,24 +136,10 @@ impl Process {
             .unwrap();
         let wrapper_pid = wrapper.id();
         let pid = wait_for(Duration::from_secs(5), "the child under timeout", || {
-            let out = Command::new("pgrep")
-                .arg("-P")
-                .arg(wrapper_pid.to_string())
-                .output()
-                .ok()?;
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()?
-                .trim()
-                .parse()
-                .ok()
+            let out = Command::new("pgrep").arg("-P").arg(wrapper_pid.to_string()).output().ok()?;
+            String::from_utf8_lossy(&out.stdout).lines().next()?.trim().parse().ok()
         });
-        Process {
-            wrapper,
-            pid,
-            log,
-            name: name.to_owned(),
-        }
+        Process { wrapper, pid, log, name: name.to_owned() }
     }
 
     /// The first line the child prints on stdout.
@@ -182,34 +148,21 @@ impl Process {
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
-        assert!(
-            !line.is_empty(),
-            "{} printed nothing; log:\n{}",
-            self.name,
-            self.log_text()
-        );
+        assert!(!line.is_empty(), "{} printed nothing; log:\n{}", self.name, self.log_text());
         // Keep draining so the child never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         line
     }
 
     pub fn signal(&self, signal: &str) {
-        let _ = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid.to_string())
-            .status();
+        let _ = Command::new("kill").arg(format!("-{signal}")).arg(self.pid.to_string()).status();
     }
 
     /// SIGTERM, then waits for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.signal("TERM");
         let status = self.wait_exit(Duration::from_secs(20));
-        assert!(
-            status.success(),
-            "{} exited with {status}; log:\n{}",
-            self.name,
-            self.log_text()
-        );
+        assert!(status.success(), "{} exited with {status}; log:\n{}", self.name, self.log_text());
         status
     }
 
@@ -220,9 +173,7 @@ impl Process {
     }
 
     fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        wait_for(limit, "the child to exit", || {
-            self.wrapper.try_wait().unwrap()
-        })
+        wait_for(limit, "the child to exit", || self.wrapper.try_wait().unwrap())
     }
 
     pub fn log_text(&self) -> String {
@@ -255,20 +206,10 @@ impl Setup {
     pub fn new(label: &str) -> Setup {
         let dir = TempDir::new(label);
         let pki = Pki::init(dir.path().join("pki")).unwrap();
-        pki.issue(
-            CertRole::Collector,
-            "collector",
-            &["localhost".into(), "127.0.0.1".into()],
-        )
-        .unwrap();
+        pki.issue(CertRole::Collector, "collector", &["localhost".into(), "127.0.0.1".into()]).unwrap();
         let jwt_key = dir.path().join("jwt.key");
         let jwt_public = auth::ensure_key_pair(&jwt_key).unwrap();
-        Setup {
-            dir,
-            pki,
-            jwt_key,
-            jwt_public,
-        }
+        Setup { dir, pki, jwt_key, jwt_public }
     }
 
     pub fn path(&self) -> &Path {
@@ -365,19 +306,10 @@ commit_interval_ms = 300
         let line = process.first_stdout_line();
         // "ingest 127.0.0.1:P api https://127.0.0.1:Q"
         let words: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(
-            words.first(),
-            Some(&"ingest"),
-            "unexpected first line {line:?}"
-        );
+        assert_eq!(words.first(), Some(&"ingest"), "unexpected first line {line:?}");
         let ingest = words[1].parse().unwrap();
         let api = words[3].trim_start_matches("https://").parse().unwrap();
-        Collector {
-            process,
-            ingest,
-            api,
-            ca: setup.pki.ca_cert(),
-        }
+        Collector { process, ingest, api, ca: setup.pki.ca_cert() }
     }
 
     pub fn api_url(&self) -> String {
@@ -385,20 +317,14 @@ commit_interval_ms = 300
     }
 
     /// GET /api/v1/search; returns (status, body).
-    pub fn search_raw(
-        &self,
-        token: Option<&str>,
-        params: &[(&str, &str)],
-    ) -> (u16, serde_json::Value) {
+    pub fn search_raw(&self, token: Option<&str>, params: &[(&str, &str)]) -> (u16, serde_json::Value) {
         let query: Vec<String> = params
             .iter()
             .map(|(k, v)| format!("{k}={}", logvault_collector::client::encode_component(v)))
             .collect();
         let url = format!("{}/api/v1/search?{}", self.api_url(), query.join("&"));
         let answer = runtime()
-            .block_on(logvault_collector::client::request(
-                "GET", &url, &self.ca, token, None,
-            ))
+            .block_on(logvault_collector::client::request("GET", &url, &self.ca, token, None))
             .unwrap();
         let body = serde_json::from_slice(&answer.body).unwrap_or(serde_json::Value::Null);
         (answer.status, body)
@@ -423,10 +349,7 @@ commit_interval_ms = 300
                 assert_eq!(again, want, "{query:?} moved past {want} to {again}");
                 return;
             }
-            assert!(
-                last <= want,
-                "{query:?} has {last} hits, more than the {want} expected"
-            );
+            assert!(last <= want, "{query:?} has {last} hits, more than the {want} expected");
             if start.elapsed() > limit {
                 break;
             }
@@ -457,11 +380,7 @@ pub struct AgentOptions {
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        Self {
-            read_from: "beginning",
-            max_records: 2000,
-            extra_toml: String::new(),
-        }
+        Self { read_from: "beginning", max_records: 2000, extra_toml: String::new() }
     }
 }
 
@@ -534,11 +453,7 @@ pub fn copy_samples(dir: &Path, names: &[&str]) -> HashMap<String, PathBuf> {
 
 /// Appends lines to a file, each with its newline.
 pub fn append_lines(path: &Path, lines: &[String]) {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
     let mut text = String::new();
     for line in lines {
         text.push_str(line);
@@ -548,10 +463,7 @@ pub fn append_lines(path: &Path, lines: &[String]) {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 /// A rustls client configuration for probing the ingest port by hand.
@@ -564,12 +476,11 @@ pub fn client_tls(
     for cert in logvault_certs::load_certs(ca).unwrap() {
         roots.add(cert).unwrap();
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(versions)
-    .unwrap()
-    .with_root_certificates(roots);
+    let builder =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots);
     let config = match client {
         Some((cert, key)) => builder
             .with_client_auth_cert(
@@ -594,50 +505,28 @@ impl RawAgent {
     /// Connects with `name`'s certificate and sends the hello.
     pub fn connect(setup: &Setup, name: &str, addr: SocketAddr) -> RawAgent {
         let cert = setup.agent_cert(name);
-        let tls = client_tls(
-            &setup.pki.ca_cert(),
-            Some((&cert.cert, &cert.key)),
-            &[&rustls::version::TLS13],
-        );
+        let tls = client_tls(&setup.pki.ca_cert(), Some((&cert.cert, &cert.key)), &[&rustls::version::TLS13]);
         let runtime = runtime();
         let stream = runtime.block_on(async {
             let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
             let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-            let mut stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await
-                .unwrap();
+            let mut stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
             logvault_storage::frame::write_frame(
                 &mut stream,
-                &logvault_storage::Frame::Hello {
-                    version: logvault_storage::frame::PROTOCOL_VERSION,
-                },
+                &logvault_storage::Frame::Hello { version: logvault_storage::frame::PROTOCOL_VERSION },
             )
             .await
             .unwrap();
             stream
         });
         let key_der = logvault_certs::load_key(&cert.key).unwrap();
-        let key = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(key_der.secret_der())
-            .unwrap();
-        RawAgent {
-            runtime,
-            stream,
-            key,
-        }
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(key_der.secret_der()).unwrap();
+        RawAgent { runtime, stream, key }
     }
 
     /// A signed batch of `count` records `"{text} {seq}"` from `first_seq`.
-    pub fn batch(
-        &self,
-        agent_id: &str,
-        source: &str,
-        first_seq: u64,
-        count: u32,
-        text: &str,
-    ) -> Vec<u8> {
-        let mut builder =
-            logvault_storage::BatchBuilder::new(agent_id, source, 0, first_seq, [0; 32]);
+    pub fn batch(&self, agent_id: &str, source: &str, first_seq: u64, count: u32, text: &str) -> Vec<u8> {
+        let mut builder = logvault_storage::BatchBuilder::new(agent_id, source, 0, first_seq, [0; 32]);
         for i in 0..count {
             let seq = first_seq + u64::from(i);
             builder.push(logvault_storage::WireRecord::new(
@@ -657,12 +546,8 @@ impl RawAgent {
             if stream.write_all(bytes).await.is_err() || stream.flush().await.is_err() {
                 return None;
             }
-            let decoder =
-                logvault_storage::FrameDecoder::new(logvault_storage::frame::DEFAULT_MAX_FRAME);
-            tokio::time::timeout(Duration::from_secs(10), decoder.read(stream))
-                .await
-                .ok()?
-                .ok()?
+            let decoder = logvault_storage::FrameDecoder::new(logvault_storage::frame::DEFAULT_MAX_FRAME);
+            tokio::time::timeout(Duration::from_secs(10), decoder.read(stream)).await.ok()?.ok()?
         })
     }
 

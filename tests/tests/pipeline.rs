@@ -12,9 +12,8 @@ use logvault_e2e::*;
 fn words_to_check(lines: &[String]) -> Vec<String> {
     let mut counts: HashMap<String, u64> = HashMap::new();
     for line in lines {
-        let mut seen: Vec<String> = terms(line)
-            .filter(|t| t.len() >= 4 && t.chars().all(|c| c.is_ascii_alphabetic()))
-            .collect();
+        let mut seen: Vec<String> =
+            terms(line).filter(|t| t.len() >= 4 && t.chars().all(|c| c.is_ascii_alphabetic())).collect();
         seen.sort();
         seen.dedup();
         for term in seen {
@@ -41,10 +40,7 @@ fn all_eight_samples_arrive_exactly_once_and_word_totals_match_the_files() {
         "web-1",
         collector.ingest,
         &[logs.join("*.log").to_string_lossy().into_owned()],
-        &AgentOptions {
-            max_records: 500,
-            ..AgentOptions::default()
-        },
+        &AgentOptions { max_records: 500, ..AgentOptions::default() },
     );
     let agent = start_agent(&setup, "web-1", &config);
     let token = setup.token(&["default"], Role::Reader);
@@ -55,11 +51,7 @@ fn all_eight_samples_arrive_exactly_once_and_word_totals_match_the_files() {
         let lines = sample_lines(name);
         assert_eq!(lines.len(), 2000, "{name}");
         let source = source_query(path);
-        assert_eq!(
-            collector.total(&token, &source),
-            2000,
-            "{name}: every line exactly once"
-        );
+        assert_eq!(collector.total(&token, &source), 2000, "{name}: every line exactly once");
         for word in words_to_check(&lines) {
             let want = lines_with_term(&lines, &word);
             let got = collector.total(&token, &format!("{source} AND {word}"));
@@ -68,15 +60,11 @@ fn all_eight_samples_arrive_exactly_once_and_word_totals_match_the_files() {
     }
 
     // The hits carry the authenticated host and the original line.
-    let (status, body) =
-        collector.search_raw(Some(&token), &[("q", "PacketResponder"), ("limit", "3")]);
+    let (status, body) = collector.search_raw(Some(&token), &[("q", "PacketResponder"), ("limit", "3")]);
     assert_eq!(status, 200);
     assert_eq!(
         body["total"].as_u64(),
-        Some(lines_with_term(
-            &sample_lines("HDFS_2k.log"),
-            "PacketResponder"
-        ))
+        Some(lines_with_term(&sample_lines("HDFS_2k.log"), "PacketResponder"))
     );
     let hits = body["hits"].as_array().unwrap();
     assert_eq!(hits.len(), 3);
@@ -88,15 +76,10 @@ fn all_eight_samples_arrive_exactly_once_and_word_totals_match_the_files() {
     // A new line is searchable within 2 seconds of being written.
     let marker = "latencyprobe4711";
     let written = Instant::now();
-    append_lines(
-        &files["HDFS_2k.log"],
-        &[format!("081111 000000 1 INFO probe: {marker} arrived")],
-    );
-    wait_for(
-        Duration::from_secs(2),
-        "the new line to be searchable within 2 s",
-        || (collector.total(&token, marker) == 1).then_some(()),
-    );
+    append_lines(&files["HDFS_2k.log"], &[format!("081111 000000 1 INFO probe: {marker} arrived")]);
+    wait_for(Duration::from_secs(2), "the new line to be searchable within 2 s", || {
+        (collector.total(&token, marker) == 1).then_some(())
+    });
     eprintln!("new line searchable after {:?}", written.elapsed());
 
     agent.stop();

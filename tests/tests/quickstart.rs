@@ -19,10 +19,8 @@ fn start(data: &Path) -> Process {
         "--ingest-listen",
         "127.0.0.1:0",
     ];
-    let log = data.with_extension(format!(
-        "log{}",
-        std::fs::read_dir(data.parent().unwrap()).unwrap().count()
-    ));
+    let log =
+        data.with_extension(format!("log{}", std::fs::read_dir(data.parent().unwrap()).unwrap().count()));
     Process::spawn_named("quickstart", &bin("logvault"), &args, log)
 }
 
@@ -38,21 +36,11 @@ fn curl_total(details: &serde_json::Value, query: &str) -> u64 {
         .args(["--silent", "--show-error", "--fail-with-body", "--cacert"])
         .arg(details["ca_file"].as_str().unwrap())
         .arg("-H")
-        .arg(format!(
-            "Authorization: Bearer {}",
-            details["token"].as_str().unwrap()
-        ))
-        .arg(format!(
-            "{}/api/v1/search?q={query}&limit=5",
-            details["api_url"].as_str().unwrap()
-        ))
+        .arg(format!("Authorization: Bearer {}", details["token"].as_str().unwrap()))
+        .arg(format!("{}/api/v1/search?q={query}&limit=5", details["api_url"].as_str().unwrap()))
         .output()
         .expect("curl runs");
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
     let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     body["total"].as_u64().unwrap()
 }
@@ -66,27 +54,15 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
 
     let first = start(&data);
     let info = details(&data);
-    for key in [
-        "api_url",
-        "token",
-        "ca_file",
-        "ingest_addr",
-        "certs_dir",
-        "jwt_key",
-    ] {
+    for key in ["api_url", "token", "ca_file", "ingest_addr", "certs_dir", "jwt_key"] {
         assert!(info[key].is_string(), "quickstart.json lacks {key}: {info}");
     }
     for key in ["ca_file", "certs_dir", "jwt_key"] {
-        assert!(
-            Path::new(info[key].as_str().unwrap()).is_absolute(),
-            "{key} is not absolute"
-        );
+        assert!(Path::new(info[key].as_str().unwrap()).is_absolute(), "{key} is not absolute");
     }
-    wait_for(
-        Duration::from_secs(30),
-        "the samples to be searchable",
-        || (curl_total(&info, "*") == all).then_some(()),
-    );
+    wait_for(Duration::from_secs(30), "the samples to be searchable", || {
+        (curl_total(&info, "*") == all).then_some(())
+    });
     assert_eq!(curl_total(&info, "PacketResponder"), want);
 
     // The CLI, as the printed line runs it.
@@ -98,41 +74,19 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
             "--ca",
             info["ca_file"].as_str().unwrap(),
         ])
-        .args([
-            "--token",
-            info["token"].as_str().unwrap(),
-            "--limit",
-            "3",
-            "PacketResponder",
-        ])
+        .args(["--token", info["token"].as_str().unwrap(), "--limit", "3", "PacketResponder"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 3, "{stdout}");
-    assert!(
-        stdout.lines().all(|l| l.contains("PacketResponder")),
-        "{stdout}"
-    );
+    assert!(stdout.lines().all(|l| l.contains("PacketResponder")), "{stdout}");
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("3 of {want} records")));
 
     // Keys are private to their owner.
     let certs = Path::new(info["certs_dir"].as_str().unwrap());
-    for key in [
-        certs.join("ca.key"),
-        certs.join("collectors/collector.key"),
-        data.join("jwt.key"),
-    ] {
-        assert_eq!(
-            std::fs::metadata(&key).unwrap().mode() & 0o777,
-            0o600,
-            "{}",
-            key.display()
-        );
+    for key in [certs.join("ca.key"), certs.join("collectors/collector.key"), data.join("jwt.key")] {
+        assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600, "{}", key.display());
     }
     let ca_before = std::fs::read(info["ca_file"].as_str().unwrap()).unwrap();
     first.stop();
@@ -141,15 +95,15 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
     // and it keeps tailing.
     let second = start(&data);
     let info = details(&data);
-    assert_eq!(
-        std::fs::read(info["ca_file"].as_str().unwrap()).unwrap(),
-        ca_before,
-        "the CA was reused"
-    );
+    assert_eq!(std::fs::read(info["ca_file"].as_str().unwrap()).unwrap(), ca_before, "the CA was reused");
     wait_for(Duration::from_secs(30), "the index to reopen", || {
         (curl_total(&info, "*") == all).then_some(())
     });
-    append_lines(&data.join("samples/HDFS_2k.log"), &["081111 000001 1 INFO dfs.DataNode$PacketResponder: PacketResponder 9 for block blk_1 terminating".to_owned()]);
+    append_lines(
+        &data.join("samples/HDFS_2k.log"),
+        &["081111 000001 1 INFO dfs.DataNode$PacketResponder: PacketResponder 9 for block blk_1 terminating"
+            .to_owned()],
+    );
     wait_for(Duration::from_secs(10), "the appended line", || {
         (curl_total(&info, "PacketResponder") == want + 1).then_some(())
     });

@@ -18,10 +18,7 @@ fn probe(addr: std::net::SocketAddr, tls: std::sync::Arc<rustls::ClientConfig>) 
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let mut stream = match tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-        {
+        let mut stream = match tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await {
             Ok(stream) => stream,
             Err(err) => return format!("handshake: {err}"),
         };
@@ -58,10 +55,7 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
     let lines = sample_lines("Hadoop_2k.log");
     append_lines(&good_log, &lines[..200]);
     // Its batches stay under the collector's 64 KiB frame cap.
-    let small_batches = AgentOptions {
-        extra_toml: "max_bytes = 16384".into(),
-        ..AgentOptions::default()
-    };
+    let small_batches = AgentOptions { extra_toml: "max_bytes = 16384".into(), ..AgentOptions::default() };
     let config = agent_config(
         &setup,
         "good-1",
@@ -85,53 +79,31 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
     let stranger = other.issue(CertRole::Agent, "stranger", &[]).unwrap();
     let outcome = probe(
         collector.ingest,
-        client_tls(
-            &ca,
-            Some((&stranger.cert, &stranger.key)),
-            &[&rustls::version::TLS13],
-        ),
+        client_tls(&ca, Some((&stranger.cert, &stranger.key)), &[&rustls::version::TLS13]),
     );
     // Both CAs are named "logvault CA": the chain is found by name and its
     // signature fails (DecryptError); a differently named CA gives UnknownCA.
     assert!(
-        ["UnknownCA", "BadCertificate", "DecryptError"]
-            .iter()
-            .any(|alert| outcome.contains(alert)),
+        ["UnknownCA", "BadCertificate", "DecryptError"].iter().any(|alert| outcome.contains(alert)),
         "other CA: {outcome}"
     );
     write_more(100);
 
     // No client certificate.
-    let outcome = probe(
-        collector.ingest,
-        client_tls(&ca, None, &[&rustls::version::TLS13]),
-    );
-    assert!(
-        outcome.contains("CertificateRequired"),
-        "no client certificate: {outcome}"
-    );
+    let outcome = probe(collector.ingest, client_tls(&ca, None, &[&rustls::version::TLS13]));
+    assert!(outcome.contains("CertificateRequired"), "no client certificate: {outcome}");
     write_more(100);
 
     // TLS 1.2, even with a good certificate.
-    let outcome = probe(
-        collector.ingest,
-        client_tls(
-            &ca,
-            Some((&agent.cert, &agent.key)),
-            &[&rustls::version::TLS12],
-        ),
-    );
+    let outcome =
+        probe(collector.ingest, client_tls(&ca, Some((&agent.cert, &agent.key)), &[&rustls::version::TLS12]));
     assert!(outcome.contains("ProtocolVersion"), "TLS 1.2: {outcome}");
     write_more(100);
 
     // Garbage bytes on the ingest port.
     let mut garbage = std::net::TcpStream::connect(collector.ingest).unwrap();
-    garbage
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\xff\x13garbage")
-        .unwrap();
-    garbage
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\xff\x13garbage").unwrap();
+    garbage.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut answer = Vec::new();
     let _ = garbage.read_to_end(&mut answer);
     assert!(answer.len() < 64, "garbage got a real answer: {answer:?}");
@@ -140,15 +112,9 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
     // A slow handshake is cut after the timeout (1 s here).
     let started = Instant::now();
     let mut silent = std::net::TcpStream::connect(collector.ingest).unwrap();
-    silent
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let _ = silent.read(&mut [0u8; 16]);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "silent peer held on for {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "silent peer held on for {:?}", started.elapsed());
     write_more(100);
 
     // A frame over the cap is refused before its body is read.
@@ -156,10 +122,9 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
     let mut oversized = (64 * 1024 + 2u32).to_be_bytes().to_vec();
     oversized.push(0x02);
     match raw.send_raw(&oversized) {
-        Some(Frame::Refused {
-            code: RefuseCode::TooLarge,
-            message,
-        }) => assert!(message.contains("65538"), "{message}"),
+        Some(Frame::Refused { code: RefuseCode::TooLarge, message }) => {
+            assert!(message.contains("65538"), "{message}")
+        }
         other => panic!("oversized frame: {other:?}"),
     }
     write_more(100);
@@ -168,14 +133,8 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
     let mut forger = RawAgent::connect(&setup, "probe-1", collector.ingest);
     let forged = forger.batch("good-1", "/var/log/forged.log", 0, 3, "forged");
     match forger.send_batch(forged) {
-        Some(Frame::Refused {
-            code: RefuseCode::Identity,
-            message,
-        }) => {
-            assert!(
-                message.contains("good-1") && message.contains("probe-1"),
-                "{message}"
-            )
+        Some(Frame::Refused { code: RefuseCode::Identity, message }) => {
+            assert!(message.contains("good-1") && message.contains("probe-1"), "{message}")
         }
         other => panic!("forged agent id: {other:?}"),
     }
@@ -185,20 +144,18 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
     impostor.key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[42; 32]).unwrap();
     let unsigned = impostor.batch("probe-1", "/var/log/impostor.log", 0, 3, "impostor");
     match impostor.send_batch(unsigned) {
-        Some(Frame::Refused {
-            code: RefuseCode::Identity,
-            message,
-        }) => assert!(message.contains("signature"), "{message}"),
+        Some(Frame::Refused { code: RefuseCode::Identity, message }) => {
+            assert!(message.contains("signature"), "{message}")
+        }
         other => panic!("batch signed by another key: {other:?}"),
     }
 
     // Garbage inside a well-formed frame.
     let mut mangler = RawAgent::connect(&setup, "probe-1", collector.ingest);
     match mangler.send_batch(b"LVB\x01not a batch".to_vec()) {
-        Some(Frame::Refused {
-            code: RefuseCode::Malformed,
-            message,
-        }) => assert!(message.contains("truncated"), "{message}"),
+        Some(Frame::Refused { code: RefuseCode::Malformed, message }) => {
+            assert!(message.contains("truncated"), "{message}")
+        }
         other => panic!("malformed batch: {other:?}"),
     }
     write_more(200);
@@ -216,11 +173,7 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
         "forged agent id",
         "bad batch signature",
     ] {
-        assert!(
-            log.contains(expected),
-            "collector log lacks {expected:?}:\n{}",
-            tail(&log, 40)
-        );
+        assert!(log.contains(expected), "collector log lacks {expected:?}:\n{}", tail(&log, 40));
     }
     good.stop();
     collector.process.stop();
@@ -233,17 +186,13 @@ fn bad_tokens_get_401_and_bad_queries_400_never_500() {
     let now = logvault_collector::auth::now_secs();
     let q = [("q", "*")];
 
-    let expect =
-        |token: Option<&str>, params: &[(&str, &str)], status: u16, code: &str, mention: &str| {
-            let (got, body) = collector.search_raw(token, params);
-            assert_eq!(got, status, "{body}");
-            assert_eq!(body["error"]["code"], code, "{body}");
-            let message = body["error"]["message"].as_str().unwrap();
-            assert!(
-                message.contains(mention),
-                "{message:?} does not mention {mention:?}"
-            );
-        };
+    let expect = |token: Option<&str>, params: &[(&str, &str)], status: u16, code: &str, mention: &str| {
+        let (got, body) = collector.search_raw(token, params);
+        assert_eq!(got, status, "{body}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(mention), "{message:?} does not mention {mention:?}");
+    };
 
     expect(None, &q, 401, "unauthorized", "missing bearer token");
 
@@ -256,15 +205,8 @@ fn bad_tokens_get_401_and_bad_queries_400_never_500() {
     let other_key = setup.path().join("other-jwt.key");
     logvault_collector::auth::ensure_key_pair(&other_key).unwrap();
     let wrong_key =
-        logvault_collector::auth::mint(&other_key, &setup.claims(&["default"], Role::Reader, now))
-            .unwrap();
-    expect(
-        Some(&wrong_key),
-        &q,
-        401,
-        "unauthorized",
-        "InvalidSignature",
-    );
+        logvault_collector::auth::mint(&other_key, &setup.claims(&["default"], Role::Reader, now)).unwrap();
+    expect(Some(&wrong_key), &q, 401, "unauthorized", "InvalidSignature");
 
     let mut audience = setup.claims(&["default"], Role::Reader, now);
     audience.aud = "someone-else".into();
@@ -274,55 +216,23 @@ fn bad_tokens_get_401_and_bad_queries_400_never_500() {
     // alg "none" with no signature, carrying otherwise valid claims.
     use base64_free::encode;
     let claims = serde_json::to_vec(&setup.claims(&["default"], Role::Reader, now)).unwrap();
-    let none = format!(
-        "{}.{}.",
-        encode(br#"{"alg":"none","typ":"JWT"}"#),
-        encode(&claims)
-    );
+    let none = format!("{}.{}.", encode(br#"{"alg":"none","typ":"JWT"}"#), encode(&claims));
     let (status, _) = collector.search_raw(Some(&none), &q);
     assert_eq!(status, 401, "alg none");
 
     // A token without nbf (a required claim).
-    let key =
-        jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(&setup.jwt_key).unwrap()).unwrap();
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(&setup.jwt_key).unwrap()).unwrap();
     let no_nbf = serde_json::json!({"sub": "e2e", "iss": "logvault", "aud": "logvault", "exp": now + 600, "tenant": "default", "role": "reader"});
-    let no_nbf = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA),
-        &no_nbf,
-        &key,
-    )
-    .unwrap();
+    let no_nbf =
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA), &no_nbf, &key)
+            .unwrap();
     expect(Some(&no_nbf), &q, 401, "unauthorized", "nbf");
 
     let good = setup.token(&["default"], Role::Reader);
-    expect(
-        Some(&good),
-        &[("q", "message:(unclosed")],
-        400,
-        "bad_query",
-        "",
-    );
-    expect(
-        Some(&good),
-        &[("q", "nosuchfield:x")],
-        400,
-        "bad_query",
-        "nosuchfield",
-    );
-    expect(
-        Some(&good),
-        &[("q", "*"), ("from", "last tuesday")],
-        400,
-        "bad_request",
-        "last tuesday",
-    );
-    expect(
-        Some(&good),
-        &[("q", "*"), ("limit", "1000000")],
-        400,
-        "bad_request",
-        "limit",
-    );
+    expect(Some(&good), &[("q", "message:(unclosed")], 400, "bad_query", "");
+    expect(Some(&good), &[("q", "nosuchfield:x")], 400, "bad_query", "nosuchfield");
+    expect(Some(&good), &[("q", "*"), ("from", "last tuesday")], 400, "bad_request", "last tuesday");
+    expect(Some(&good), &[("q", "*"), ("limit", "1000000")], 400, "bad_request", "limit");
     let (status, body) = collector.search_raw(Some(&good), &[("q", "*"), ("from", "-15m")]);
     assert_eq!((status, body["total"].as_u64()), (200, Some(0)), "{body}");
     collector.process.stop();
@@ -331,14 +241,10 @@ fn bad_tokens_get_401_and_bad_queries_400_never_500() {
 /// Unpadded base64url, enough to hand-craft a token.
 mod base64_free {
     pub(crate) fn encode(bytes: &[u8]) -> String {
-        const ALPHABET: &[u8; 64] =
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+            let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
             for i in 0..=chunk.len() {
                 out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
             }

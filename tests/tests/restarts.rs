@@ -22,10 +22,7 @@ fn agent_restarts_and_kill9_mid_file_leave_exactly_2000_per_file() {
         "restart-1",
         collector.ingest,
         &[logs.join("*.log").to_string_lossy().into_owned()],
-        &AgentOptions {
-            max_records: 50,
-            ..AgentOptions::default()
-        },
+        &AgentOptions { max_records: 50, ..AgentOptions::default() },
     );
     let token = setup.token(&["default"], Role::Reader);
 
@@ -56,11 +53,7 @@ fn agent_restarts_and_kill9_mid_file_leave_exactly_2000_per_file() {
     let agent = start_agent(&setup, "restart-1", &config);
     collector.wait_total(&token, "*", 6000, Duration::from_secs(60));
     for name in names {
-        assert_eq!(
-            collector.total(&token, &source_query(&logs.join(name))),
-            2000,
-            "{name}"
-        );
+        assert_eq!(collector.total(&token, &source_query(&logs.join(name))), 2000, "{name}");
     }
     agent.stop();
     collector.process.stop();
@@ -80,10 +73,7 @@ fn collector_kill9_mid_stream_loses_and_repeats_nothing() {
         "crash-1",
         ingest,
         &[logs.join("*.log").to_string_lossy().into_owned()],
-        &AgentOptions {
-            max_records: 40,
-            ..AgentOptions::default()
-        },
+        &AgentOptions { max_records: 40, ..AgentOptions::default() },
     );
     let agent = start_agent(&setup, "crash-1", &config);
     let token = setup.token(&["default"], Role::Reader);
@@ -91,13 +81,7 @@ fn collector_kill9_mid_stream_loses_and_repeats_nothing() {
     // A batch stored before the crash whose ack the agent never saw.
     let mut raw = RawAgent::connect(&setup, "raw-1", ingest);
     let before = raw.batch("raw-1", "/raw.log", 0, 10, "resent");
-    assert!(matches!(
-        raw.send_batch(before.clone()),
-        Some(Frame::Ack {
-            status: AckStatus::Stored,
-            ..
-        })
-    ));
+    assert!(matches!(raw.send_batch(before.clone()), Some(Frame::Ack { status: AckStatus::Stored, .. })));
 
     // Write in chunks while shipping; kill the collector halfway.
     for chunk in 0..20 {
@@ -115,39 +99,20 @@ fn collector_kill9_mid_stream_loses_and_repeats_nothing() {
 
     // The restarted collector recovers its WAL, catches its index up, and
     // takes the agent's resends without storing any twice.
-    let options = CollectorOptions {
-        ingest_listen: Some(ingest.to_string()),
-        ..CollectorOptions::default()
-    };
+    let options = CollectorOptions { ingest_listen: Some(ingest.to_string()), ..CollectorOptions::default() };
     let second = Collector::start(&setup, &options);
     let mut raw = RawAgent::connect(&setup, "raw-1", ingest);
     assert!(
-        matches!(
-            raw.send_batch(before),
-            Some(Frame::Ack {
-                status: AckStatus::Duplicate,
-                ..
-            })
-        ),
+        matches!(raw.send_batch(before), Some(Frame::Ack { status: AckStatus::Duplicate, .. })),
         "a batch stored before the crash is recognised after it"
     );
     // Rebatched differently: 5 records already stored, 5 new.
     let overlapping = raw.batch("raw-1", "/raw.log", 5, 10, "resent");
-    assert!(matches!(
-        raw.send_batch(overlapping),
-        Some(Frame::Ack {
-            status: AckStatus::Stored,
-            ..
-        })
-    ));
+    assert!(matches!(raw.send_batch(overlapping), Some(Frame::Ack { status: AckStatus::Stored, .. })));
     second.wait_total(&token, "source:\"/raw.log\"", 15, Duration::from_secs(30));
     second.wait_total(&token, "*", 4015, Duration::from_secs(60));
     for name in names {
-        assert_eq!(
-            second.total(&token, &source_query(&logs.join(name))),
-            2000,
-            "{name}"
-        );
+        assert_eq!(second.total(&token, &source_query(&logs.join(name))), 2000, "{name}");
     }
     agent.stop();
     second.process.stop();

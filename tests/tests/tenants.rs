@@ -18,13 +18,8 @@ agents = ["alpha-*"]
 tenant = "beta"
 agents = ["beta-*"]
 "#;
-    let collector = Collector::start(
-        &setup,
-        &CollectorOptions {
-            extra_toml: tenants.into(),
-            ..Default::default()
-        },
-    );
+    let collector =
+        Collector::start(&setup, &CollectorOptions { extra_toml: tenants.into(), ..Default::default() });
     let alpha_logs = setup.path().join("alpha");
     let beta_logs = setup.path().join("beta");
     copy_samples(&alpha_logs, &["HDFS_2k.log"]);
