@@ -42,6 +42,11 @@ pub struct FileCheckpoint {
     pub in_long_line: bool,
     /// Hash of the last acked batch (hex), the next batch's `prev_hash`.
     pub prev_hash: String,
+    /// Offsets past `acked_offset` where an unterminated last line was
+    /// shipped: re-reading after a restart cuts there again, so sequence
+    /// numbers stay what they were.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cuts: Vec<u64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -77,6 +82,8 @@ pub enum CheckpointError {
 
 #[derive(Debug, Default)]
 struct State {
+    /// No checkpoint file existed at load: this agent has never run here.
+    fresh: bool,
     epochs: BTreeMap<String, u64>,
     files: BTreeMap<FileKey, FileCheckpoint>,
     /// Files the tailer has let go; their entries go once fully acked.
@@ -113,7 +120,7 @@ impl Checkpoints {
                 state.epochs = file.epochs;
                 state.files = file.files.into_iter().collect();
             }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => state.fresh = true,
             Err(source) => return Err(CheckpointError::Io { path, source }),
         }
         Ok(Checkpoints { path, state: Arc::new(Mutex::new(state)) })
@@ -121,6 +128,30 @@ impl Checkpoints {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// True when no checkpoint file existed at load: the agent's first run.
+    pub fn is_fresh(&self) -> bool {
+        self.lock().fresh
+    }
+
+    /// Forgets a file that no longer exists.
+    pub fn forget(&self, key: FileKey) {
+        let mut state = self.lock();
+        if state.files.remove(&key).is_some() {
+            state.dirty = true;
+        }
+        state.released.remove(&key);
+    }
+
+    /// Records that an unterminated line ending at `offset` is about to be
+    /// shipped. Persist before shipping it.
+    pub fn add_cut(&self, key: FileKey, offset: u64) {
+        let mut state = self.lock();
+        if let Some(entry) = state.files.get_mut(&key) {
+            entry.cuts.push(offset);
+            state.dirty = true;
+        }
     }
 
     /// The acked state of a file, if known.
@@ -133,10 +164,17 @@ impl Checkpoints {
         self.lock().files.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
-    /// A new epoch for `source`, never handed out before.
+    /// A new epoch for `source`, never handed out before: the current time
+    /// in microseconds, or one more than the last epoch if the clock is
+    /// behind it. Being time-based, epochs stay unique even if the state
+    /// directory is lost, so a fresh agent never reuses a stream key the
+    /// collector already holds.
     pub fn next_epoch(&self, source: &str) -> u64 {
         let mut state = self.lock();
-        let epoch = state.epochs.get(source).map_or(0, |e| e + 1);
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let epoch = state.epochs.get(source).map_or(now_us, |e| (e + 1).max(now_us));
         state.epochs.insert(source.to_owned(), epoch);
         state.dirty = true;
         epoch
@@ -175,6 +213,7 @@ impl Checkpoints {
         entry.acked_seq = ack.seq;
         entry.in_long_line = ack.in_long_line;
         entry.prev_hash = hex(&ack.batch_hash);
+        entry.cuts.retain(|cut| *cut > ack.offset);
         state.dirty = true;
         if state.released.get(&key).is_some_and(|end| ack.offset >= *end) {
             state.released.remove(&key);
@@ -284,6 +323,7 @@ mod tests {
                 acked_seq: 0,
                 in_long_line: false,
                 prev_hash: hex(&[0; 32]),
+                cuts: vec![150],
             },
         );
         store.ack(key, Acked { epoch, offset: 120, seq: 3, in_long_line: false, batch_hash: [5; 32] });
@@ -297,7 +337,9 @@ mod tests {
         let entry = reloaded.get(key).unwrap();
         assert_eq!((entry.acked_offset, entry.acked_seq), (120, 3));
         assert_eq!(unhex32(&entry.prev_hash), Some([5; 32]));
-        assert_eq!(reloaded.next_epoch("/var/log/a.log"), epoch + 1);
+        assert_eq!(entry.cuts, vec![150], "cuts past the acked offset are kept");
+        assert!(reloaded.next_epoch("/var/log/a.log") > epoch);
+        assert!(!reloaded.is_fresh());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -217,8 +217,9 @@ impl AgentConfig {
                     return invalid("sources.include", &format!("{pattern:?}: {err}"));
                 }
             }
-            if !(16..=16 * 1024 * 1024).contains(&source.max_line_bytes) {
-                return invalid("sources.max_line_bytes", "must be between 16 and 16777216");
+            // The collector refuses messages over 1 MiB.
+            if !(16..=1024 * 1024).contains(&source.max_line_bytes) {
+                return invalid("sources.max_line_bytes", "must be between 16 and 1048576");
             }
         }
         if self.batch.max_records == 0 || self.batch.max_records > 100_000 {

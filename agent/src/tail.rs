@@ -20,6 +20,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+#[cfg(test)]
+use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,6 +75,42 @@ struct Tracked {
     missing_since: Option<Instant>,
     /// Length of the file when an unterminated last line was first seen.
     partial_since: Option<(u64, Instant)>,
+    /// The file's length at the last read, and when it last changed.
+    size_seen: u64,
+    grew_at: Instant,
+    /// Where earlier unterminated lines were cut (see [`FileCheckpoint::cuts`]).
+    cuts: Vec<u64>,
+}
+
+impl Tracked {
+    fn new(source: String, path: PathBuf, file: File, settings: SourceConfig, epoch: u64, offset: u64) -> Self {
+        Tracked {
+            source,
+            path,
+            file,
+            settings,
+            epoch,
+            read_offset: offset,
+            next_seq: 0,
+            in_long_line: false,
+            prev_hash: [0; 32],
+            missing_since: None,
+            partial_since: None,
+            size_seen: offset,
+            grew_at: Instant::now(),
+            cuts: Vec::new(),
+        }
+    }
+
+    fn resume(path: PathBuf, file: File, settings: SourceConfig, checkpoint: FileCheckpoint) -> Self {
+        let mut tracked =
+            Tracked::new(checkpoint.source, path, file, settings, checkpoint.epoch, checkpoint.acked_offset);
+        tracked.next_seq = checkpoint.acked_seq;
+        tracked.in_long_line = checkpoint.in_long_line;
+        tracked.prev_hash = unhex32(&checkpoint.prev_hash).unwrap_or([0; 32]);
+        tracked.cuts = checkpoint.cuts;
+        tracked
+    }
 }
 
 /// The tailer: runs on its own thread, blocking on file reads and on the
@@ -101,7 +139,7 @@ impl Tailer {
         tx: mpsc::Sender<SignedBatch>,
         stats: Arc<Stats>,
     ) -> Tailer {
-        let fresh_start = checkpoints.all().is_empty();
+        let fresh_start = checkpoints.is_fresh();
         Tailer {
             config,
             agent_id,
@@ -118,6 +156,8 @@ impl Tailer {
     /// Polls until `cancel` fires or the shipper is gone.
     pub fn run(mut self, cancel: CancellationToken) {
         let interval = self.config.poll_interval();
+        self.scan();
+        self.recover_unmatched();
         while !cancel.is_cancelled() {
             self.scan();
             if self.read_all().is_err() {
@@ -197,19 +237,7 @@ impl Tailer {
         let path_text = path.to_string_lossy().into_owned();
         if let Some(checkpoint) = self.checkpoints.get(key) {
             if len >= checkpoint.acked_offset {
-                return Ok(Tracked {
-                    source: checkpoint.source.clone(),
-                    path: path.to_owned(),
-                    file,
-                    settings,
-                    epoch: checkpoint.epoch,
-                    read_offset: checkpoint.acked_offset,
-                    next_seq: checkpoint.acked_seq,
-                    in_long_line: checkpoint.in_long_line,
-                    prev_hash: unhex32(&checkpoint.prev_hash).unwrap_or([0; 32]),
-                    missing_since: None,
-                    partial_since: None,
-                });
+                return Ok(Tracked::resume(path.to_owned(), file, settings, checkpoint));
             }
             tracing::warn!(path = %path_text, "file shrank while the agent was stopped; starting a new epoch");
         }
@@ -217,19 +245,44 @@ impl Tailer {
             if self.fresh_start && !replaced && settings.read_from == ReadFrom::End { len } else { 0 };
         let epoch = self.checkpoints.next_epoch(&path_text);
         self.checkpoints.register(key, new_checkpoint(&path_text, &path_text, epoch, start));
-        Ok(Tracked {
-            source: path_text,
-            path: path.to_owned(),
-            file,
-            settings,
-            epoch,
-            read_offset: start,
-            next_seq: 0,
-            in_long_line: false,
-            prev_hash: [0; 32],
-            missing_since: None,
-            partial_since: None,
-        })
+        Ok(Tracked::new(path_text, path.to_owned(), file, settings, epoch, start))
+    }
+
+    /// After the first scan: files with checkpoints that no pattern matches
+    /// any more were rotated away (or deleted) while the agent was stopped.
+    /// One still in its directory under another name (`app.log.1`) is
+    /// drained from its acked offset; one that is gone is forgotten.
+    fn recover_unmatched(&mut self) {
+        for (key, checkpoint) in self.checkpoints.all() {
+            if self.tracked.contains_key(&key) {
+                continue;
+            }
+            let saved = PathBuf::from(&checkpoint.path);
+            let found = saved.parent().and_then(|dir| find_inode(dir, key));
+            let Some((path, len)) = found else {
+                tracing::info!(path = %checkpoint.path, "file gone while the agent was stopped; forgetting it");
+                self.checkpoints.forget(key);
+                continue;
+            };
+            let opened = File::open(&path);
+            let (Ok(file), true) = (opened, len >= checkpoint.acked_offset) else {
+                self.checkpoints.forget(key);
+                continue;
+            };
+            let source = &checkpoint.source;
+            let settings = self
+                .config
+                .sources
+                .iter()
+                .find(|s| s.include.iter().any(|p| glob::Pattern::new(p).is_ok_and(|p| p.matches(source))))
+                .unwrap_or(&self.config.sources[0])
+                .clone();
+            tracing::info!(path = %path.display(), source = %checkpoint.source, offset = checkpoint.acked_offset, "draining a file rotated while the agent was stopped");
+            self.checkpoints.set_path(key, &path.to_string_lossy());
+            let mut tracked = Tracked::resume(path, file, settings, checkpoint);
+            tracked.missing_since = Some(Instant::now());
+            self.tracked.insert(key, tracked);
+        }
     }
 
     /// Reads every tracked file; `Err` when the shipper is gone.
@@ -238,9 +291,12 @@ impl Tailer {
         for key in keys {
             let mut tracked = self.tracked.remove(&key).expect("key listed above");
             let outcome = self.read_file(key, &mut tracked);
-            // After a successful read nothing complete is left unread.
-            let release =
-                outcome.is_ok() && tracked.missing_since.is_some_and(|since| since.elapsed() >= DRAIN_GRACE);
+            // Released once gone, read to its end and quiet for the grace
+            // period: a writer still holding the old file keeps it alive.
+            let release = outcome.is_ok()
+                && tracked.read_offset >= tracked.size_seen
+                && tracked.grew_at.elapsed() >= DRAIN_GRACE
+                && tracked.missing_since.is_some_and(|since| since.elapsed() >= DRAIN_GRACE);
             if release {
                 tracing::info!(path = %tracked.path.display(), "released drained file");
                 self.checkpoints.release(key, tracked.read_offset);
@@ -273,11 +329,18 @@ impl Tailer {
                 new_checkpoint(&tracked.source, &tracked.path.to_string_lossy(), tracked.epoch, 0),
             );
         }
+        if len != tracked.size_seen {
+            tracked.size_seen = len;
+            tracked.grew_at = Instant::now();
+        }
         let max_line = tracked.settings.max_line_bytes;
         let mut buf = vec![0u8; READ_CHUNK.max(max_line + 1)];
         let mut builder: Option<BatchBuilder> = None;
         loop {
-            let want = buf.len().min((len - tracked.read_offset) as usize);
+            // Never read across a cut: the line before it ends there.
+            let next_cut = tracked.cuts.iter().copied().find(|&cut| cut > tracked.read_offset);
+            let limit = next_cut.map_or(len, |cut| cut.min(len));
+            let want = buf.len().min((limit - tracked.read_offset) as usize);
             if want == 0 {
                 break;
             }
@@ -311,6 +374,19 @@ impl Tailer {
                     was_in_long_line,
                     now_ns,
                 )?;
+            }
+            let rest = got - consumed;
+            if got == want && next_cut == Some(tracked.read_offset + rest as u64) {
+                // An unterminated line was shipped up to here before a
+                // restart: cut it at the same place again.
+                tracked.read_offset += rest as u64;
+                let was_in_long_line = std::mem::replace(&mut tracked.in_long_line, false);
+                let discarding = was_in_long_line && tracked.settings.on_long_line == LongLine::Truncate;
+                if rest > 0 && !discarding {
+                    let line = &buf[consumed..got];
+                    self.push_line(key, tracked, &mut builder, line, false, was_in_long_line, now_ns)?;
+                }
+                continue;
             }
             if consumed == 0 {
                 break; // an incomplete last line: wait for its newline
@@ -350,7 +426,16 @@ impl Tailer {
         tracked.partial_since = None;
         let tail = ((len - tracked.read_offset) as usize).min(buf.len());
         let got = tracked.file.read_at(&mut buf[..tail], tracked.read_offset)?;
-        tracked.read_offset += got as u64;
+        // Make the cut durable before the record leaves, so a restart
+        // numbers the lines after it exactly as now.
+        let cut = tracked.read_offset + got as u64;
+        self.checkpoints.add_cut(key, cut);
+        if let Err(err) = self.checkpoints.persist() {
+            tracing::warn!(path = %tracked.path.display(), error = %err, "cannot persist a line cut; the line waits");
+            return Ok(());
+        }
+        tracked.cuts.push(cut);
+        tracked.read_offset = cut;
         let was_in_long_line = std::mem::replace(&mut tracked.in_long_line, false);
         if was_in_long_line && tracked.settings.on_long_line == LongLine::Truncate {
             self.stats.bytes_discarded.fetch_add(got as u64, Ordering::Relaxed);
@@ -375,6 +460,13 @@ impl Tailer {
         was_in_long_line: bool,
         now_ns: i64,
     ) -> Result<(), ReadError> {
+        let full = builder.as_ref().is_some_and(|batch| {
+            !batch.is_empty() && batch.body_bytes() + line.len() + 16 > self.config.batch.max_bytes
+        });
+        if full {
+            let batch = builder.take().expect("checked above");
+            self.send(key, tracked, batch)?;
+        }
         let message = String::from_utf8_lossy(line);
         let mut flags = 0;
         if let std::borrow::Cow::Owned(_) = message {
@@ -444,7 +536,16 @@ fn new_checkpoint(source: &str, path: &str, epoch: u64, offset: u64) -> FileChec
         acked_seq: 0,
         in_long_line: false,
         prev_hash: hex(&[0; 32]),
+        cuts: Vec::new(),
     }
+}
+
+/// The file in `dir` with this device and inode, and its length.
+fn find_inode(dir: &std::path::Path, key: FileKey) -> Option<(PathBuf, u64)> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        let meta = entry.metadata().ok()?;
+        (meta.is_file() && meta.dev() == key.dev && meta.ino() == key.ino).then(|| (entry.path(), meta.len()))
+    })
 }
 
 fn now_ns() -> i64 {
@@ -569,5 +670,88 @@ mod tests {
             let joined: String = got.iter().map(|(t, _)| t.as_str()).collect();
             assert_eq!(joined, line.trim_end(), "max {max}");
         }
+    }
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+    use crate::config::{BatchConfig, CollectorConfig};
+    use logvault_storage::{Batch, Limits};
+
+    fn config(dir: &std::path::Path) -> Arc<AgentConfig> {
+        Arc::new(AgentConfig {
+            state_dir: dir.join("state"),
+            collector: CollectorConfig {
+                address: "127.0.0.1:1".into(),
+                server_name: None,
+                ca: "ca".into(),
+                cert: "cert".into(),
+                key: "key".into(),
+                max_in_flight: 4,
+                max_backoff_ms: 100,
+            },
+            sources: vec![SourceConfig {
+                include: vec![dir.join("*.log").to_string_lossy().into_owned()],
+                exclude: vec![],
+                read_from: ReadFrom::Beginning,
+                max_line_bytes: 1024,
+                on_long_line: LongLine::Split,
+            }],
+            batch: BatchConfig::default(),
+            poll_interval_ms: 10,
+        })
+    }
+
+    fn tailer(dir: &std::path::Path) -> (Tailer, mpsc::Receiver<SignedBatch>) {
+        let (tx, rx) = mpsc::channel(64);
+        let key = Arc::new(Ed25519KeyPair::from_seed_unchecked(&[3; 32]).unwrap());
+        let checkpoints = Checkpoints::load(&dir.join("state")).unwrap();
+        let tailer = Tailer::new(config(dir), "t".into(), key, checkpoints, tx, Arc::new(Stats::default()));
+        (tailer, rx)
+    }
+
+    fn records(rx: &mut mpsc::Receiver<SignedBatch>) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        while let Ok(batch) = rx.try_recv() {
+            let decoded = Batch::decode(&batch.bytes, &Limits::default()).unwrap();
+            for (i, record) in decoded.records.into_iter().enumerate() {
+                out.push((decoded.header.first_seq + i as u64, record.message));
+            }
+        }
+        out
+    }
+
+    /// Regression: an unterminated last line shipped on the timeout, then
+    /// completed by the writer while the agent restarts, must not renumber
+    /// the lines after it (the collector would drop the rest of the line as
+    /// a duplicate of the head).
+    #[test]
+    fn a_shipped_partial_line_is_cut_at_the_same_place_after_a_restart() {
+        let dir = std::env::temp_dir().join(format!("logvault-tail-cut-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("a.log");
+        std::fs::write(&log, "first\nhalf").unwrap();
+
+        let (mut tailer, mut rx) = tailer(&dir);
+        tailer.scan();
+        assert!(tailer.read_all().is_ok());
+        assert_eq!(records(&mut rx), vec![(0, "first".to_owned())]);
+        std::thread::sleep(PARTIAL_LINE_TIMEOUT + Duration::from_millis(100));
+        assert!(tailer.read_all().is_ok());
+        assert_eq!(records(&mut rx), vec![(1, "half".to_owned())]);
+        drop(tailer); // a crash: nothing was acked
+
+        std::fs::OpenOptions::new().append(true).open(&log).unwrap().write_all(b" more\nnext\n").unwrap();
+        let (mut tailer, mut rx) = tailer(&dir);
+        tailer.scan();
+        assert!(tailer.read_all().is_ok());
+        let got = records(&mut rx);
+        assert_eq!(
+            got,
+            vec![(0, "first".into()), (1, "half".into()), (2, " more".into()), (3, "next".into())]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

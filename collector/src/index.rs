@@ -350,9 +350,13 @@ impl LogIndex {
 pub struct IndexProgress {
     /// WAL position committed to the index.
     pub committed: AtomicU64,
+    /// Times the indexer failed and restarted.
+    pub failures: AtomicU64,
 }
 
 /// Indexes the WAL until `cancel` fires, committing every `commit_interval`.
+/// A failure (disk full, say) is logged and retried with backoff from the
+/// last commit, so acked data keeps being indexed once the cause is gone.
 /// Blocking: run it on its own thread.
 pub fn run_indexer(
     index: Arc<LogIndex>,
@@ -361,6 +365,32 @@ pub fn run_indexer(
     progress: Arc<IndexProgress>,
     commit_interval: Duration,
     cancel: CancellationToken,
+) -> Result<(), IndexError> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match index_until_stopped(&index, &wal_dir, &durable, &progress, commit_interval, &cancel) {
+            Ok(()) => return Ok(()),
+            Err(err) if cancel.is_cancelled() => return Err(err),
+            Err(err) => {
+                progress.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %err, retry_in_ms = delay.as_millis() as u64, "indexer failed; retrying from the last commit");
+                let until = Instant::now() + delay;
+                while Instant::now() < until && !cancel.is_cancelled() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+fn index_until_stopped(
+    index: &LogIndex,
+    wal_dir: &Path,
+    durable: &AtomicU64,
+    progress: &IndexProgress,
+    commit_interval: Duration,
+    cancel: &CancellationToken,
 ) -> Result<(), IndexError> {
     let tantivy_err = |source| IndexError::Tantivy { path: index.path.clone(), source };
     let mut writer: IndexWriter =
@@ -374,7 +404,7 @@ pub fn run_indexer(
     loop {
         let stopping = cancel.is_cancelled();
         let until = durable.load(Ordering::Acquire);
-        let entries = match wal::read_range(&wal_dir, position, until, 8 * 1024 * 1024) {
+        let entries = match wal::read_range(wal_dir, position, until, 8 * 1024 * 1024) {
             Ok(entries) => entries,
             Err(err) => {
                 tracing::error!(error = %err, "indexer cannot read the wal");

@@ -188,6 +188,11 @@ impl Wal {
             None => (0, segment_path(dir, 0)),
         };
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, e))?;
+        // The segment's directory entry must be durable before any ack.
+        sync_dir(dir)?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
         let len = end - base;
         if file.metadata().map_err(|e| io_err(&path, e))?.len() > len {
             tracing::warn!(path = %path.display(), kept = len, "cutting torn tail of the wal");
@@ -316,7 +321,7 @@ impl Writer {
         let base = self.base + self.len;
         let path = segment_path(&self.dir, base);
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, e))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io_err(&self.dir, e))?;
+        sync_dir(&self.dir)?;
         self.file = file;
         self.path = path;
         self.base = base;

@@ -94,25 +94,38 @@ fn rename_rotation_loses_and_repeats_nothing() {
     std::fs::create_dir_all(&logs).unwrap();
     let live = logs.join("app.log");
     let lines = sample_lines("Zookeeper_2k.log");
-    append_lines(&live, &lines[..800]);
-    let config = agent_config(
-        &setup,
-        "rot-1",
-        collector.ingest,
-        &[live.to_string_lossy().into_owned()],
-        &AgentOptions::default(),
-    );
+    append_lines(&live, &lines[..600]);
+    let config = agent_config(&setup, "rot-1", collector.ingest, &[live.to_string_lossy().into_owned()], &AgentOptions::default());
     let agent = start_agent(&setup, "rot-1", &config);
     let token = setup.token(&["default"], Role::Reader);
-    collector.wait_total(&token, "*", 800, Duration::from_secs(30));
+    collector.wait_total(&token, "*", 600, Duration::from_secs(30));
 
-    // Rotate: rename away, keep writing to the old file for a moment (as a
-    // writer that has not reopened yet does), then create the new file.
+    // Rotate while running: rename away, create the new file, and keep
+    // writing to the old one for longer than the drain grace (as a writer
+    // that reopens late does).
     let rotated = logs.join("app.log.1");
     std::fs::rename(&live, &rotated).unwrap();
-    append_lines(&rotated, &lines[800..1000]);
-    append_lines(&live, &lines[1000..2000]);
+    append_lines(&live, &lines[600..700]);
+    for chunk in 0..10 {
+        append_lines(&rotated, &lines[700 + chunk * 20..720 + chunk * 20]);
+        std::thread::sleep(Duration::from_millis(450));
+    }
+    collector.wait_total(&token, "*", 900, Duration::from_secs(30));
+    agent.stop();
+
+    // Rotate while stopped: the old file gets more lines after the rename,
+    // then a new file appears; both are caught up at the next start.
+    append_lines(&live, &lines[900..1000]);
+    let rotated_again = logs.join("app.log.2");
+    std::fs::rename(&live, &rotated_again).unwrap();
+    append_lines(&rotated_again, &lines[1000..1200]);
+    append_lines(&live, &lines[1200..2000]);
+    let agent = start_agent(&setup, "rot-1", &config);
     collector.wait_total(&token, "*", 2000, Duration::from_secs(30));
+    for line in [&lines[0], &lines[999], &lines[1100], &lines[1999]] {
+        let word = terms(line).last().unwrap();
+        assert!(collector.total(&token, &word) >= 1, "{line}");
+    }
     agent.stop();
     collector.process.stop();
 }
