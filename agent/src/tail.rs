@@ -83,7 +83,14 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn new(source: String, path: PathBuf, file: File, settings: SourceConfig, epoch: u64, offset: u64) -> Self {
+    fn new(
+        source: String,
+        path: PathBuf,
+        file: File,
+        settings: SourceConfig,
+        epoch: u64,
+        offset: u64,
+    ) -> Self {
         Tracked {
             source,
             path,
@@ -703,7 +710,7 @@ mod restart_tests {
         })
     }
 
-    fn tailer(dir: &std::path::Path) -> (Tailer, mpsc::Receiver<SignedBatch>) {
+    fn start(dir: &std::path::Path) -> (Tailer, mpsc::Receiver<SignedBatch>) {
         let (tx, rx) = mpsc::channel(64);
         let key = Arc::new(Ed25519KeyPair::from_seed_unchecked(&[3; 32]).unwrap());
         let checkpoints = Checkpoints::load(&dir.join("state")).unwrap();
@@ -734,7 +741,7 @@ mod restart_tests {
         let log = dir.join("a.log");
         std::fs::write(&log, "first\nhalf").unwrap();
 
-        let (mut tailer, mut rx) = tailer(&dir);
+        let (mut tailer, mut rx) = start(&dir);
         tailer.scan();
         assert!(tailer.read_all().is_ok());
         assert_eq!(records(&mut rx), vec![(0, "first".to_owned())]);
@@ -744,7 +751,7 @@ mod restart_tests {
         drop(tailer); // a crash: nothing was acked
 
         std::fs::OpenOptions::new().append(true).open(&log).unwrap().write_all(b" more\nnext\n").unwrap();
-        let (mut tailer, mut rx) = tailer(&dir);
+        let (mut tailer, mut rx) = start(&dir);
         tailer.scan();
         assert!(tailer.read_all().is_ok());
         let got = records(&mut rx);

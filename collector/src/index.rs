@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use logvault_storage::batch::{Batch, Limits};
+use logvault_storage::batch::{BatchView, Limits};
 use serde::Serialize;
 use tantivy::collector::{Count, TopDocs};
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
@@ -313,7 +313,7 @@ impl LogIndex {
             max_fields: u16::MAX,
             max_field_value_bytes: u32::MAX,
         };
-        let batch = match Batch::decode(&entry.batch, &limits) {
+        let batch = match BatchView::parse(&entry.batch, &limits) {
             Ok(batch) => batch,
             Err(err) => {
                 tracing::error!(position = entry.position, error = %err, "wal entry does not decode; not indexed");
@@ -321,26 +321,39 @@ impl LogIndex {
             }
         };
         let received = DateTime::from_timestamp_nanos(entry.received_ns);
-        for (i, record) in batch.records.into_iter().enumerate().skip(entry.skip as usize) {
+        let header = &batch.header;
+        let mut seq = header.first_seq;
+        let walked = batch.for_each_record(&limits, |record| {
+            let this_seq = seq;
+            seq += 1;
+            if this_seq < header.first_seq + u64::from(entry.skip) {
+                return; // stored by an earlier entry
+            }
             let mut doc = TantivyDocument::new();
             doc.add_date(f.timestamp, DateTime::from_timestamp_nanos(record.timestamp_ns));
             doc.add_date(f.received, received);
             doc.add_text(f.tenant, &entry.tenant);
             doc.add_text(f.host, &entry.host);
-            doc.add_text(f.source, &batch.header.source);
-            doc.add_u64(f.epoch, batch.header.epoch);
-            doc.add_u64(f.seq, batch.header.first_seq + i as u64);
+            doc.add_text(f.source, &header.source);
+            doc.add_u64(f.epoch, header.epoch);
+            doc.add_u64(f.seq, this_seq);
             doc.add_text(f.level, record.level.as_str());
-            doc.add_text(f.message, &record.message);
-            if !record.fields.is_empty() {
-                let object: BTreeMap<String, OwnedValue> =
-                    record.fields.iter().map(|(k, v)| (k.clone(), OwnedValue::Str(v.clone()))).collect();
+            doc.add_text(f.message, record.message);
+            let mut fields = record.fields().peekable();
+            if fields.peek().is_some() {
+                let mut object = BTreeMap::new();
+                let mut json = serde_json::Map::new();
+                for (name, value) in fields {
+                    object.insert(name.to_owned(), OwnedValue::Str(value.to_owned()));
+                    json.insert(name.to_owned(), serde_json::Value::String(value.to_owned()));
+                }
                 doc.add_object(f.fields, object);
-                let json: serde_json::Map<String, serde_json::Value> =
-                    record.fields.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
                 doc.add_text(f.fields_json, serde_json::Value::Object(json).to_string());
             }
             out.push(doc);
+        });
+        if let Err(err) = walked {
+            tracing::error!(position = entry.position, error = %err, "wal entry does not decode; not indexed");
         }
     }
 }

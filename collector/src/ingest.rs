@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use logvault_certs::PeerIdentity;
-use logvault_storage::batch::{Batch, Limits};
+use logvault_storage::batch::{BatchView, Limits};
 use logvault_storage::frame::{
     AckStatus, Frame, FrameDecoder, FrameError, PROTOCOL_VERSION, RefuseCode, write_frame,
 };
@@ -183,7 +183,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
                 break;
             }
         };
-        let batch = match Batch::decode(&bytes, &limits) {
+        let batch = match BatchView::parse(&bytes, &limits) {
             Ok(batch) => batch,
             Err(err) => {
                 tracing::warn!(%peer, agent = %identity.name, error = %err, "malformed batch");
@@ -200,19 +200,19 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             refuse(&mut tls, ingest, RefuseCode::Identity, &message).await;
             break;
         }
-        if let Err(err) = batch.verify_encoded(&bytes, &identity.signing_key) {
+        if let Err(err) = batch.verify(&identity.signing_key) {
             tracing::warn!(%peer, agent = %identity.name, error = %err, "bad batch signature");
             refuse(&mut tls, ingest, RefuseCode::Identity, &err.to_string()).await;
             break;
         }
+        let (header, hash) = (batch.header, batch.hash);
         let request = AppendRequest {
             tenant: tenant.clone(),
             host: identity.name.clone(),
             received_ns: crate::time::now_ns(),
-            header: batch.header,
+            header,
             batch: bytes,
         };
-        let hash = batch.hash;
         match ingest.wal.append(request).await {
             Ok(appended) => {
                 let status = match appended {

@@ -199,29 +199,10 @@ impl Batch {
     /// `limits`, the record section's hash. The signature is checked by
     /// [`Batch::verify`], which needs the agent's key.
     pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Batch, BatchError> {
-        let mut reader = Reader::new(bytes);
-        let header = BatchHeader::decode(&mut reader)?;
-        let signed_len = reader.position();
-        let signature = reader.array::<SIGNATURE_LEN>("signature")?;
-        let hash = batch_hash(&bytes[..reader.position()]);
-        if header.count > limits.max_records {
-            return Err(BatchError::OverLimit {
-                what: "record count",
-                found: header.count.into(),
-                limit: limits.max_records.into(),
-            });
-        }
-        if reader.remaining() != header.body_len as usize {
-            return Err(BatchError::BodyLength {
-                found: reader.remaining() as u64,
-                declared: header.body_len.into(),
-            });
-        }
-        let body = reader.take(header.body_len as usize, "records")?;
-        if digest::digest(&digest::SHA256, body).as_ref() != header.body_sha {
-            return Err(BatchError::BodyHashMismatch);
-        }
-        let records = decode_records(body, header.count, limits)?;
+        let view = BatchView::parse(bytes, limits)?;
+        let mut records = Vec::with_capacity((view.header.count as usize).min(view.body.len() / 16));
+        view.for_each_record(limits, |record| records.push(record.to_owned()))?;
+        let BatchView { header, signature, hash, signed_len, .. } = view;
         Ok(Batch { header, signature, records, hash, signed_len })
     }
 
@@ -261,46 +242,152 @@ fn read_str16(reader: &mut Reader<'_>, what: &'static str) -> Result<String, Bat
     String::from_utf8(bytes.to_vec()).map_err(|_| BatchError::NotUtf8(what))
 }
 
-fn read_str32(reader: &mut Reader<'_>, what: &'static str, limit: u32) -> Result<String, BatchError> {
+/// A batch checked in place, without copying its records: what the
+/// collector's ingest path uses, so validating a batch allocates nothing per
+/// record.
+#[derive(Debug)]
+pub struct BatchView<'a> {
+    /// The signed header.
+    pub header: BatchHeader,
+    /// Ed25519 signature over the encoded header.
+    pub signature: [u8; SIGNATURE_LEN],
+    /// SHA-256 of header and signature.
+    pub hash: [u8; 32],
+    signed: &'a [u8],
+    signed_len: usize,
+    body: &'a [u8],
+}
+
+impl<'a> BatchView<'a> {
+    /// Checks magic, lengths against `limits` and the record section's
+    /// hash, and walks every record (UTF-8, caps) without copying it.
+    pub fn parse(bytes: &'a [u8], limits: &Limits) -> Result<BatchView<'a>, BatchError> {
+        let mut reader = Reader::new(bytes);
+        let header = BatchHeader::decode(&mut reader)?;
+        let signed_len = reader.position();
+        let signature = reader.array::<SIGNATURE_LEN>("signature")?;
+        let hash = batch_hash(&bytes[..reader.position()]);
+        if header.count > limits.max_records {
+            return Err(BatchError::OverLimit {
+                what: "record count",
+                found: header.count.into(),
+                limit: limits.max_records.into(),
+            });
+        }
+        if reader.remaining() != header.body_len as usize {
+            return Err(BatchError::BodyLength {
+                found: reader.remaining() as u64,
+                declared: header.body_len.into(),
+            });
+        }
+        let body = reader.take(header.body_len as usize, "records")?;
+        if digest::digest(&digest::SHA256, body).as_ref() != header.body_sha {
+            return Err(BatchError::BodyHashMismatch);
+        }
+        let view = BatchView { header, signature, hash, signed: &bytes[..signed_len], signed_len, body };
+        view.for_each_record(limits, |_| {})?;
+        Ok(view)
+    }
+
+    /// Checks the signature against the raw 32-byte Ed25519 public key.
+    pub fn verify(&self, public_key: &[u8]) -> Result<(), BatchError> {
+        UnparsedPublicKey::new(&ED25519, public_key)
+            .verify(self.signed, &self.signature)
+            .map_err(|_| BatchError::BadSignature)
+    }
+
+    /// Calls `each` with every record, in order, borrowing from the input.
+    pub fn for_each_record(
+        &self,
+        limits: &Limits,
+        mut each: impl FnMut(RecordRef<'a>),
+    ) -> Result<(), BatchError> {
+        let mut reader = Reader::new(self.body);
+        for _ in 0..self.header.count {
+            let timestamp_ns = reader.i64("timestamp")?;
+            let level_byte = reader.u8("level")?;
+            let level = Level::from_byte(level_byte).ok_or(BatchError::UnknownLevel(level_byte))?;
+            let flags = reader.u8("flags")?;
+            let message = read_str32_ref(&mut reader, "message", limits.max_message_bytes)?;
+            let field_count = reader.u16("field count")?;
+            if field_count > limits.max_fields {
+                return Err(BatchError::OverLimit {
+                    what: "field count",
+                    found: field_count.into(),
+                    limit: limits.max_fields.into(),
+                });
+            }
+            let fields_start = reader.position();
+            for _ in 0..field_count {
+                let len = reader.u16("field name")? as usize;
+                let name = reader.take(len, "field name")?;
+                std::str::from_utf8(name).map_err(|_| BatchError::NotUtf8("field name"))?;
+                read_str32_ref(&mut reader, "field value", limits.max_field_value_bytes)?;
+            }
+            let fields = &self.body[fields_start..reader.position()];
+            each(RecordRef { timestamp_ns, level, flags, message, fields, field_count });
+        }
+        if reader.remaining() != 0 {
+            return Err(BatchError::BodyLength {
+                found: self.body.len() as u64,
+                declared: reader.position() as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One record borrowed from a [`BatchView`].
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    /// Event time, ns since the epoch.
+    pub timestamp_ns: i64,
+    /// Normalised severity.
+    pub level: Level,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    /// The line.
+    pub message: &'a str,
+    fields: &'a [u8],
+    field_count: u16,
+}
+
+impl<'a> RecordRef<'a> {
+    /// The record's fields, already checked by [`BatchView::parse`].
+    pub fn fields(&self) -> impl Iterator<Item = (&'a str, &'a str)> + use<'a> {
+        let mut reader = Reader::new(self.fields);
+        (0..self.field_count).map_while(move |_| {
+            let len = reader.u16("field name").ok()? as usize;
+            let name = std::str::from_utf8(reader.take(len, "field name").ok()?).ok()?;
+            let len = reader.u32("field value").ok()? as usize;
+            let value = std::str::from_utf8(reader.take(len, "field value").ok()?).ok()?;
+            Some((name, value))
+        })
+    }
+
+    /// An owned copy.
+    pub fn to_owned(&self) -> WireRecord {
+        WireRecord {
+            timestamp_ns: self.timestamp_ns,
+            level: self.level,
+            flags: self.flags,
+            message: self.message.to_owned(),
+            fields: self.fields().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+        }
+    }
+}
+
+fn read_str32_ref<'a>(
+    reader: &mut Reader<'a>,
+    what: &'static str,
+    limit: u32,
+) -> Result<&'a str, BatchError> {
     let len = reader.u32(what)?;
     if len > limit {
         return Err(BatchError::OverLimit { what, found: len.into(), limit: limit.into() });
     }
     let bytes = reader.take(len as usize, what)?;
-    String::from_utf8(bytes.to_vec()).map_err(|_| BatchError::NotUtf8(what))
-}
-
-fn decode_records(body: &[u8], count: u32, limits: &Limits) -> Result<Vec<WireRecord>, BatchError> {
-    // Each record takes at least 16 bytes, so `count` can never make us
-    // reserve more than the body could hold.
-    let mut records = Vec::with_capacity((count as usize).min(body.len() / 16));
-    let mut reader = Reader::new(body);
-    for _ in 0..count {
-        let timestamp_ns = reader.i64("timestamp")?;
-        let level_byte = reader.u8("level")?;
-        let level = Level::from_byte(level_byte).ok_or(BatchError::UnknownLevel(level_byte))?;
-        let flags = reader.u8("flags")?;
-        let message = read_str32(&mut reader, "message", limits.max_message_bytes)?;
-        let field_count = reader.u16("field count")?;
-        if field_count > limits.max_fields {
-            return Err(BatchError::OverLimit {
-                what: "field count",
-                found: field_count.into(),
-                limit: limits.max_fields.into(),
-            });
-        }
-        let mut fields = Vec::with_capacity((field_count as usize).min(reader.remaining() / 6));
-        for _ in 0..field_count {
-            let key = read_str16(&mut reader, "field name")?;
-            let value = read_str32(&mut reader, "field value", limits.max_field_value_bytes)?;
-            fields.push((key, value));
-        }
-        records.push(WireRecord { timestamp_ns, level, flags, message, fields });
-    }
-    if reader.remaining() != 0 {
-        return Err(BatchError::BodyLength { found: body.len() as u64, declared: reader.position() as u64 });
-    }
-    Ok(records)
+    std::str::from_utf8(bytes).map_err(|_| BatchError::NotUtf8(what))
 }
 
 /// Builds and signs a batch on the agent.

@@ -34,6 +34,6 @@ pub mod frame;
 pub mod record;
 mod wire;
 
-pub use batch::{Batch, BatchBuilder, BatchError, BatchHeader, Limits};
+pub use batch::{Batch, BatchBuilder, BatchError, BatchHeader, BatchView, Limits, RecordRef};
 pub use frame::{AckStatus, Frame, FrameDecoder, FrameError, RefuseCode};
 pub use record::{Level, WireRecord};

@@ -95,7 +95,13 @@ fn rename_rotation_loses_and_repeats_nothing() {
     let live = logs.join("app.log");
     let lines = sample_lines("Zookeeper_2k.log");
     append_lines(&live, &lines[..600]);
-    let config = agent_config(&setup, "rot-1", collector.ingest, &[live.to_string_lossy().into_owned()], &AgentOptions::default());
+    let config = agent_config(
+        &setup,
+        "rot-1",
+        collector.ingest,
+        &[live.to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
     let agent = start_agent(&setup, "rot-1", &config);
     let token = setup.token(&["default"], Role::Reader);
     collector.wait_total(&token, "*", 600, Duration::from_secs(30));
