@@ -36,6 +36,13 @@ enum Command {
     Certs(CertsCommand),
     /// Mint a query token signed with an Ed25519 key.
     Token(TokenArgs),
+    /// Create an Ed25519 token signing key (FILE, 0600) and its public
+    /// half (FILE with .pub), which the collector's `api.jwt_public_key` names.
+    Keygen {
+        /// Where to write the private key; kept if it exists.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Search records through the query API.
     Search(SearchArgs),
 }
@@ -195,6 +202,7 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             println!("{}\n{}", issued.cert.display(), issued.key.display());
         }
         Command::Token(args) => println!("{}", mint_token(args)?),
+        Command::Keygen { out } => println!("{}", auth::ensure_key_pair(&out)?.display()),
         Command::Search(args) => return runtime()?.block_on(search(args)),
     }
     Ok(std::process::ExitCode::SUCCESS)

@@ -28,10 +28,27 @@ fn certs_token_and_agent_check_work_from_the_command_line() {
     let pki = pki.to_str().unwrap();
     ok("logvault", &["certs", "init", "--dir", pki]);
     assert!(fails("logvault", &["certs", "init", "--dir", pki]).contains("already exists"));
-    ok("logvault", &["certs", "issue", "--dir", pki, "--collector", "c1", "--san", "127.0.0.1", "--san", "c1.example.org"]);
+    ok(
+        "logvault",
+        &[
+            "certs",
+            "issue",
+            "--dir",
+            pki,
+            "--collector",
+            "c1",
+            "--san",
+            "127.0.0.1",
+            "--san",
+            "c1.example.org",
+        ],
+    );
     let issued = ok("logvault", &["certs", "issue", "--dir", pki, "--agent", "web-7"]);
     assert!(issued.contains("agents/web-7.crt") && issued.contains("agents/web-7.key"), "{issued}");
-    assert!(fails("logvault", &["certs", "issue", "--dir", pki, "--agent", "../../etc/passwd"]).contains("invalid name"));
+    assert!(
+        fails("logvault", &["certs", "issue", "--dir", pki, "--agent", "../../etc/passwd"])
+            .contains("invalid name")
+    );
     for key in ["ca.key", "agents/web-7.key", "collectors/c1.key"] {
         let mode = std::fs::metadata(dir.path().join("pki").join(key)).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o600, "{key}");
@@ -39,13 +56,36 @@ fn certs_token_and_agent_check_work_from_the_command_line() {
 
     // A token minted by the CLI verifies with the matching public key.
     let key = dir.path().join("jwt.key");
-    let public = logvault_collector::auth::ensure_key_pair(&key).unwrap();
-    let token = ok("logvault", &["token", "--key", key.to_str().unwrap(), "--sub", "alice", "--tenant", "ops", "--role", "auditor", "--ttl", "2h"]);
-    let verifier = logvault_collector::auth::Verifier::from_public_pem(&public, "logvault", "logvault").unwrap();
+    let public = std::path::PathBuf::from(ok("logvault", &["keygen", "--out", key.to_str().unwrap()]).trim());
+    assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
+    let token = ok(
+        "logvault",
+        &[
+            "token",
+            "--key",
+            key.to_str().unwrap(),
+            "--sub",
+            "alice",
+            "--tenant",
+            "ops",
+            "--role",
+            "auditor",
+            "--ttl",
+            "2h",
+        ],
+    );
+    let verifier =
+        logvault_collector::auth::Verifier::from_public_pem(&public, "logvault", "logvault").unwrap();
     let claims = verifier.verify(token.trim()).unwrap();
     assert_eq!((claims.sub.as_str(), claims.all_tenants()), ("alice", vec!["ops".to_owned()]));
     assert!(claims.exp >= claims.nbf + 7199);
-    assert!(fails("logvault", &["token", "--key", key.to_str().unwrap(), "--sub", "a", "--tenant", "x", "--role", "root"]).contains("root"));
+    assert!(
+        fails(
+            "logvault",
+            &["token", "--key", key.to_str().unwrap(), "--sub", "a", "--tenant", "x", "--role", "root"]
+        )
+        .contains("root")
+    );
 
     // The agent's check names a bad key in its configuration.
     let agent_toml = dir.path().join("agent.toml");
@@ -54,13 +94,19 @@ fn certs_token_and_agent_check_work_from_the_command_line() {
         state = dir.path().join("state").display()
     );
     std::fs::write(&agent_toml, &config).unwrap();
-    assert!(ok("logvault-agent", &["check", "--config", agent_toml.to_str().unwrap()]).contains("agent web-7"));
+    assert!(
+        ok("logvault-agent", &["check", "--config", agent_toml.to_str().unwrap()]).contains("agent web-7")
+    );
     std::fs::write(&agent_toml, config.replace("[[sources]]", "[[sourcez]]")).unwrap();
-    assert!(fails("logvault-agent", &["check", "--config", agent_toml.to_str().unwrap()]).contains("sourcez"));
+    assert!(
+        fails("logvault-agent", &["check", "--config", agent_toml.to_str().unwrap()]).contains("sourcez")
+    );
 
     // A collector certificate cannot stand in for an agent's.
     std::fs::write(&agent_toml, config.replace("agents/web-7", "collectors/c1")).unwrap();
-    assert!(fails("logvault-agent", &["check", "--config", agent_toml.to_str().unwrap()]).contains("Ed25519"));
+    assert!(
+        fails("logvault-agent", &["check", "--config", agent_toml.to_str().unwrap()]).contains("Ed25519")
+    );
 
     for (binary, args) in [
         ("logvault", vec!["--help"]),
