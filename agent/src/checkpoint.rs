@@ -47,6 +47,13 @@ pub struct FileCheckpoint {
     /// numbers stay what they were.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cuts: Vec<u64>,
+    /// Bytes at the file's start the fingerprint covers.
+    #[serde(default)]
+    pub fingerprint_len: u64,
+    /// SHA-256 (16 bytes, hex) of those bytes: a file whose start differs
+    /// is another file, whatever its inode.
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -142,6 +149,16 @@ impl Checkpoints {
             state.dirty = true;
         }
         state.released.remove(&key);
+    }
+
+    /// Records the fingerprint of a file's first `len` bytes.
+    pub fn set_fingerprint(&self, key: FileKey, len: u64, fingerprint: &str) {
+        let mut state = self.lock();
+        if let Some(entry) = state.files.get_mut(&key) {
+            entry.fingerprint_len = len;
+            entry.fingerprint = fingerprint.to_owned();
+            state.dirty = true;
+        }
     }
 
     /// Records that an unterminated line ending at `offset` is about to be
@@ -324,6 +341,8 @@ mod tests {
                 in_long_line: false,
                 prev_hash: hex(&[0; 32]),
                 cuts: vec![150],
+                fingerprint_len: 0,
+                fingerprint: String::new(),
             },
         );
         store.ack(key, Acked { epoch, offset: 120, seq: 3, in_long_line: false, batch_hash: [5; 32] });

@@ -41,6 +41,11 @@ use crate::config::{AgentConfig, LongLine, ReadFrom, SourceConfig};
 
 /// How long a file renamed away or deleted is still read before release.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
+/// A file is known by its device and inode, and by a fingerprint of its
+/// first bytes, up to this many. While a file is shorter, the fingerprint
+/// covers what there is and grows with the file; if the bytes it covers
+/// ever change, the file was truncated or replaced and is read anew.
+pub const FINGERPRINT_WINDOW: u64 = 256;
 /// How long an unterminated last line waits for its newline before it is
 /// shipped as it is.
 pub const PARTIAL_LINE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -80,6 +85,10 @@ struct Tracked {
     grew_at: Instant,
     /// Where earlier unterminated lines were cut (see [`FileCheckpoint::cuts`]).
     cuts: Vec<u64>,
+    /// Bytes covered and hash of the file's first bytes (see [`FINGERPRINT_WINDOW`]).
+    fingerprint: (u64, String),
+    /// The fingerprint was checked against the file since it was opened.
+    verified: bool,
 }
 
 impl Tracked {
@@ -106,6 +115,8 @@ impl Tracked {
             size_seen: offset,
             grew_at: Instant::now(),
             cuts: Vec::new(),
+            fingerprint: (0, String::new()),
+            verified: false,
         }
     }
 
@@ -116,6 +127,7 @@ impl Tracked {
         tracked.in_long_line = checkpoint.in_long_line;
         tracked.prev_hash = unhex32(&checkpoint.prev_hash).unwrap_or([0; 32]);
         tracked.cuts = checkpoint.cuts;
+        tracked.fingerprint = (checkpoint.fingerprint_len, checkpoint.fingerprint);
         tracked
     }
 }
@@ -252,6 +264,10 @@ impl Tailer {
             if self.fresh_start && !replaced && settings.read_from == ReadFrom::End { len } else { 0 };
         let epoch = self.checkpoints.next_epoch(&path_text);
         self.checkpoints.register(key, new_checkpoint(&path_text, &path_text, epoch, start));
+        // The epoch must be durable before any record of it leaves: after a
+        // crash the same file must get the same stream key, or its resent
+        // lines would not be recognised.
+        self.checkpoints.persist().map_err(std::io::Error::other)?;
         Ok(Tracked::new(path_text, path.to_owned(), file, settings, epoch, start))
     }
 
@@ -324,17 +340,36 @@ impl Tailer {
     /// Reads everything complete that is new in one file.
     fn read_file(&mut self, key: FileKey, tracked: &mut Tracked) -> Result<(), ReadError> {
         let len = tracked.file.metadata()?.len();
-        if len < tracked.read_offset {
-            tracing::warn!(path = %tracked.path.display(), "file was truncated; starting a new epoch");
+        // A file that shrank, or whose first bytes changed, was truncated
+        // (copytruncate) or replaced in place: it is a new file to us, even
+        // when it has already grown past the old offset again.
+        let changed = len != tracked.size_seen || !tracked.verified;
+        let (fingerprint_len, fingerprint) = tracked.fingerprint.clone();
+        let rewritten = len < tracked.read_offset
+            || (changed
+                && fingerprint_len > 0
+                && (len < fingerprint_len || fingerprint_of(&tracked.file, fingerprint_len)? != fingerprint));
+        tracked.verified = true;
+        if rewritten {
+            tracing::warn!(path = %tracked.path.display(), "file was truncated or rewritten; starting a new epoch");
             tracked.epoch = self.checkpoints.next_epoch(&tracked.source);
             tracked.read_offset = 0;
             tracked.next_seq = 0;
             tracked.in_long_line = false;
             tracked.prev_hash = [0; 32];
+            tracked.cuts.clear();
+            tracked.partial_since = None;
+            tracked.fingerprint = (0, String::new());
             self.checkpoints.register(
                 key,
                 new_checkpoint(&tracked.source, &tracked.path.to_string_lossy(), tracked.epoch, 0),
             );
+            self.checkpoints.persist().map_err(std::io::Error::other)?;
+        }
+        if tracked.fingerprint.0 < FINGERPRINT_WINDOW && len > tracked.fingerprint.0 {
+            let covered = len.min(FINGERPRINT_WINDOW);
+            tracked.fingerprint = (covered, fingerprint_of(&tracked.file, covered)?);
+            self.checkpoints.set_fingerprint(key, covered, &tracked.fingerprint.1);
         }
         if len != tracked.size_seen {
             tracked.size_seen = len;
@@ -544,7 +579,16 @@ fn new_checkpoint(source: &str, path: &str, epoch: u64, offset: u64) -> FileChec
         in_long_line: false,
         prev_hash: hex(&[0; 32]),
         cuts: Vec::new(),
+        fingerprint_len: 0,
+        fingerprint: String::new(),
     }
+}
+
+/// SHA-256 (first 16 bytes, hex) of a file's first `len` bytes.
+fn fingerprint_of(file: &File, len: u64) -> std::io::Result<String> {
+    let mut head = vec![0u8; len as usize];
+    file.read_exact_at(&mut head, 0)?;
+    Ok(hex(&ring::digest::digest(&ring::digest::SHA256, &head).as_ref()[..16]))
 }
 
 /// The file in `dir` with this device and inode, and its length.
