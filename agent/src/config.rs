@@ -16,12 +16,18 @@
 //! read_from = "beginning"                 # or "end", for files present at first start
 //! max_line_bytes = 65536
 //! on_long_line = "split"                  # or "truncate"
+//! parser = "regex"                        # none, auto, json, logfmt, syslog, apache, regex
+//! pattern = '^(?P<timestamp>\S+ \S+) (?P<level>\w+) (?P<component>[^:]+): '
+//! timestamp_format = "[year]-[month]-[day] [hour]:[minute]:[second],[subsecond]"
+//! timezone = "+00:00"
 //! ```
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::parse::{Parser, ParserError, ParserKind};
 
 /// Why a configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +150,34 @@ pub struct SourceConfig {
     /// What happens to longer lines.
     #[serde(default)]
     pub on_long_line: LongLine,
+    /// How lines are parsed: none (default), auto, json, logfmt, syslog,
+    /// apache, regex. See [`crate::parse`].
+    #[serde(default)]
+    pub parser: ParserKind,
+    /// For `parser = "regex"`: a pattern with named captures; `timestamp`
+    /// and `level` are read as such, every other capture becomes a field.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// How a captured `timestamp` is written, in the `time` crate's format
+    /// description syntax, e.g. `[year]-[month]-[day] [hour]:[minute]:[second],[subsecond]`.
+    /// Without it, RFC 3339 and epoch seconds or milliseconds are read.
+    #[serde(default)]
+    pub timestamp_format: Option<String>,
+    /// Offset of times written without one: `Z` (default) or like `+02:00`.
+    #[serde(default)]
+    pub timezone: Option<String>,
+}
+
+impl SourceConfig {
+    /// The parser this source's settings describe.
+    pub fn parser(&self) -> Result<Parser, ParserError> {
+        Parser::new(
+            self.parser,
+            self.pattern.as_deref(),
+            self.timestamp_format.as_deref(),
+            self.timezone.as_deref(),
+        )
+    }
 }
 
 /// Batching limits: a batch is sent when it reaches either size, or when a
@@ -216,6 +250,9 @@ impl AgentConfig {
                 if let Err(err) = glob::Pattern::new(pattern) {
                     return invalid("sources.include", &format!("{pattern:?}: {err}"));
                 }
+            }
+            if let Err(err) = source.parser() {
+                return invalid("sources.parser", &err.to_string());
             }
             // The collector refuses messages over 1 MiB.
             if !(16..=1024 * 1024).contains(&source.max_line_bytes) {

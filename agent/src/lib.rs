@@ -23,6 +23,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod parse;
 pub mod ship;
 pub mod tail;
 

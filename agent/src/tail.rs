@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Stats;
 use crate::checkpoint::{Acked, Checkpoints, FileCheckpoint, FileKey, hex, unhex32};
 use crate::config::{AgentConfig, LongLine, ReadFrom, SourceConfig};
+use crate::parse::Parser;
 
 /// How long a file renamed away or deleted is still read before release.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
@@ -72,6 +73,7 @@ struct Tracked {
     path: PathBuf,
     file: File,
     settings: SourceConfig,
+    parser: Parser,
     epoch: u64,
     read_offset: u64,
     next_seq: u64,
@@ -100,11 +102,13 @@ impl Tracked {
         epoch: u64,
         offset: u64,
     ) -> Self {
+        let parser = settings.parser().unwrap_or_else(|_| Parser::none());
         Tracked {
             source,
             path,
             file,
             settings,
+            parser,
             epoch,
             read_offset: offset,
             next_seq: 0,
@@ -528,6 +532,9 @@ impl Tailer {
         if was_in_long_line {
             flags |= FLAG_CONTINUED;
         }
+        let parsed = tracked.parser.parse(&message);
+        let timestamp_ns = parsed.timestamp_ns.unwrap_or(now_ns);
+        let level = parsed.level.unwrap_or(Level::Unknown);
         let batch = builder.get_or_insert_with(|| {
             BatchBuilder::new(
                 &self.agent_id,
@@ -537,7 +544,7 @@ impl Tailer {
                 tracked.prev_hash,
             )
         });
-        batch.push_parts(now_ns, Level::sniff(&message), flags, &message, &[]);
+        batch.push_parts(timestamp_ns, level, flags, &message, &parsed.fields);
         tracked.next_seq += 1;
         self.stats.lines_read.fetch_add(1, Ordering::Relaxed);
         if batch.len() >= self.config.batch.max_records || batch.body_bytes() >= self.config.batch.max_bytes {
@@ -748,6 +755,10 @@ mod restart_tests {
                 read_from: ReadFrom::Beginning,
                 max_line_bytes: 1024,
                 on_long_line: LongLine::Split,
+                parser: crate::parse::ParserKind::None,
+                pattern: None,
+                timestamp_format: None,
+                timezone: None,
             }],
             batch: BatchConfig::default(),
             poll_interval_ms: 10,

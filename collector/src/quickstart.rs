@@ -7,6 +7,7 @@ use anyhow::Context;
 use logvault_agent::config::{
     AgentConfig, BatchConfig, CollectorConfig as AgentCollector, LongLine, ReadFrom, SourceConfig,
 };
+use logvault_agent::parse::ParserKind;
 use logvault_certs::{Pki, Role as CertRole};
 use logvault_collector::auth::{self, Claims, Role};
 use logvault_collector::config::{
@@ -128,6 +129,10 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             read_from: ReadFrom::Beginning,
             max_line_bytes: 64 * 1024,
             on_long_line: LongLine::Split,
+            parser: ParserKind::Auto,
+            pattern: None,
+            timestamp_format: None,
+            timezone: None,
         }],
         batch: BatchConfig::default(),
         poll_interval_ms: 200,

@@ -28,7 +28,7 @@ pub enum Level {
     Info,
     /// warn, warning
     Warn,
-    /// error, err, severe
+    /// error, err, severe, failure
     Error,
     /// fatal, critical, alert, emerg, panic
     Fatal,
@@ -91,6 +91,7 @@ impl Level {
             ("error", Level::Error),
             ("err", Level::Error),
             ("severe", Level::Error),
+            ("failure", Level::Error),
             ("fatal", Level::Fatal),
             ("crit", Level::Fatal),
             ("critical", Level::Fatal),

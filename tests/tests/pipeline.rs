@@ -135,3 +135,63 @@ fn rename_rotation_loses_and_repeats_nothing() {
     agent.stop();
     collector.process.stop();
 }
+
+/// Parsing at the edge: the record's time, level and fields come from the
+/// line, and search by them matches loghub's ground truth.
+#[test]
+fn parsed_times_levels_and_fields_are_searchable() {
+    let setup = Setup::new("parsed");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    let logs = setup.path().join("logs");
+    let files = copy_samples(&logs, &["Hadoop_2k.log"]);
+    let parser = r#"
+[[sources]]
+include = ["HADOOP"]
+parser = "regex"
+pattern = '^(?P<timestamp>\S+ \S+) (?P<level>\w+) \[(?P<process>[^\]]*)\] (?P<component>\S+): '
+timestamp_format = "[year]-[month]-[day] [hour]:[minute]:[second],[subsecond]"
+"#
+    .replace("HADOOP", &files["Hadoop_2k.log"].to_string_lossy());
+    let config = agent_config(&setup, "parse-1", collector.ingest, &[], &AgentOptions::default());
+    // Replace the default source with the parsing one.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("[[sources]]\ninclude = []\nread_from = \"beginning\"\n", "");
+    std::fs::write(&config, format!("{text}{parser}")).unwrap();
+    let agent = start_agent(&setup, "parse-1", &config);
+    let token = setup.token(&["default"], Role::Reader);
+    collector.wait_total(&token, "*", 2000, Duration::from_secs(30));
+
+    // Ground truth from the structured CSV: level and component columns.
+    let csv = std::fs::read_to_string(loghub_dir().join("Hadoop_2k.log_structured.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let warn = rows.iter().filter(|r| r.contains(&"WARN")).count() as u64;
+    assert!(warn > 0);
+    assert_eq!(collector.total(&token, "level:warn"), warn);
+    let rm_container =
+        rows.iter().filter(|r| r.iter().any(|c| c.ends_with("RMContainerAllocator"))).count() as u64;
+    assert!(rm_container > 0);
+    assert_eq!(
+        collector
+            .total(&token, "fields.component:\"org.apache.hadoop.mapreduce.v2.app.rm.RMContainerAllocator\""),
+        rm_container
+    );
+    // The time range is the lines' own time (2015), not the time read.
+    let (status, body) = collector.search_raw(
+        Some(&token),
+        &[
+            ("q", "*"),
+            ("from", "2015-10-18T18:01:00Z"),
+            ("to", "2015-10-18T18:02:00Z"),
+            ("order", "asc"),
+            ("limit", "1"),
+        ],
+    );
+    assert_eq!(status, 200, "{body}");
+    let in_minute =
+        rows.iter().filter(|r| r[1] == "2015-10-18" && r[2].starts_with("\"18:01:")).count() as u64;
+    assert_eq!(body["total"].as_u64(), Some(in_minute), "{body}");
+    assert_eq!(body["hits"][0]["timestamp"], "2015-10-18T18:01:47.978Z");
+    assert_eq!(body["hits"][0]["fields"]["process"], "main");
+    agent.stop();
+    collector.process.stop();
+}
