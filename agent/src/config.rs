@@ -20,6 +20,7 @@
 //! pattern = '^(?P<timestamp>\S+ \S+) (?P<level>\w+) (?P<component>[^:]+): '
 //! timestamp_format = "[year]-[month]-[day] [hour]:[minute]:[second],[subsecond]"
 //! timezone = "+00:00"
+//! redact = [{ pattern = 'password=\S+', replacement = "password=<redacted>" }]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::parse::{Parser, ParserError, ParserKind};
+use crate::parse::{Parser, ParserError, ParserKind, RedactRule, Redactor};
 
 /// Why a configuration is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -166,9 +167,18 @@ pub struct SourceConfig {
     /// Offset of times written without one: `Z` (default) or like `+02:00`.
     #[serde(default)]
     pub timezone: Option<String>,
+    /// Redaction rules, applied in order to every line before it is
+    /// parsed, signed or shipped.
+    #[serde(default)]
+    pub redact: Vec<RedactRule>,
 }
 
 impl SourceConfig {
+    /// The compiled redaction rules.
+    pub fn redactor(&self) -> Result<Redactor, ParserError> {
+        Redactor::new(&self.redact)
+    }
+
     /// The parser this source's settings describe.
     pub fn parser(&self) -> Result<Parser, ParserError> {
         Parser::new(
@@ -253,6 +263,9 @@ impl AgentConfig {
             }
             if let Err(err) = source.parser() {
                 return invalid("sources.parser", &err.to_string());
+            }
+            if let Err(err) = source.redactor() {
+                return invalid("sources.redact", &err.to_string());
             }
             // The collector refuses messages over 1 MiB.
             if !(16..=1024 * 1024).contains(&source.max_line_bytes) {

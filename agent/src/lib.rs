@@ -80,6 +80,8 @@ pub struct Stats {
     pub bytes_discarded: AtomicU64,
     /// Lines with invalid UTF-8, replaced by U+FFFD.
     pub invalid_utf8_lines: AtomicU64,
+    /// Lines a redaction rule changed.
+    pub lines_redacted: AtomicU64,
     /// Batches written to a connection (resends not counted).
     pub batches_sent: AtomicU64,
     /// Batches acked by the collector.

@@ -22,6 +22,56 @@ use time::format_description::OwnedFormatItem;
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
+/// One redaction rule: every match of `pattern` is replaced before the
+/// line is parsed, signed or shipped, so the secret never leaves the host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactRule {
+    /// A regular expression (`regex-lite` syntax).
+    pub pattern: String,
+    /// What each match becomes; `$name` and `$1` refer to captures.
+    #[serde(default = "default_replacement")]
+    pub replacement: String,
+}
+
+fn default_replacement() -> String {
+    "<redacted>".to_owned()
+}
+
+/// Compiled redaction rules of a source.
+#[derive(Debug, Clone, Default)]
+pub struct Redactor {
+    rules: Arc<Vec<(regex_lite::Regex, String)>>,
+}
+
+impl Redactor {
+    /// Compiles the rules; an invalid pattern is an error naming it.
+    pub fn new(rules: &[RedactRule]) -> Result<Redactor, ParserError> {
+        let compiled = rules
+            .iter()
+            .map(|rule| {
+                regex_lite::Regex::new(&rule.pattern)
+                    .map(|regex| (regex, rule.replacement.clone()))
+                    .map_err(|e| ParserError::Pattern(format!("redact {:?}: {e}", rule.pattern)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Redactor { rules: Arc::new(compiled) })
+    }
+
+    /// The line with every rule applied, and whether anything matched.
+    pub fn apply<'a>(&self, line: &'a str) -> (std::borrow::Cow<'a, str>, bool) {
+        let mut text = std::borrow::Cow::Borrowed(line);
+        let mut changed = false;
+        for (regex, replacement) in self.rules.iter() {
+            if regex.is_match(&text) {
+                text = std::borrow::Cow::Owned(regex.replace_all(&text, replacement.as_str()).into_owned());
+                changed = true;
+            }
+        }
+        (text, changed)
+    }
+}
+
 /// Fields a line may yield, at most.
 const MAX_FIELDS: usize = 64;
 
@@ -566,6 +616,21 @@ mod tests {
             let line = format!("{prefix}{stamp}{rest}");
             let _ = Parser::new(ParserKind::Syslog, None, None, None).unwrap().parse(&line);
         }
+    }
+
+    #[test]
+    fn redaction_replaces_every_match_and_keeps_the_rest() {
+        let redactor = Redactor::new(&[
+            RedactRule { pattern: r"password=\S+".into(), replacement: "password=<redacted>".into() },
+            RedactRule { pattern: r"\b\d{4}-\d{4}-\d{4}-\d{4}\b".into(), replacement: default_replacement() },
+        ])
+        .unwrap();
+        let (line, changed) = redactor.apply("login password=hunter2 card 1234-5678-9012-3456 ok");
+        assert!(changed);
+        assert_eq!(line, "login password=<redacted> card <redacted> ok");
+        let (line, changed) = redactor.apply("nothing secret");
+        assert!(!changed && matches!(line, std::borrow::Cow::Borrowed(_)));
+        assert!(Redactor::new(&[RedactRule { pattern: "(".into(), replacement: String::new() }]).is_err());
     }
 
     #[test]

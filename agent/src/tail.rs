@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Stats;
 use crate::checkpoint::{Acked, Checkpoints, FileCheckpoint, FileKey, hex, unhex32};
 use crate::config::{AgentConfig, LongLine, ReadFrom, SourceConfig};
-use crate::parse::Parser;
+use crate::parse::{Parser, Redactor};
 
 /// How long a file renamed away or deleted is still read before release.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
@@ -74,6 +74,7 @@ struct Tracked {
     file: File,
     settings: SourceConfig,
     parser: Parser,
+    redactor: Redactor,
     epoch: u64,
     read_offset: u64,
     next_seq: u64,
@@ -103,12 +104,14 @@ impl Tracked {
         offset: u64,
     ) -> Self {
         let parser = settings.parser().unwrap_or_else(|_| Parser::none());
+        let redactor = settings.redactor().unwrap_or_default();
         Tracked {
             source,
             path,
             file,
             settings,
             parser,
+            redactor,
             epoch,
             read_offset: offset,
             next_seq: 0,
@@ -532,6 +535,10 @@ impl Tailer {
         if was_in_long_line {
             flags |= FLAG_CONTINUED;
         }
+        let (message, redacted) = tracked.redactor.apply(&message);
+        if redacted {
+            self.stats.lines_redacted.fetch_add(1, Ordering::Relaxed);
+        }
         let parsed = tracked.parser.parse(&message);
         let timestamp_ns = parsed.timestamp_ns.unwrap_or(now_ns);
         let level = parsed.level.unwrap_or(Level::Unknown);
@@ -759,6 +766,7 @@ mod restart_tests {
                 pattern: None,
                 timestamp_format: None,
                 timezone: None,
+                redact: Vec::new(),
             }],
             batch: BatchConfig::default(),
             poll_interval_ms: 10,

@@ -133,6 +133,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             pattern: None,
             timestamp_format: None,
             timezone: None,
+            redact: Vec::new(),
         }],
         batch: BatchConfig::default(),
         poll_interval_ms: 200,

@@ -195,3 +195,47 @@ timestamp_format = "[year]-[month]-[day] [hour]:[minute]:[second],[subsecond]"
     agent.stop();
     collector.process.stop();
 }
+
+/// Redaction happens on the host: the secret is in no record, no WAL byte
+/// and no index file of the collector.
+#[test]
+fn redacted_secrets_never_leave_the_host() {
+    let setup = Setup::new("redact");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    let logs = setup.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let log = logs.join("auth.log");
+    let lines: Vec<String> = (0..50)
+        .map(|i| format!("user{i} logged in with password=hunter2secret{i} from 10.0.0.{i}"))
+        .collect();
+    append_lines(&log, &lines);
+    let config = agent_config(&setup, "redact-1", collector.ingest, &[log.to_string_lossy().into_owned()], &AgentOptions::default());
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace(
+        "read_from = \"beginning\"\n",
+        "read_from = \"beginning\"\nredact = [{ pattern = 'password=\\S+', replacement = \"password=<redacted>\" }]\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let agent = start_agent(&setup, "redact-1", &config);
+    let token = setup.token(&["default"], Role::Reader);
+    collector.wait_total(&token, "*", 50, Duration::from_secs(30));
+    assert_eq!(collector.total(&token, "redacted"), 50);
+    assert_eq!(collector.total(&token, "hunter2secret7"), 0);
+    agent.stop();
+    collector.process.stop();
+    let mut scanned = 0;
+    let mut stack = vec![setup.path().join("collector-data")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                scanned += bytes.len();
+                assert!(!bytes.windows(7).any(|w| w == b"hunter2"), "secret found in {}", path.display());
+            }
+        }
+    }
+    assert!(scanned > 5_000, "only {scanned} bytes of collector data scanned");
+}
