@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! state_dir = "/var/lib/logvault-agent"   # checkpoints live here
+//! metrics_listen = "127.0.0.1:9601"       # /metrics and /healthz; off when absent
 //!
 //! [collector]
 //! address = "collector.example.org:6000"
@@ -77,6 +78,10 @@ pub struct AgentConfig {
     /// milliseconds. Default 200.
     #[serde(default = "default_poll_interval_ms")]
     pub poll_interval_ms: u64,
+    /// `address:port` for `/metrics` and `/healthz` (plain HTTP: keep it on
+    /// loopback). Off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 /// Where and how to reach the collector.

@@ -23,6 +23,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod metrics;
 pub mod parse;
 pub mod ship;
 pub mod tail;
@@ -65,6 +66,14 @@ pub enum AgentError {
     /// Checkpoints could not be read or written.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    /// The metrics listener could not be bound.
+    #[error("metrics_listen {address}: {source}")]
+    Bind {
+        /// The address.
+        address: String,
+        /// The error.
+        source: std::io::Error,
+    },
 }
 
 /// Counters an operator reads to see what the agent did to lines.
@@ -94,6 +103,14 @@ pub struct Stats {
     pub batches_refused: AtomicU64,
     /// Successful connections.
     pub connects: AtomicU64,
+    /// Bytes of lines read from files.
+    pub bytes_read: AtomicU64,
+    /// 1 while connected to the collector.
+    pub connected: AtomicU64,
+    /// Batches sent and not yet acked.
+    pub unacked_batches: AtomicU64,
+    /// Files being tailed.
+    pub files_tracked: AtomicU64,
 }
 
 /// The agent's name and batch signing key, read from its certificate.
@@ -178,6 +195,13 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         })
     };
 
+    if let Some(listen) = &config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| AgentError::Bind { address: listen.clone(), source })?;
+        tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
+        tokio::spawn(metrics::serve(listener, stats.clone(), cancel.clone()));
+    }
     ship::run(config.collector.clone(), tls, rx, checkpoints.clone(), stats.clone(), cancel.clone()).await;
     cancel.cancel();
     let _ = writer.await;

@@ -100,9 +100,11 @@ pub async fn run(
         };
         tracing::info!(collector = %config.address, resending = window.len(), "connected to collector");
         stats.connects.fetch_add(1, Ordering::Relaxed);
+        stats.connected.store(1, Ordering::Relaxed);
         let end =
             session(stream, &config, &mut window, &mut batches, &checkpoints, &stats, &cancel, &mut backoff)
                 .await;
+        stats.connected.store(0, Ordering::Relaxed);
         match end {
             SessionEnd::Done => return,
             SessionEnd::Retry => {
@@ -194,6 +196,7 @@ async fn session(
                             return SessionEnd::Retry;
                         }
                         checkpoints.ack(front.file, front.ack);
+                        stats.unacked_batches.store(window.len() as u64, Ordering::Relaxed);
                         stats.batches_acked.fetch_add(1, Ordering::Relaxed);
                         stats.records_acked.fetch_add(u64::from(front.records), Ordering::Relaxed);
                         if status == AckStatus::Duplicate {
@@ -242,6 +245,7 @@ async fn session(
                         return SessionEnd::Retry;
                     }
                     window.push_back(batch);
+                    stats.unacked_batches.store(window.len() as u64, Ordering::Relaxed);
                     stats.batches_sent.fetch_add(1, Ordering::Relaxed);
                     if batches.is_empty() && write_half.flush().await.is_err() {
                         return SessionEnd::Retry;

@@ -248,6 +248,7 @@ impl Tailer {
         }
         self.by_path = now_by_path;
         self.fresh_start = false;
+        self.stats.files_tracked.store(self.tracked.len() as u64, Ordering::Relaxed);
     }
 
     fn start_tracking(
@@ -554,6 +555,7 @@ impl Tailer {
         batch.push_parts(timestamp_ns, level, flags, &message, &parsed.fields);
         tracked.next_seq += 1;
         self.stats.lines_read.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_read.fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
         if batch.len() >= self.config.batch.max_records || batch.body_bytes() >= self.config.batch.max_bytes {
             let full = builder.take().expect("just pushed");
             self.send(key, tracked, full)?;
@@ -770,6 +772,7 @@ mod restart_tests {
             }],
             batch: BatchConfig::default(),
             poll_interval_ms: 10,
+            metrics_listen: None,
         })
     }
 

@@ -375,13 +375,42 @@ pub fn source_query(path: &Path) -> String {
 pub struct AgentOptions {
     pub read_from: &'static str,
     pub max_records: u32,
+    /// TOML appended inside `[batch]`.
     pub extra_toml: String,
+    /// Serve `/metrics` on a free loopback port (see [`metrics_addr`]).
+    pub metrics: bool,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        Self { read_from: "beginning", max_records: 2000, extra_toml: String::new() }
+        Self { read_from: "beginning", max_records: 2000, extra_toml: String::new(), metrics: false }
     }
+}
+
+/// The address an agent's metrics listener bound, read from its log.
+pub fn metrics_addr(agent: &Process) -> SocketAddr {
+    wait_for(Duration::from_secs(10), "the agent's metrics listener", || {
+        let log = agent.log_text();
+        let line = log.lines().find(|l| l.contains("metrics listening"))?;
+        line.split("address=").nth(1)?.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// GET `path` from a plain-HTTP listener; returns (status line, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
+}
+
+/// The value of one metric in a Prometheus text body.
+pub fn metric(body: &str, name: &str) -> Option<u64> {
+    body.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Writes an agent configuration for `name` shipping `include` to `collector`.
@@ -398,6 +427,7 @@ pub fn agent_config(
     let toml = format!(
         r#"state_dir = "{state}"
 poll_interval_ms = 100
+{metrics}
 
 [collector]
 address = "{collector}"
@@ -422,6 +452,7 @@ max_records = {max_records}
         read_from = options.read_from,
         max_records = options.max_records,
         extra = options.extra_toml,
+        metrics = if options.metrics { "metrics_listen = \"127.0.0.1:0\"" } else { "" },
     );
     std::fs::write(&config, toml).unwrap();
     config

@@ -40,12 +40,22 @@ fn all_eight_samples_arrive_exactly_once_and_word_totals_match_the_files() {
         "web-1",
         collector.ingest,
         &[logs.join("*.log").to_string_lossy().into_owned()],
-        &AgentOptions { max_records: 500, ..AgentOptions::default() },
+        &AgentOptions { max_records: 500, metrics: true, ..AgentOptions::default() },
     );
     let agent = start_agent(&setup, "web-1", &config);
     let token = setup.token(&["default"], Role::Reader);
 
     collector.wait_total(&token, "*", 16_000, Duration::from_secs(60));
+    // The agent's own view agrees, on its local metrics port.
+    let metrics = metrics_addr(&agent);
+    assert_eq!(http_get(metrics, "/healthz").0, "HTTP/1.1 200 OK");
+    let (status, body) = http_get(metrics, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(metric(&body, "logvault_agent_records_acked_total"), Some(16_000), "{body}");
+    assert_eq!(metric(&body, "logvault_agent_lines_read_total"), Some(16_000));
+    assert_eq!(metric(&body, "logvault_agent_files_tracked"), Some(8));
+    assert_eq!(metric(&body, "logvault_agent_connected"), Some(1));
+    assert_eq!(metric(&body, "logvault_agent_unacked_batches"), Some(0));
     for name in SAMPLES {
         let path = &files[name];
         let lines = sample_lines(name);
@@ -209,7 +219,13 @@ fn redacted_secrets_never_leave_the_host() {
         .map(|i| format!("user{i} logged in with password=hunter2secret{i} from 10.0.0.{i}"))
         .collect();
     append_lines(&log, &lines);
-    let config = agent_config(&setup, "redact-1", collector.ingest, &[log.to_string_lossy().into_owned()], &AgentOptions::default());
+    let config = agent_config(
+        &setup,
+        "redact-1",
+        collector.ingest,
+        &[log.to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
     let text = std::fs::read_to_string(&config).unwrap();
     let text = text.replace(
         "read_from = \"beginning\"\n",
