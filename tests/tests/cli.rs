@@ -120,3 +120,22 @@ fn certs_token_and_agent_check_work_from_the_command_line() {
         assert!(ok(binary, &args).contains("Usage"), "{binary} {args:?}");
     }
 }
+
+/// The shipped systemd unit is valid as systemd reads it.
+#[test]
+fn the_systemd_unit_verifies() {
+    let dir = TempDir::new("unit");
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/dist/logvault-agent.service"))
+            .unwrap();
+    let unit = unit.replace("/usr/local/bin/logvault-agent", bin("logvault-agent").to_str().unwrap());
+    let path = dir.path().join("logvault-agent.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze is installed by tests/run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze: {stderr}");
+}
