@@ -117,3 +117,40 @@ fn collector_kill9_mid_stream_loses_and_repeats_nothing() {
     agent.stop();
     second.process.stop();
 }
+
+/// The collector is down for a minute while lines keep coming and the
+/// file rotates: the agent retries with backoff, and when the collector is
+/// back every line arrives once.
+#[test]
+fn a_collector_down_for_sixty_seconds_loses_nothing() {
+    let setup = Setup::new("outage");
+    let first = Collector::start(&setup, &CollectorOptions::default());
+    let ingest = first.ingest;
+    let logs = setup.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let live = logs.join("app.log");
+    let lines = sample_lines("Linux_2k.log");
+    append_lines(&live, &lines[..500]);
+    let config = agent_config(&setup, "outage-1", ingest, &[format!("{}*", live.display())], &AgentOptions::default());
+    let agent = start_agent(&setup, "outage-1", &config);
+    let token = setup.token(&["default"], Role::Reader);
+    first.wait_total(&token, "*", 500, Duration::from_secs(30));
+    first.process.stop();
+
+    let down = std::time::Instant::now();
+    for (i, chunk) in lines[500..].chunks(100).enumerate() {
+        append_lines(&live, chunk);
+        if i == 7 {
+            std::fs::rename(&live, logs.join("app.log.1")).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(3_500));
+    }
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(down.elapsed()));
+
+    let options = CollectorOptions { ingest_listen: Some(ingest.to_string()), ..CollectorOptions::default() };
+    let second = Collector::start(&setup, &options);
+    second.wait_total(&token, "*", 2000, Duration::from_secs(60));
+    assert!(agent.log_text().contains("cannot reach collector"), "the agent never noticed the outage");
+    agent.stop();
+    second.process.stop();
+}
