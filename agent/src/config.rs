@@ -22,6 +22,7 @@
 //! timestamp_format = "[year]-[month]-[day] [hour]:[minute]:[second],[subsecond]"
 //! timezone = "+00:00"
 //! redact = [{ pattern = 'password=\S+', replacement = "password=<redacted>" }]
+//! multiline = { start = '^\d{4}-\d{2}-\d{2} ', timeout_ms = 1000 }
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -176,6 +177,38 @@ pub struct SourceConfig {
     /// parsed, signed or shipped.
     #[serde(default)]
     pub redact: Vec<RedactRule>,
+    /// Merging of multi-line records (stack traces and the like).
+    #[serde(default)]
+    pub multiline: Option<MultilineConfig>,
+}
+
+/// Lines that belong together become one record, joined with `\n`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultilineConfig {
+    /// A line matching this starts a new record; others join the one
+    /// before (e.g. `^\d{4}-\d{2}-\d{2}`).
+    #[serde(default)]
+    pub start: Option<String>,
+    /// Only lines matching this join the record before (e.g. `^\s`).
+    #[serde(default)]
+    pub continuation: Option<String>,
+    /// A record that gets no line for this long is shipped, in
+    /// milliseconds. Default 1000.
+    #[serde(default = "default_multiline_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Lines in one record, at most; the record also stays within
+    /// `max_line_bytes`. Default 500.
+    #[serde(default = "default_multiline_max_lines")]
+    pub max_lines: u32,
+}
+
+fn default_multiline_timeout_ms() -> u64 {
+    1000
+}
+
+fn default_multiline_max_lines() -> u32 {
+    500
 }
 
 impl SourceConfig {
@@ -271,6 +304,19 @@ impl AgentConfig {
             }
             if let Err(err) = source.redactor() {
                 return invalid("sources.redact", &err.to_string());
+            }
+            if let Some(multiline) = &source.multiline {
+                if multiline.start.is_none() && multiline.continuation.is_none() {
+                    return invalid("sources.multiline", "needs start, continuation or both");
+                }
+                for pattern in multiline.start.iter().chain(&multiline.continuation) {
+                    if let Err(err) = regex_lite::Regex::new(pattern) {
+                        return invalid("sources.multiline", &format!("{pattern:?}: {err}"));
+                    }
+                }
+                if multiline.max_lines == 0 || multiline.timeout_ms == 0 {
+                    return invalid("sources.multiline", "max_lines and timeout_ms must be at least 1");
+                }
             }
             // The collector refuses messages over 1 MiB.
             if !(16..=1024 * 1024).contains(&source.max_line_bytes) {

@@ -37,8 +37,36 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Stats;
 use crate::checkpoint::{Acked, Checkpoints, FileCheckpoint, FileKey, hex, unhex32};
+use crate::config::MultilineConfig;
 use crate::config::{AgentConfig, LongLine, ReadFrom, SourceConfig};
 use crate::parse::{Parser, Redactor};
+
+/// Compiled multiline settings.
+#[derive(Clone)]
+struct Multiline {
+    start: Option<regex_lite::Regex>,
+    continuation: Option<regex_lite::Regex>,
+    timeout: Duration,
+    max_lines: u32,
+}
+
+impl Multiline {
+    fn new(config: &MultilineConfig) -> Result<Multiline, regex_lite::Error> {
+        Ok(Multiline {
+            start: config.start.as_deref().map(regex_lite::Regex::new).transpose()?,
+            continuation: config.continuation.as_deref().map(regex_lite::Regex::new).transpose()?,
+            timeout: Duration::from_millis(config.timeout_ms),
+            max_lines: config.max_lines,
+        })
+    }
+
+    /// Whether `line` belongs to the record before it: it does not match
+    /// `start` (when given) and does match `continuation` (when given).
+    fn continues(&self, line: &str) -> bool {
+        self.start.as_ref().is_none_or(|start| !start.is_match(line))
+            && self.continuation.as_ref().is_none_or(|continuation| continuation.is_match(line))
+    }
+}
 
 /// How long a file renamed away or deleted is still read before release.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(3);
@@ -92,6 +120,25 @@ struct Tracked {
     fingerprint: (u64, String),
     /// The fingerprint was checked against the file since it was opened.
     verified: bool,
+    /// Offset after the last record put in a batch, and whether it lies
+    /// inside a long line: what an ack of that batch moves the checkpoint to.
+    record_end: u64,
+    record_end_in_long_line: bool,
+    /// Multiline merging, when configured, and the record being merged.
+    multiline: Option<Multiline>,
+    pending: Option<PendingRecord>,
+}
+
+/// A multi-line record still collecting lines.
+struct PendingRecord {
+    text: String,
+    flags: u8,
+    lines: u32,
+    /// Offset after its last line, and the long-line state there.
+    end: u64,
+    end_in_long_line: bool,
+    /// When its last line arrived.
+    updated: Instant,
 }
 
 impl Tracked {
@@ -105,6 +152,7 @@ impl Tracked {
     ) -> Self {
         let parser = settings.parser().unwrap_or_else(|_| Parser::none());
         let redactor = settings.redactor().unwrap_or_default();
+        let multiline = settings.multiline.as_ref().and_then(|m| Multiline::new(m).ok());
         Tracked {
             source,
             path,
@@ -124,6 +172,10 @@ impl Tracked {
             cuts: Vec::new(),
             fingerprint: (0, String::new()),
             verified: false,
+            record_end: offset,
+            record_end_in_long_line: false,
+            multiline,
+            pending: None,
         }
     }
 
@@ -132,6 +184,7 @@ impl Tracked {
             Tracked::new(checkpoint.source, path, file, settings, checkpoint.epoch, checkpoint.acked_offset);
         tracked.next_seq = checkpoint.acked_seq;
         tracked.in_long_line = checkpoint.in_long_line;
+        tracked.record_end_in_long_line = checkpoint.in_long_line;
         tracked.prev_hash = unhex32(&checkpoint.prev_hash).unwrap_or([0; 32]);
         tracked.cuts = checkpoint.cuts;
         tracked.fingerprint = (checkpoint.fingerprint_len, checkpoint.fingerprint);
@@ -325,6 +378,7 @@ impl Tailer {
             // Released once gone, read to its end and quiet for the grace
             // period: a writer still holding the old file keeps it alive.
             let release = outcome.is_ok()
+                && tracked.pending.is_none()
                 && tracked.read_offset >= tracked.size_seen
                 && tracked.grew_at.elapsed() >= DRAIN_GRACE
                 && tracked.missing_since.is_some_and(|since| since.elapsed() >= DRAIN_GRACE);
@@ -368,6 +422,9 @@ impl Tailer {
             tracked.cuts.clear();
             tracked.partial_since = None;
             tracked.fingerprint = (0, String::new());
+            tracked.record_end = 0;
+            tracked.record_end_in_long_line = false;
+            tracked.pending = None;
             self.checkpoints.register(
                 key,
                 new_checkpoint(&tracked.source, &tracked.path.to_string_lossy(), tracked.epoch, 0),
@@ -415,7 +472,7 @@ impl Tailer {
                 let was_in_long_line = tracked.in_long_line;
                 tracked.in_long_line = piece.cut;
                 let Some(line) = piece.line else { continue };
-                self.push_line(
+                self.take_line(
                     key,
                     tracked,
                     &mut builder,
@@ -434,8 +491,10 @@ impl Tailer {
                 let discarding = was_in_long_line && tracked.settings.on_long_line == LongLine::Truncate;
                 if rest > 0 && !discarding {
                     let line = &buf[consumed..got];
-                    self.push_line(key, tracked, &mut builder, line, false, was_in_long_line, now_ns)?;
+                    self.take_line(key, tracked, &mut builder, line, false, was_in_long_line, now_ns)?;
                 }
+                // A record ended here before a restart: it ends here again.
+                self.flush_pending(key, tracked, &mut builder, now_ns)?;
                 continue;
             }
             if consumed == 0 {
@@ -443,6 +502,7 @@ impl Tailer {
             }
         }
         self.flush_stale_tail(key, tracked, len, &mut buf, &mut builder)?;
+        self.flush_quiet_record(key, tracked, &mut builder)?;
         if let Some(batch) = builder.take() {
             self.send(key, tracked, batch)?;
         }
@@ -495,12 +555,61 @@ impl Tailer {
         if line.last() == Some(&b'\r') {
             line = &line[..line.len() - 1];
         }
-        self.push_line(key, tracked, builder, line, false, was_in_long_line, now_ns())
+        self.take_line(key, tracked, builder, line, false, was_in_long_line, now_ns())?;
+        self.flush_pending(key, tracked, builder, now_ns())
     }
 
-    /// Adds one record to the open batch, sending the batch when full.
+    /// Ends a multi-line record that got no line for the multiline
+    /// timeout, making the boundary durable first (like a line cut) so a
+    /// restart groups the lines the same way.
+    fn flush_quiet_record(
+        &mut self,
+        key: FileKey,
+        tracked: &mut Tracked,
+        builder: &mut Option<BatchBuilder>,
+    ) -> Result<(), ReadError> {
+        let (Some(multiline), Some(pending)) = (&tracked.multiline, &tracked.pending) else {
+            return Ok(());
+        };
+        if pending.updated.elapsed() < multiline.timeout {
+            return Ok(());
+        }
+        let boundary = pending.end;
+        if !tracked.cuts.contains(&boundary) {
+            self.checkpoints.add_cut(key, boundary);
+            if let Err(err) = self.checkpoints.persist() {
+                tracing::warn!(path = %tracked.path.display(), error = %err, "cannot persist a record boundary; the record waits");
+                return Ok(());
+            }
+            tracked.cuts.push(boundary);
+        }
+        self.flush_pending(key, tracked, builder, now_ns())
+    }
+
+    /// Ships the multi-line record being merged, if any.
+    fn flush_pending(
+        &mut self,
+        key: FileKey,
+        tracked: &mut Tracked,
+        builder: &mut Option<BatchBuilder>,
+        now_ns: i64,
+    ) -> Result<(), ReadError> {
+        let Some(pending) = tracked.pending.take() else { return Ok(()) };
+        self.push_record(
+            key,
+            tracked,
+            builder,
+            &pending.text,
+            pending.flags,
+            (pending.end, pending.end_in_long_line),
+            now_ns,
+        )
+    }
+
+    /// Takes one line (or long-line piece): merged into a multi-line record
+    /// when configured, else a record of its own.
     #[allow(clippy::too_many_arguments)]
-    fn push_line(
+    fn take_line(
         &mut self,
         key: FileKey,
         tracked: &mut Tracked,
@@ -510,16 +619,9 @@ impl Tailer {
         was_in_long_line: bool,
         now_ns: i64,
     ) -> Result<(), ReadError> {
-        let full = builder.as_ref().is_some_and(|batch| {
-            !batch.is_empty() && batch.body_bytes() + line.len() + 16 > self.config.batch.max_bytes
-        });
-        if full {
-            let batch = builder.take().expect("checked above");
-            self.send(key, tracked, batch)?;
-        }
-        let message = String::from_utf8_lossy(line);
+        let text = String::from_utf8_lossy(line);
         let mut flags = 0;
-        if let std::borrow::Cow::Owned(_) = message {
+        if let std::borrow::Cow::Owned(_) = text {
             self.stats.invalid_utf8_lines.fetch_add(1, Ordering::Relaxed);
             flags |= FLAG_INVALID_UTF8;
         }
@@ -536,7 +638,60 @@ impl Tailer {
         if was_in_long_line {
             flags |= FLAG_CONTINUED;
         }
-        let (message, redacted) = tracked.redactor.apply(&message);
+        self.stats.bytes_read.fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
+        let end = (tracked.read_offset, tracked.in_long_line);
+        let Some(multiline) = &tracked.multiline else {
+            return self.push_record(key, tracked, builder, &text, flags, end, now_ns);
+        };
+        let max_bytes = tracked.settings.max_line_bytes;
+        let joins = tracked.pending.as_ref().is_some_and(|pending| {
+            multiline.continues(&text)
+                && pending.lines < multiline.max_lines
+                && pending.text.len() + 1 + text.len() <= max_bytes
+        });
+        if joins {
+            let pending = tracked.pending.as_mut().expect("checked above");
+            pending.text.push('\n');
+            pending.text.push_str(&text);
+            pending.flags |= flags;
+            pending.lines += 1;
+            (pending.end, pending.end_in_long_line) = end;
+            pending.updated = Instant::now();
+            return Ok(());
+        }
+        self.flush_pending(key, tracked, builder, now_ns)?;
+        tracked.pending = Some(PendingRecord {
+            text: text.into_owned(),
+            flags,
+            lines: 1,
+            end: end.0,
+            end_in_long_line: end.1,
+            updated: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Adds one record, ending at `end` (offset, long-line state), to the
+    /// open batch, sending the batch first when the record would overfill it.
+    #[allow(clippy::too_many_arguments)]
+    fn push_record(
+        &mut self,
+        key: FileKey,
+        tracked: &mut Tracked,
+        builder: &mut Option<BatchBuilder>,
+        message: &str,
+        flags: u8,
+        end: (u64, bool),
+        now_ns: i64,
+    ) -> Result<(), ReadError> {
+        let full = builder.as_ref().is_some_and(|batch| {
+            !batch.is_empty() && batch.body_bytes() + message.len() + 16 > self.config.batch.max_bytes
+        });
+        if full {
+            let batch = builder.take().expect("checked above");
+            self.send(key, tracked, batch)?;
+        }
+        let (message, redacted) = tracked.redactor.apply(message);
         if redacted {
             self.stats.lines_redacted.fetch_add(1, Ordering::Relaxed);
         }
@@ -554,8 +709,8 @@ impl Tailer {
         });
         batch.push_parts(timestamp_ns, level, flags, &message, &parsed.fields);
         tracked.next_seq += 1;
+        (tracked.record_end, tracked.record_end_in_long_line) = end;
         self.stats.lines_read.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_read.fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
         if batch.len() >= self.config.batch.max_records || batch.body_bytes() >= self.config.batch.max_bytes {
             let full = builder.take().expect("just pushed");
             self.send(key, tracked, full)?;
@@ -574,9 +729,9 @@ impl Tailer {
             file: key,
             ack: Acked {
                 epoch: tracked.epoch,
-                offset: tracked.read_offset,
+                offset: tracked.record_end,
                 seq: tracked.next_seq,
-                in_long_line: tracked.in_long_line,
+                in_long_line: tracked.record_end_in_long_line,
                 batch_hash: hash,
             },
             records,
@@ -769,6 +924,7 @@ mod restart_tests {
                 timestamp_format: None,
                 timezone: None,
                 redact: Vec::new(),
+                multiline: None,
             }],
             batch: BatchConfig::default(),
             poll_interval_ms: 10,
@@ -777,11 +933,107 @@ mod restart_tests {
     }
 
     fn start(dir: &std::path::Path) -> (Tailer, mpsc::Receiver<SignedBatch>) {
+        start_with(dir, |_| {})
+    }
+
+    fn start_with(
+        dir: &std::path::Path,
+        adjust: impl FnOnce(&mut AgentConfig),
+    ) -> (Tailer, mpsc::Receiver<SignedBatch>) {
         let (tx, rx) = mpsc::channel(64);
         let key = Arc::new(Ed25519KeyPair::from_seed_unchecked(&[3; 32]).unwrap());
         let checkpoints = Checkpoints::load(&dir.join("state")).unwrap();
-        let tailer = Tailer::new(config(dir), "t".into(), key, checkpoints, tx, Arc::new(Stats::default()));
+        let mut config = (*config(dir)).clone();
+        adjust(&mut config);
+        let tailer =
+            Tailer::new(Arc::new(config), "t".into(), key, checkpoints, tx, Arc::new(Stats::default()));
         (tailer, rx)
+    }
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("logvault-tail-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Regression: a batch sent because the next record would overfill it
+    /// must be acked up to its own last record, not past the record that
+    /// did not fit (that record would be skipped after a restart).
+    #[test]
+    fn a_full_batch_is_acked_up_to_its_last_record_only() {
+        let dir = temp("full");
+        let line = "x".repeat(299);
+        std::fs::write(dir.join("a.log"), format!("{line}\n").repeat(10)).unwrap();
+        let (mut tailer, mut rx) = start_with(&dir, |c| c.batch.max_bytes = 1024);
+        tailer.scan();
+        assert!(tailer.read_all().is_ok());
+        let mut records = 0u64;
+        let mut batches = 0;
+        while let Ok(batch) = rx.try_recv() {
+            records += u64::from(batch.records);
+            batches += 1;
+            assert_eq!(batch.ack.offset, records * 300, "batch {batches}");
+            assert_eq!(batch.ack.seq, records);
+        }
+        assert_eq!((records, batches), (10, 4));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn multiline(start: &str) -> impl FnOnce(&mut AgentConfig) + use<'_> {
+        move |c: &mut AgentConfig| {
+            c.sources[0].multiline = Some(crate::config::MultilineConfig {
+                start: Some(start.to_owned()),
+                continuation: None,
+                timeout_ms: 200,
+                max_lines: 3,
+            });
+        }
+    }
+
+    #[test]
+    fn stack_traces_become_one_record_and_regroup_the_same_after_a_restart() {
+        let dir = temp("multiline");
+        let log = dir.join("app.log");
+        std::fs::write(&log, "2024 ERROR boom\n\tat a\n\tat b\n2024 INFO next\n2024 ERROR again\n\tat c\n")
+            .unwrap();
+        let (mut tailer, mut rx) = start_with(&dir, multiline(r"^\d{4} "));
+        tailer.scan();
+        assert!(tailer.read_all().is_ok());
+        // The last record waits: more of it may come.
+        assert_eq!(
+            records(&mut rx),
+            vec![(0, "2024 ERROR boom\n\tat a\n\tat b".into()), (1, "2024 INFO next".into())]
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(tailer.read_all().is_ok());
+        assert_eq!(records(&mut rx), vec![(2, "2024 ERROR again\n\tat c".into())]);
+        drop(tailer); // a crash: nothing acked
+
+        // Late continuation lines after the timeout are a record of their
+        // own, before and after a restart alike; max_lines caps a record.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(b"\tat late\n2024 WARN long\n\t1\n\t2\n\t3\n2024 INFO end\n")
+            .unwrap();
+        let (mut tailer, mut rx) = start_with(&dir, multiline(r"^\d{4} "));
+        tailer.scan();
+        assert!(tailer.read_all().is_ok());
+        let got = records(&mut rx);
+        assert_eq!(
+            got,
+            vec![
+                (0, "2024 ERROR boom\n\tat a\n\tat b".into()),
+                (1, "2024 INFO next".into()),
+                (2, "2024 ERROR again\n\tat c".into()),
+                (3, "\tat late".into()),
+                (4, "2024 WARN long\n\t1\n\t2".into()),
+                (5, "\t3".into()),
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     fn records(rx: &mut mpsc::Receiver<SignedBatch>) -> Vec<(u64, String)> {

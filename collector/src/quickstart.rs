@@ -134,6 +134,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             timestamp_format: None,
             timezone: None,
             redact: Vec::new(),
+            multiline: None,
         }],
         batch: BatchConfig::default(),
         poll_interval_ms: 200,

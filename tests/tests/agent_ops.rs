@@ -48,3 +48,48 @@ fn sighup_reloads_the_configuration_and_a_bad_one_is_refused() {
     agent.stop();
     collector.process.stop();
 }
+
+#[test]
+fn multiline_stack_traces_are_one_searchable_record() {
+    let setup = Setup::new("multiline");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    let logs = setup.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let log = logs.join("app.log");
+    let mut lines = Vec::new();
+    for i in 0..100 {
+        lines.push(format!("2024-05-01 10:00:{:02} INFO request {i} served", i % 60));
+        lines.push(format!(
+            "2024-05-01 10:00:{:02} ERROR request {i} failed: java.lang.NullPointerException",
+            i % 60
+        ));
+        lines.push(format!("\tat com.example.Handler.handle(Handler.java:{i})"));
+        lines.push("\tat com.example.Server.run(Server.java:7)".to_owned());
+    }
+    append_lines(&log, &lines);
+    let config = agent_config(
+        &setup,
+        "ml-1",
+        collector.ingest,
+        &[log.to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "read_from = \"beginning\"\n",
+        "read_from = \"beginning\"\nmultiline = { start = '^\\d{4}-\\d{2}-\\d{2} ', timeout_ms = 300 }\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let agent = start_agent(&setup, "ml-1", &config);
+    let token = setup.token(&["default"], Role::Reader);
+    collector.wait_total(&token, "*", 200, Duration::from_secs(30));
+    assert_eq!(collector.total(&token, "NullPointerException"), 100);
+    assert_eq!(collector.total(&token, "NullPointerException AND Handler AND Server"), 100);
+    let (_, body) = collector.search_raw(Some(&token), &[("q", "\"Handler java 42\""), ("limit", "5")]);
+    assert_eq!(body["total"], 1, "{body}");
+    let message = body["hits"][0]["message"].as_str().unwrap();
+    assert_eq!(message.lines().count(), 3, "{message}");
+    assert!(message.starts_with("2024-05-01 10:00:42 ERROR request 42 failed"));
+    assert_eq!(body["hits"][0]["level"], "error");
+    agent.stop();
+    collector.process.stop();
+}

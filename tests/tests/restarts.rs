@@ -131,7 +131,8 @@ fn a_collector_down_for_sixty_seconds_loses_nothing() {
     let live = logs.join("app.log");
     let lines = sample_lines("Linux_2k.log");
     append_lines(&live, &lines[..500]);
-    let config = agent_config(&setup, "outage-1", ingest, &[format!("{}*", live.display())], &AgentOptions::default());
+    let config =
+        agent_config(&setup, "outage-1", ingest, &[format!("{}*", live.display())], &AgentOptions::default());
     let agent = start_agent(&setup, "outage-1", &config);
     let token = setup.token(&["default"], Role::Reader);
     first.wait_total(&token, "*", 500, Duration::from_secs(30));
