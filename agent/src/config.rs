@@ -144,7 +144,11 @@ pub enum LongLine {
 pub struct SourceConfig {
     /// Glob patterns of files to tail (`*`, `?`, `[...]`, `**`). Rescanned
     /// at every poll.
+    #[serde(default)]
     pub include: Vec<String>,
+    /// Read standard input instead of files (see [`crate::stdin`]).
+    #[serde(default)]
+    pub stdin: bool,
     /// Glob patterns of files to leave alone, matched against the full path.
     #[serde(default)]
     pub exclude: Vec<String>,
@@ -291,8 +295,11 @@ impl AgentConfig {
             return invalid("sources", "at least one [[sources]] is needed");
         }
         for source in &self.sources {
-            if source.include.is_empty() {
-                return invalid("sources.include", "at least one pattern is needed");
+            if source.include.is_empty() == !source.stdin {
+                return invalid(
+                    "sources.include",
+                    "a source needs include patterns or stdin = true, not both",
+                );
             }
             for pattern in source.include.iter().chain(&source.exclude) {
                 if let Err(err) = glob::Pattern::new(pattern) {
@@ -322,6 +329,12 @@ impl AgentConfig {
             if !(16..=1024 * 1024).contains(&source.max_line_bytes) {
                 return invalid("sources.max_line_bytes", "must be between 16 and 1048576");
             }
+        }
+        if self.sources.iter().filter(|s| s.stdin).count() > 1 {
+            return invalid("sources.stdin", "only one source can read stdin");
+        }
+        if self.sources.iter().any(|s| s.stdin && s.multiline.is_some()) {
+            return invalid("sources.multiline", "multiline is for file sources");
         }
         if self.batch.max_records == 0 || self.batch.max_records > 100_000 {
             return invalid("batch.max_records", "must be between 1 and 100000");

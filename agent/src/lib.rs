@@ -26,6 +26,7 @@ pub mod config;
 pub mod metrics;
 pub mod parse;
 pub mod ship;
+pub mod stdin;
 pub mod tail;
 
 use std::sync::Arc;
@@ -161,19 +162,47 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     tracing::info!(agent = %identity.name, collector = %config.collector.address, "agent starting");
 
     let (tx, rx) = tokio::sync::mpsc::channel(config.batch.queue);
-    let tailer = tail::Tailer::new(
-        config.clone(),
-        identity.name.clone(),
-        Arc::new(identity.key),
-        checkpoints.clone(),
-        tx,
-        stats.clone(),
-    );
-    let tail_cancel = cancel.clone();
-    let tail_thread = std::thread::Builder::new()
-        .name("logvault-tail".into())
-        .spawn(move || tailer.run(tail_cancel))
-        .expect("spawning a thread works");
+    let key = Arc::new(identity.key);
+    if let Some(source) = config.sources.iter().find(|s| s.stdin) {
+        let epoch = checkpoints.next_epoch(stdin::STDIN_SOURCE);
+        checkpoints.persist()?;
+        let (source, batch, name, key, tx, stats) = (
+            source.clone(),
+            config.batch.clone(),
+            identity.name.clone(),
+            key.clone(),
+            tx.clone(),
+            stats.clone(),
+        );
+        // Not joined: a read of stdin cannot be interrupted; the thread
+        // ends with the process.
+        std::thread::Builder::new()
+            .name("logvault-stdin".into())
+            .spawn(move || stdin::run(source, batch, name, key, epoch, tx, stats))
+            .expect("spawning a thread works");
+    }
+    // With stdin as the only source the tailer is not started, so the
+    // batch queue closes at end of input and the shipper drains and stops.
+    let tail_thread = if config.sources.iter().any(|s| !s.include.is_empty()) {
+        let tailer = tail::Tailer::new(
+            config.clone(),
+            identity.name.clone(),
+            key,
+            checkpoints.clone(),
+            tx,
+            stats.clone(),
+        );
+        let tail_cancel = cancel.clone();
+        Some(
+            std::thread::Builder::new()
+                .name("logvault-tail".into())
+                .spawn(move || tailer.run(tail_cancel))
+                .expect("spawning a thread works"),
+        )
+    } else {
+        drop(tx);
+        None
+    };
 
     let writer = {
         let checkpoints = checkpoints.clone();
@@ -205,7 +234,9 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     ship::run(config.collector.clone(), tls, rx, checkpoints.clone(), stats.clone(), cancel.clone()).await;
     cancel.cancel();
     let _ = writer.await;
-    let _ = tokio::task::spawn_blocking(move || tail_thread.join()).await;
+    if let Some(tail_thread) = tail_thread {
+        let _ = tokio::task::spawn_blocking(move || tail_thread.join()).await;
+    }
     let store = checkpoints.clone();
     tokio::task::spawn_blocking(move || store.persist())
         .await

@@ -789,22 +789,22 @@ impl From<std::io::Error> for ReadError {
 
 /// One step of line splitting.
 #[derive(Debug, PartialEq, Eq)]
-struct Piece {
+pub(crate) struct Piece {
     /// Bytes of the input this step uses up.
-    consumed: usize,
+    pub(crate) consumed: usize,
     /// Length of the record's text at the start of the input, if a record
     /// is produced (without `\n` or `\r\n`).
-    line: Option<usize>,
+    pub(crate) line: Option<usize>,
     /// The record is a piece of a longer line, cut at the cap.
-    cut: bool,
+    pub(crate) cut: bool,
     /// Bytes thrown away (truncate mode).
-    discarded: usize,
+    pub(crate) discarded: usize,
 }
 
 /// Takes the next record off `input`: a complete line, a piece of a long
 /// line, or (truncating) the skipped rest of a long line. `None` when the
 /// input holds only an incomplete line shorter than the cap.
-fn next_piece(input: &[u8], max_line: usize, in_long_line: bool, mode: LongLine) -> Option<Piece> {
+pub(crate) fn next_piece(input: &[u8], max_line: usize, in_long_line: bool, mode: LongLine) -> Option<Piece> {
     if in_long_line && mode == LongLine::Truncate {
         return Some(match input.iter().position(|&b| b == b'\n') {
             Some(newline) => Piece { consumed: newline + 1, line: None, cut: false, discarded: newline },
@@ -925,6 +925,7 @@ mod restart_tests {
                 timezone: None,
                 redact: Vec::new(),
                 multiline: None,
+                stdin: false,
             }],
             batch: BatchConfig::default(),
             poll_interval_ms: 10,

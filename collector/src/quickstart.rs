@@ -135,6 +135,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             timezone: None,
             redact: Vec::new(),
             multiline: None,
+            stdin: false,
         }],
         batch: BatchConfig::default(),
         poll_interval_ms: 200,

@@ -121,6 +121,10 @@ impl Process {
     }
 
     fn spawn(name: &str, binary: &Path, args: &[&str], log: PathBuf) -> Process {
+        Process::spawn_with_stdin(name, binary, args, log, Stdio::null())
+    }
+
+    fn spawn_with_stdin(name: &str, binary: &Path, args: &[&str], log: PathBuf, stdin: Stdio) -> Process {
         let log_file = std::fs::File::create(&log).unwrap();
         let wrapper = Command::new("timeout")
             .arg("--signal=KILL")
@@ -129,7 +133,7 @@ impl Process {
             .args(args)
             .env("RUST_LOG", "info,tantivy=warn")
             .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
@@ -174,6 +178,13 @@ impl Process {
 
     fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         wait_for(limit, "the child to exit", || self.wrapper.try_wait().unwrap())
+    }
+
+    /// Waits for the child to exit by itself.
+    pub fn wait_for_exit(mut self, limit: Duration) -> std::process::ExitStatus {
+        let status = self.wait_exit(limit);
+        assert!(status.success(), "{} exited with {status}; log:\n{}", self.name, self.log_text());
+        status
     }
 
     pub fn log_text(&self) -> String {
@@ -456,6 +467,19 @@ max_records = {max_records}
     );
     std::fs::write(&config, toml).unwrap();
     config
+}
+
+/// Starts an agent whose standard input is the file `input`.
+pub fn start_agent_reading(setup: &Setup, name: &str, config: &Path, input: &Path) -> Process {
+    let log = setup.path().join(format!("agent-{name}-stdin.log"));
+    let stdin = Stdio::from(std::fs::File::open(input).unwrap());
+    Process::spawn_with_stdin(
+        name,
+        &bin("logvault-agent"),
+        &["--config", config.to_str().unwrap()],
+        log,
+        stdin,
+    )
 }
 
 pub fn start_agent(setup: &Setup, name: &str, config: &Path) -> Process {

@@ -93,3 +93,24 @@ fn multiline_stack_traces_are_one_searchable_record() {
     agent.stop();
     collector.process.stop();
 }
+
+/// `logvault-agent` as the end of a pipe: every line of stdin arrives once,
+/// and at end of input the agent waits for the acks and exits by itself.
+#[test]
+fn stdin_is_shipped_and_the_agent_exits_at_its_end() {
+    let setup = Setup::new("stdin");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    let config = agent_config(&setup, "pipe-1", collector.ingest, &[], &AgentOptions::default());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("include = []", "stdin = true\nparser = \"syslog\"");
+    std::fs::write(&config, text).unwrap();
+    let agent = start_agent_reading(&setup, "pipe-1", &config, &loghub_dir().join("OpenSSH_2k.log"));
+    agent.wait_for_exit(Duration::from_secs(60));
+    let token = setup.token(&["default"], Role::Reader);
+    collector.wait_total(&token, "*", 2000, Duration::from_secs(30));
+    assert_eq!(collector.total(&token, "source:stdin"), 2000);
+    let want = lines_with_term(&sample_lines("OpenSSH_2k.log"), "sshd");
+    assert_eq!(collector.total(&token, "fields.appname:sshd"), want);
+    collector.process.stop();
+}
