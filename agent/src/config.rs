@@ -295,7 +295,7 @@ impl AgentConfig {
             return invalid("sources", "at least one [[sources]] is needed");
         }
         for source in &self.sources {
-            if source.include.is_empty() == !source.stdin {
+            if source.include.is_empty() != source.stdin {
                 return invalid(
                     "sources.include",
                     "a source needs include patterns or stdin = true, not both",
