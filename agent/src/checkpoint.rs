@@ -95,7 +95,9 @@ struct State {
     files: BTreeMap<FileKey, FileCheckpoint>,
     /// Files the tailer has let go; their entries go once fully acked.
     released: BTreeMap<FileKey, u64>,
-    dirty: bool,
+    /// Changes made, and how many of them are on disk.
+    changes: u64,
+    saved: u64,
 }
 
 /// The shared checkpoint state: the tailer registers files, the shipper
@@ -104,6 +106,9 @@ struct State {
 pub struct Checkpoints {
     path: PathBuf,
     state: Arc<Mutex<State>>,
+    /// Held for a whole save, so saves never interleave and a caller's
+    /// `persist` returns only once its own change is on disk.
+    saving: Arc<Mutex<()>>,
 }
 
 impl Checkpoints {
@@ -130,7 +135,7 @@ impl Checkpoints {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => state.fresh = true,
             Err(source) => return Err(CheckpointError::Io { path, source }),
         }
-        Ok(Checkpoints { path, state: Arc::new(Mutex::new(state)) })
+        Ok(Checkpoints { path, state: Arc::new(Mutex::new(state)), saving: Arc::new(Mutex::new(())) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -146,7 +151,7 @@ impl Checkpoints {
     pub fn forget(&self, key: FileKey) {
         let mut state = self.lock();
         if state.files.remove(&key).is_some() {
-            state.dirty = true;
+            state.changes += 1;
         }
         state.released.remove(&key);
     }
@@ -157,18 +162,18 @@ impl Checkpoints {
         if let Some(entry) = state.files.get_mut(&key) {
             entry.fingerprint_len = len;
             entry.fingerprint = fingerprint.to_owned();
-            state.dirty = true;
+            state.changes += 1;
         }
     }
 
     /// Records that an unterminated line ending at `offset` is about to be
     /// shipped. Persist before shipping it.
-    pub fn add_cut(&self, key: FileKey, offset: u64) {
+    pub fn add_cut(&self, key: FileKey, offset: u64) -> bool {
         let mut state = self.lock();
-        if let Some(entry) = state.files.get_mut(&key) {
-            entry.cuts.push(offset);
-            state.dirty = true;
-        }
+        let Some(entry) = state.files.get_mut(&key) else { return false };
+        entry.cuts.push(offset);
+        state.changes += 1;
+        true
     }
 
     /// The acked state of a file, if known.
@@ -193,7 +198,7 @@ impl Checkpoints {
             .map_or(0, |d| d.as_micros() as u64);
         let epoch = state.epochs.get(source).map_or(now_us, |e| (e + 1).max(now_us));
         state.epochs.insert(source.to_owned(), epoch);
-        state.dirty = true;
+        state.changes += 1;
         epoch
     }
 
@@ -202,7 +207,7 @@ impl Checkpoints {
         let mut state = self.lock();
         state.released.remove(&key);
         state.files.insert(key, checkpoint);
-        state.dirty = true;
+        state.changes += 1;
     }
 
     /// Updates the path a file was last seen at.
@@ -212,7 +217,7 @@ impl Checkpoints {
             && entry.path != path
         {
             entry.path = path.to_owned();
-            state.dirty = true;
+            state.changes += 1;
         }
     }
 
@@ -231,7 +236,7 @@ impl Checkpoints {
         entry.in_long_line = ack.in_long_line;
         entry.prev_hash = hex(&ack.batch_hash);
         entry.cuts.retain(|cut| *cut > ack.offset);
-        state.dirty = true;
+        state.changes += 1;
         if state.released.get(&key).is_some_and(|end| ack.offset >= *end) {
             state.released.remove(&key);
             state.files.remove(&key);
@@ -248,29 +253,45 @@ impl Checkpoints {
         } else {
             state.released.insert(key, end_offset);
         }
-        state.dirty = true;
+        state.changes += 1;
     }
 
-    /// Writes the state if it changed since the last write.
+    /// Writes the state if it changed since the last write. When it
+    /// returns `Ok`, every change made before the call is on disk.
     pub fn persist(&self) -> Result<(), CheckpointError> {
-        let bytes = {
-            let mut state = self.lock();
-            if !state.dirty {
+        let _saving = self.saving.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (bytes, version) = {
+            let state = self.lock();
+            if state.changes == state.saved {
                 return Ok(());
             }
-            state.dirty = false;
             let file = CheckpointFile {
                 version: CHECKPOINT_VERSION,
                 epochs: state.epochs.clone(),
                 files: state.files.iter().map(|(k, v)| (*k, v.clone())).collect(),
             };
-            serde_json::to_vec(&file).expect("checkpoints serialize")
+            (serde_json::to_vec(&file).expect("checkpoints serialize"), state.changes)
         };
-        let result = write_atomically(&self.path, &bytes);
-        if result.is_err() {
-            self.lock().dirty = true;
+        write_atomically(&self.path, &bytes)?;
+        let mut state = self.lock();
+        state.saved = state.saved.max(version);
+        Ok(())
+    }
+
+    /// Takes back a cut whose save failed, so it is not saved later while
+    /// the line it would end ships whole.
+    pub fn remove_cut(&self, key: FileKey, offset: u64) {
+        let mut state = self.lock();
+        if let Some(entry) = state.files.get_mut(&key) {
+            entry.cuts.retain(|cut| *cut != offset);
+            state.changes += 1;
         }
-        result
+    }
+
+    /// A file comes back under a matched name after being let go: its
+    /// entry must stay.
+    pub fn unrelease(&self, key: FileKey) {
+        self.lock().released.remove(&key);
     }
 }
 

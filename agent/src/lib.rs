@@ -67,6 +67,9 @@ pub enum AgentError {
     /// Checkpoints could not be read or written.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    /// A pipeline thread panicked; acked checkpoints were written.
+    #[error("the {0} thread panicked; restart the agent")]
+    Panicked(&'static str),
     /// The metrics listener could not be bound.
     #[error("metrics_listen {address}: {source}")]
     Bind {
@@ -234,13 +237,20 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     ship::run(config.collector.clone(), tls, rx, checkpoints.clone(), stats.clone(), cancel.clone()).await;
     cancel.cancel();
     let _ = writer.await;
+    let mut tailer_panicked = false;
     if let Some(tail_thread) = tail_thread {
-        let _ = tokio::task::spawn_blocking(move || tail_thread.join()).await;
+        tailer_panicked =
+            !matches!(tokio::task::spawn_blocking(move || tail_thread.join()).await, Ok(Ok(())));
     }
     let store = checkpoints.clone();
     tokio::task::spawn_blocking(move || store.persist())
         .await
         .unwrap_or_else(|err| panic!("checkpoint persist panicked: {err}"))?;
+    if tailer_panicked {
+        // Exit non-zero so a supervisor restarts the agent from its
+        // checkpoints.
+        return Err(AgentError::Panicked("tailer"));
+    }
     tracing::info!(
         records_acked = stats.records_acked.load(Ordering::Relaxed),
         batches_acked = stats.batches_acked.load(Ordering::Relaxed),

@@ -336,9 +336,9 @@ fn parse_offset(text: &str) -> Option<UtcOffset> {
         _ => return None,
     };
     let (hours, minutes) = text[1..].split_once(':')?;
-    let hours: i8 = hours.parse().ok()?;
-    let minutes: i8 = minutes.parse().ok()?;
-    UtcOffset::from_hms(sign * hours, sign * minutes, 0).ok()
+    let hours: u8 = hours.parse().ok().filter(|h| *h <= 25)?;
+    let minutes: u8 = minutes.parse().ok().filter(|m| *m <= 59)?;
+    UtcOffset::from_hms(sign * hours as i8, sign * minutes as i8, 0).ok()
 }
 
 /// RFC 3339, or a number of seconds or milliseconds since the epoch.

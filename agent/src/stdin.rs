@@ -147,12 +147,16 @@ impl StdinBatcher {
         let full = builder.as_ref().is_some_and(|b: &BatchBuilder| {
             !b.is_empty()
                 && (b.len() >= self.batch.max_records
-                    || b.body_bytes() + text.len() + 16 > self.batch.max_bytes)
+                    || b.body_bytes() + 2 * text.len() + 64 > self.batch.max_bytes)
         });
         if full {
             self.flush(builder)?;
         }
-        let parsed = self.parser.parse(&text);
+        let mut parsed = self.parser.parse(&text);
+        let (text, capped) = crate::tail::cap_record(text, &mut parsed.fields);
+        if capped {
+            flags |= FLAG_TRUNCATED;
+        }
         let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
         let batch = builder.get_or_insert_with(|| {
             BatchBuilder::new(&self.agent_id, STDIN_SOURCE, self.epoch, self.seq, self.prev_hash)
