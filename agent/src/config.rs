@@ -184,6 +184,25 @@ pub struct SourceConfig {
     /// Merging of multi-line records (stack traces and the like).
     #[serde(default)]
     pub multiline: Option<MultilineConfig>,
+    /// How the files are encoded: `utf-8` (default), `utf-16le`, `utf-16be`.
+    /// Records are always UTF-8; invalid sequences are replaced and counted.
+    #[serde(default)]
+    pub encoding: Encoding,
+}
+
+/// A file's text encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum Encoding {
+    /// UTF-8 (and ASCII).
+    #[default]
+    #[serde(rename = "utf-8")]
+    Utf8,
+    /// UTF-16, little-endian (Windows' "Unicode").
+    #[serde(rename = "utf-16le")]
+    Utf16Le,
+    /// UTF-16, big-endian.
+    #[serde(rename = "utf-16be")]
+    Utf16Be,
 }
 
 /// Lines that belong together become one record, joined with `\n`.
@@ -333,8 +352,8 @@ impl AgentConfig {
         if self.sources.iter().filter(|s| s.stdin).count() > 1 {
             return invalid("sources.stdin", "only one source can read stdin");
         }
-        if self.sources.iter().any(|s| s.stdin && s.multiline.is_some()) {
-            return invalid("sources.multiline", "multiline is for file sources");
+        if self.sources.iter().any(|s| s.stdin && (s.multiline.is_some() || s.encoding != Encoding::Utf8)) {
+            return invalid("sources.stdin", "multiline and encoding are for file sources");
         }
         if self.batch.max_records == 0 || self.batch.max_records > 100_000 {
             return invalid("batch.max_records", "must be between 1 and 100000");

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Stats;
 use crate::checkpoint::{Acked, Checkpoints, FileCheckpoint, FileKey, hex, unhex32};
 use crate::config::MultilineConfig;
-use crate::config::{AgentConfig, LongLine, ReadFrom, SourceConfig};
+use crate::config::{AgentConfig, Encoding, LongLine, ReadFrom, SourceConfig};
 use crate::parse::{Parser, Redactor};
 
 /// Compiled multiline settings.
@@ -473,9 +473,7 @@ impl Tailer {
             let mut consumed = 0;
             while consumed < got {
                 let rest = &buf[consumed..got];
-                let Some(piece) =
-                    next_piece(rest, max_line, tracked.in_long_line, tracked.settings.on_long_line)
-                else {
+                let Some(piece) = split_next(rest, &tracked.settings, tracked.in_long_line) else {
                     break;
                 };
                 consumed += piece.consumed;
@@ -504,10 +502,7 @@ impl Tailer {
                 let was_in_long_line = std::mem::replace(&mut tracked.in_long_line, false);
                 let discarding = was_in_long_line && tracked.settings.on_long_line == LongLine::Truncate;
                 if rest > 0 && !discarding {
-                    let mut line = &buf[consumed..got];
-                    if line.last() == Some(&b'\r') {
-                        line = &line[..line.len() - 1];
-                    }
+                    let line = strip_cr(&buf[consumed..got], tracked.settings.encoding);
                     self.take_line(key, tracked, &mut builder, line, false, was_in_long_line, now_ns)?;
                 }
                 // A record ended here before a restart: it ends here again.
@@ -571,10 +566,7 @@ impl Tailer {
             self.stats.bytes_discarded.fetch_add(got as u64, Ordering::Relaxed);
             return Ok(());
         }
-        let mut line = &buf[..got];
-        if line.last() == Some(&b'\r') {
-            line = &line[..line.len() - 1];
-        }
+        let line = strip_cr(&buf[..got], tracked.settings.encoding);
         self.take_line(key, tracked, builder, line, false, was_in_long_line, now_ns())?;
         self.flush_pending(key, tracked, builder, now_ns())
     }
@@ -644,9 +636,9 @@ impl Tailer {
         was_in_long_line: bool,
         now_ns: i64,
     ) -> Result<(), ReadError> {
-        let text = String::from_utf8_lossy(line);
+        let (text, valid) = decode(line, tracked.settings.encoding);
         let mut flags = 0;
-        if let std::borrow::Cow::Owned(_) = text {
+        if !valid {
             self.stats.invalid_utf8_lines.fetch_add(1, Ordering::Relaxed);
             flags |= FLAG_INVALID_UTF8;
         }
@@ -852,6 +844,112 @@ fn floor_char_boundary(text: &str, mut index: usize) -> usize {
     index
 }
 
+/// Text of a line in `encoding`, with a leading byte-order mark dropped,
+/// and whether it was valid.
+fn decode(line: &[u8], encoding: Encoding) -> (std::borrow::Cow<'_, str>, bool) {
+    let (text, valid) = match encoding {
+        Encoding::Utf8 => {
+            let text = String::from_utf8_lossy(line);
+            let valid = matches!(text, std::borrow::Cow::Borrowed(_));
+            (text, valid)
+        }
+        Encoding::Utf16Le | Encoding::Utf16Be => {
+            let unit = |pair: &[u8]| match encoding {
+                Encoding::Utf16Le => u16::from_le_bytes([pair[0], pair[1]]),
+                _ => u16::from_be_bytes([pair[0], pair[1]]),
+            };
+            let mut valid = line.len() % 2 == 0;
+            let text: String = char::decode_utf16(line.chunks_exact(2).map(unit))
+                .map(|c| {
+                    c.unwrap_or_else(|_| {
+                        valid = false;
+                        char::REPLACEMENT_CHARACTER
+                    })
+                })
+                .collect();
+            (std::borrow::Cow::Owned(text), valid)
+        }
+    };
+    match text {
+        std::borrow::Cow::Borrowed(t) => {
+            (std::borrow::Cow::Borrowed(t.strip_prefix('\u{feff}').unwrap_or(t)), valid)
+        }
+        std::borrow::Cow::Owned(t) if t.starts_with('\u{feff}') => {
+            (std::borrow::Cow::Owned(t.trim_start_matches('\u{feff}').to_owned()), valid)
+        }
+        owned => (owned, valid),
+    }
+}
+
+/// A line without its trailing carriage return.
+fn strip_cr(line: &[u8], encoding: Encoding) -> &[u8] {
+    let cr: &[u8] = match encoding {
+        Encoding::Utf8 => b"\r",
+        Encoding::Utf16Le => b"\r\0",
+        Encoding::Utf16Be => b"\0\r",
+    };
+    line.strip_suffix(cr).unwrap_or(line)
+}
+
+/// The next piece of `input` for a source's encoding and long-line rule.
+fn split_next(input: &[u8], settings: &SourceConfig, in_long_line: bool) -> Option<Piece> {
+    match settings.encoding {
+        Encoding::Utf8 => next_piece(input, settings.max_line_bytes, in_long_line, settings.on_long_line),
+        Encoding::Utf16Le | Encoding::Utf16Be => next_piece_utf16(
+            input,
+            settings.max_line_bytes,
+            in_long_line,
+            settings.on_long_line,
+            settings.encoding == Encoding::Utf16Be,
+        ),
+    }
+}
+
+/// [`next_piece`] for UTF-16: newlines are the code unit U+000A at an even
+/// offset, and cuts never split a code unit or a surrogate pair.
+fn next_piece_utf16(
+    input: &[u8],
+    max_line: usize,
+    in_long_line: bool,
+    mode: LongLine,
+    big_endian: bool,
+) -> Option<Piece> {
+    let unit_at = |i: usize| {
+        let pair = [input[i], input[i + 1]];
+        if big_endian { u16::from_be_bytes(pair) } else { u16::from_le_bytes(pair) }
+    };
+    let newline_in =
+        |limit: usize| (0..limit.min(input.len()) / 2).map(|u| u * 2).find(|&i| unit_at(i) == 0x0A);
+    if in_long_line && mode == LongLine::Truncate {
+        return Some(match newline_in(input.len()) {
+            Some(at) => Piece { consumed: at + 2, line: None, cut: false, discarded: at },
+            None => {
+                let whole = input.len() & !1;
+                if whole == 0 {
+                    return None;
+                }
+                Piece { consumed: whole, line: None, cut: true, discarded: whole }
+            }
+        });
+    }
+    let max_line = (max_line & !1).max(2);
+    if let Some(at) = newline_in(max_line + 2) {
+        let mut line = at;
+        if line >= 2 && unit_at(line - 2) == 0x0D {
+            line -= 2;
+        }
+        return Some(Piece { consumed: at + 2, line: Some(line), cut: false, discarded: 0 });
+    }
+    if input.len() <= max_line + 1 {
+        return None;
+    }
+    let mut cut = max_line;
+    if (0xD800..=0xDBFF).contains(&unit_at(cut - 2)) && cut > 2 {
+        cut -= 2; // keep a surrogate pair together
+    }
+    Some(Piece { consumed: cut, line: Some(cut), cut: true, discarded: 0 })
+}
+
 /// One step of line splitting.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Piece {
@@ -920,6 +1018,76 @@ mod tests {
             }
         }
         out
+    }
+
+    fn utf16(text: &str, big_endian: bool) -> Vec<u8> {
+        text.encode_utf16().flat_map(|u| if big_endian { u.to_be_bytes() } else { u.to_le_bytes() }).collect()
+    }
+
+    #[test]
+    fn utf16_lines_split_and_decode_in_both_byte_orders() {
+        for big_endian in [false, true] {
+            let encoding = if big_endian { Encoding::Utf16Be } else { Encoding::Utf16Le };
+            let input = utf16("\u{feff}first é\r\nsecond 😀 line\nthird", big_endian);
+            let split = |input: &[u8], max: usize| {
+                let mut pos = 0;
+                let mut lines = Vec::new();
+                while let Some(piece) =
+                    next_piece_utf16(&input[pos..], max, false, LongLine::Split, big_endian)
+                {
+                    let line = &input[pos..pos + piece.line.unwrap()];
+                    lines.push((decode(strip_cr(line, encoding), encoding).0.into_owned(), piece.cut));
+                    pos += piece.consumed;
+                }
+                (lines, pos)
+            };
+            let (lines, pos) = split(&input, 20);
+            assert_eq!(
+                lines,
+                vec![
+                    ("first é".to_owned(), false),
+                    ("second 😀 ".to_owned(), true),
+                    ("line".to_owned(), false)
+                ],
+                "big endian: {big_endian}"
+            );
+            // A cut never separates the halves of a surrogate pair.
+            let (pieces, _) = split(&utf16("second 😀 line\n", big_endian), 16);
+            assert_eq!(pieces[0], ("second ".to_owned(), true));
+            assert_eq!(pieces[1].0, "😀 line");
+            // The unterminated "third" waits for its newline.
+            assert_eq!(&input[pos..], &utf16("third", big_endian)[..]);
+        }
+    }
+
+    proptest::proptest! {
+        /// Split mode loses nothing: the pieces of any text decode back to
+        /// its lines, whatever the cap and byte order.
+        #[test]
+        fn utf16_split_is_lossless(lines in proptest::collection::vec("[^\n\r]{0,30}", 1..6), max in 4usize..40, big_endian: bool) {
+            let encoding = if big_endian { Encoding::Utf16Be } else { Encoding::Utf16Le };
+            let input = utf16(&lines.iter().map(|l| format!("{l}\n")).collect::<String>(), big_endian);
+            let mut pos = 0;
+            let mut rebuilt = String::new();
+            while let Some(piece) = next_piece_utf16(&input[pos..], max, false, LongLine::Split, big_endian) {
+                rebuilt.push_str(&decode(&input[pos..pos + piece.line.unwrap()], encoding).0);
+                if !piece.cut {
+                    rebuilt.push('\n');
+                }
+                pos += piece.consumed;
+            }
+            let expected: String = lines.iter().map(|l| format!("{}\n", l.trim_start_matches('\u{feff}'))).collect();
+            proptest::prop_assert_eq!(pos, input.len());
+            proptest::prop_assert_eq!(rebuilt.replace('\u{feff}', ""), expected.replace('\u{feff}', ""));
+        }
+
+        #[test]
+        fn utf16_split_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80), max in 0usize..20, long: bool) {
+            for mode in [LongLine::Split, LongLine::Truncate] {
+                let _ = next_piece_utf16(&bytes, max, long, mode, false);
+                let _ = next_piece_utf16(&bytes, max, long, mode, true);
+            }
+        }
     }
 
     #[test]
@@ -991,6 +1159,7 @@ mod restart_tests {
                 redact: Vec::new(),
                 multiline: None,
                 stdin: false,
+                encoding: Encoding::Utf8,
             }],
             batch: BatchConfig::default(),
             poll_interval_ms: 10,

@@ -136,6 +136,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             redact: Vec::new(),
             multiline: None,
             stdin: false,
+            encoding: logvault_agent::config::Encoding::Utf8,
         }],
         batch: BatchConfig::default(),
         poll_interval_ms: 200,

@@ -114,3 +114,42 @@ fn stdin_is_shipped_and_the_agent_exits_at_its_end() {
     assert_eq!(collector.total(&token, "fields.appname:sshd"), want);
     collector.process.stop();
 }
+
+/// A UTF-16 file (with a byte-order mark and CRLF, as Windows writes it)
+/// arrives as UTF-8 text, every line once.
+#[test]
+fn utf16_files_are_shipped_as_text() {
+    let setup = Setup::new("utf16");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    let logs = setup.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let lines = sample_lines("Apache_2k.log");
+    let text: String =
+        std::iter::once("\u{feff}".to_owned()).chain(lines.iter().map(|l| format!("{l}\r\n"))).collect();
+    let bytes: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let log = logs.join("windows.log");
+    std::fs::write(&log, bytes).unwrap();
+    let config = agent_config(
+        &setup,
+        "win-1",
+        collector.ingest,
+        &[log.to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("read_from = \"beginning\"\n", "read_from = \"beginning\"\nencoding = \"utf-16le\"\n");
+    std::fs::write(&config, text).unwrap();
+    let agent = start_agent(&setup, "win-1", &config);
+    let token = setup.token(&["default"], Role::Reader);
+    collector.wait_total(&token, "*", 2000, Duration::from_secs(30));
+    for word in ["workerEnv", "mod_jk", "notice", "error"] {
+        let word = terms(word).next().unwrap();
+        assert_eq!(collector.total(&token, &word), lines_with_term(&lines, &word), "{word}");
+    }
+    let (_, body) = collector.search_raw(Some(&token), &[("q", "workers2"), ("limit", "1000")]);
+    let first = body["hits"].as_array().unwrap().iter().find(|h| h["seq"] == 0).unwrap();
+    assert_eq!(first["message"].as_str().unwrap(), lines[0], "no BOM, no CR");
+    agent.stop();
+    collector.process.stop();
+}
