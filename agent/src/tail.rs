@@ -858,7 +858,7 @@ fn decode(line: &[u8], encoding: Encoding) -> (std::borrow::Cow<'_, str>, bool) 
                 Encoding::Utf16Le => u16::from_le_bytes([pair[0], pair[1]]),
                 _ => u16::from_be_bytes([pair[0], pair[1]]),
             };
-            let mut valid = line.len() % 2 == 0;
+            let mut valid = line.len().is_multiple_of(2);
             let text: String = char::decode_utf16(line.chunks_exact(2).map(unit))
                 .map(|c| {
                     c.unwrap_or_else(|_| {
