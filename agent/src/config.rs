@@ -83,6 +83,11 @@ pub struct AgentConfig {
     /// loopback). Off when absent.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// A disk spool between reading and shipping (see [`crate::spool`]).
+    /// Without it the tailer waits for the collector and the files are the
+    /// buffer.
+    #[serde(default)]
+    pub spool: Option<crate::spool::SpoolConfig>,
 }
 
 /// Where and how to reach the collector.
@@ -363,6 +368,9 @@ impl AgentConfig {
         }
         if self.batch.queue == 0 || self.collector.max_in_flight == 0 {
             return invalid("batch.queue", "queues need room for at least one batch");
+        }
+        if self.spool.as_ref().is_some_and(|s| s.max_bytes < 1024 * 1024) {
+            return invalid("spool.max_bytes", "must be at least 1048576");
         }
         if self.poll_interval_ms == 0 || self.poll_interval_ms > 60_000 {
             return invalid("poll_interval_ms", "must be between 1 and 60000");

@@ -26,6 +26,7 @@ pub mod config;
 pub mod metrics;
 pub mod parse;
 pub mod ship;
+pub mod spool;
 pub mod stdin;
 pub mod tail;
 
@@ -67,6 +68,9 @@ pub enum AgentError {
     /// Checkpoints could not be read or written.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    /// The spool could not be opened or written.
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
     /// A pipeline thread panicked; acked checkpoints were written.
     #[error("the {0} thread panicked; restart the agent")]
     Panicked(&'static str),
@@ -115,6 +119,12 @@ pub struct Stats {
     pub unacked_batches: AtomicU64,
     /// Files being tailed.
     pub files_tracked: AtomicU64,
+    /// Bytes in the disk spool.
+    pub spool_bytes: AtomicU64,
+    /// Records dropped from a full spool (`when_full = "drop_oldest"`).
+    pub spool_dropped_records: AtomicU64,
+    /// Damaged spool entries skipped.
+    pub spool_corrupt_entries: AtomicU64,
 }
 
 /// The agent's name and batch signing key, read from its certificate.
@@ -186,6 +196,45 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     }
     // With stdin as the only source the tailer is not started, so the
     // batch queue closes at end of input and the shipper drains and stops.
+    let mut spool = None;
+    let source = match &config.spool {
+        None => ship::BatchSource::Queue(rx),
+        Some(spool_config) => {
+            let opened = Arc::new(spool::Spool::open(
+                &config.state_dir.join("spool"),
+                spool_config.clone(),
+                stats.clone(),
+            )?);
+            spool = Some(opened.clone());
+            let pump_cancel = cancel.clone();
+            let pump = opened.clone();
+            let mut rx = rx;
+            // The pump moves batches from the queue into the spool; when the
+            // spool is full (block) it waits, the queue fills, the tailer waits.
+            std::thread::Builder::new()
+                .name("logvault-spool".into())
+                .spawn(move || {
+                    'batches: while let Some(batch) = rx.blocking_recv() {
+                        loop {
+                            match pump.append(&batch, &|| pump_cancel.is_cancelled()) {
+                                Ok(true) => continue 'batches,
+                                Ok(false) => break 'batches,
+                                Err(err) => {
+                                    tracing::error!(error = %err, "spool write failed; retrying");
+                                    if pump_cancel.is_cancelled() {
+                                        break 'batches;
+                                    }
+                                    std::thread::sleep(Duration::from_secs(1));
+                                }
+                            }
+                        }
+                    }
+                    pump.close();
+                })
+                .expect("spawning a thread works");
+            ship::BatchSource::Spool(opened)
+        }
+    };
     let tail_thread = if config.sources.iter().any(|s| !s.include.is_empty()) {
         let tailer = tail::Tailer::new(
             config.clone(),
@@ -210,6 +259,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     let writer = {
         let checkpoints = checkpoints.clone();
         let cancel = cancel.clone();
+        let spool = spool.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
             loop {
@@ -218,6 +268,14 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
                     _ = tick.tick() => {}
                 }
                 let store = checkpoints.clone();
+                if let Some(spool) = spool.clone() {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Err(err) = spool.persist_head() {
+                            tracing::error!(error = %err, "writing the spool head failed");
+                        }
+                    })
+                    .await;
+                }
                 match tokio::task::spawn_blocking(move || store.persist()).await {
                     Ok(Err(err)) => tracing::error!(error = %err, "writing checkpoints failed"),
                     Err(err) => tracing::error!(error = %err, "checkpoint writer panicked"),
@@ -234,7 +292,11 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
         tokio::spawn(metrics::serve(listener, stats.clone(), cancel.clone()));
     }
-    ship::run(config.collector.clone(), tls, rx, checkpoints.clone(), stats.clone(), cancel.clone()).await;
+    ship::run(config.collector.clone(), tls, source, checkpoints.clone(), stats.clone(), cancel.clone())
+        .await;
+    if let Some(spool) = &spool {
+        spool.persist_head()?;
+    }
     cancel.cancel();
     let _ = writer.await;
     let mut tailer_panicked = false;

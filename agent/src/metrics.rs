@@ -19,7 +19,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Renders every counter and gauge in the Prometheus text format.
 pub fn render(stats: &Stats) -> String {
-    let counters: [(&str, &str, u64); 13] = [
+    let counters: [(&str, &str, u64); 15] = [
         ("lines_read_total", "Records produced from files", stats.lines_read.load(Ordering::Relaxed)),
         ("bytes_read_total", "Bytes of lines read", stats.bytes_read.load(Ordering::Relaxed)),
         (
@@ -61,11 +61,22 @@ pub fn render(stats: &Stats) -> String {
             stats.batches_refused.load(Ordering::Relaxed),
         ),
         ("connects_total", "Connections made to the collector", stats.connects.load(Ordering::Relaxed)),
+        (
+            "spool_dropped_records_total",
+            "Records dropped from a full spool (drop_oldest)",
+            stats.spool_dropped_records.load(Ordering::Relaxed),
+        ),
+        (
+            "spool_corrupt_entries_total",
+            "Damaged spool entries skipped",
+            stats.spool_corrupt_entries.load(Ordering::Relaxed),
+        ),
     ];
-    let gauges: [(&str, &str, u64); 3] = [
+    let gauges: [(&str, &str, u64); 4] = [
         ("connected", "1 while connected to the collector", stats.connected.load(Ordering::Relaxed)),
         ("unacked_batches", "Batches sent and not yet acked", stats.unacked_batches.load(Ordering::Relaxed)),
         ("files_tracked", "Files being tailed", stats.files_tracked.load(Ordering::Relaxed)),
+        ("spool_bytes", "Bytes in the disk spool", stats.spool_bytes.load(Ordering::Relaxed)),
     ];
     let mut out = String::new();
     for (name, help, value) in counters {

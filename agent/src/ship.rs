@@ -28,11 +28,44 @@ use tokio_util::sync::CancellationToken;
 use crate::Stats;
 use crate::checkpoint::Checkpoints;
 use crate::config::CollectorConfig;
+use crate::spool::Spool;
 use crate::tail::SignedBatch;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the acks of batches already sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Where the shipper takes batches from: the tailer's queue, or the disk
+/// spool it fills.
+pub enum BatchSource {
+    /// The bounded in-memory queue.
+    Queue(mpsc::Receiver<SignedBatch>),
+    /// The disk spool.
+    Spool(Arc<Spool>),
+}
+
+impl BatchSource {
+    /// The next batch; `None` once every producer is gone and all is read.
+    async fn next(&mut self) -> Option<SignedBatch> {
+        match self {
+            BatchSource::Queue(queue) => queue.recv().await,
+            BatchSource::Spool(spool) => spool.next_async().await,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            BatchSource::Queue(queue) => queue.is_empty(),
+            BatchSource::Spool(_) => true,
+        }
+    }
+
+    fn acked(&self, batch: &SignedBatch) {
+        if let (BatchSource::Spool(spool), Some(position)) = (self, batch.spool_position) {
+            spool.ack(position);
+        }
+    }
+}
 
 /// Capped exponential backoff with full jitter.
 struct Backoff {
@@ -70,7 +103,7 @@ enum SessionEnd {
 pub async fn run(
     config: CollectorConfig,
     tls: Arc<ClientConfig>,
-    mut batches: mpsc::Receiver<SignedBatch>,
+    mut batches: BatchSource,
     checkpoints: Checkpoints,
     stats: Arc<Stats>,
     cancel: CancellationToken,
@@ -140,7 +173,7 @@ async fn session(
     stream: tokio_rustls::client::TlsStream<TcpStream>,
     config: &CollectorConfig,
     window: &mut VecDeque<SignedBatch>,
-    batches: &mut mpsc::Receiver<SignedBatch>,
+    batches: &mut BatchSource,
     checkpoints: &Checkpoints,
     stats: &Stats,
     cancel: &CancellationToken,
@@ -196,6 +229,7 @@ async fn session(
                             return SessionEnd::Retry;
                         }
                         checkpoints.ack(front.file, front.ack);
+                        batches.acked(&front);
                         stats.unacked_batches.store(window.len() as u64, Ordering::Relaxed);
                         stats.batches_acked.fetch_add(1, Ordering::Relaxed);
                         stats.records_acked.fetch_add(u64::from(front.records), Ordering::Relaxed);
@@ -234,7 +268,7 @@ async fn session(
                     tracing::warn!(unacked = window.len(), "shutting down with unacked batches; they are read again at next start");
                     return SessionEnd::Done;
                 }
-                batch = batches.recv(), if !draining && window.len() < config.max_in_flight => {
+                batch = batches.next(), if !draining && window.len() < config.max_in_flight => {
                     let Some(batch) = batch else {
                         draining = true;
                         continue;

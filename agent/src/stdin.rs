@@ -187,6 +187,7 @@ impl StdinBatcher {
             file: FileKey { dev: 0, ino: 0 },
             ack: Acked { epoch: self.epoch, offset: 0, seq: self.seq, in_long_line: false, batch_hash: hash },
             records,
+            spool_position: None,
         };
         self.tx.blocking_send(signed).map_err(|_| Stopped)
     }

@@ -94,6 +94,8 @@ pub struct SignedBatch {
     pub ack: Acked,
     /// Records in the batch.
     pub records: u32,
+    /// Where it ends in the spool, once it went through one.
+    pub spool_position: Option<(u64, u64)>,
 }
 
 struct Tracked {
@@ -755,6 +757,7 @@ impl Tailer {
                 batch_hash: hash,
             },
             records,
+            spool_position: None,
         };
         self.tx.blocking_send(signed).map_err(|_| ReadError::Stopped)
     }
@@ -1164,6 +1167,7 @@ mod restart_tests {
             batch: BatchConfig::default(),
             poll_interval_ms: 10,
             metrics_listen: None,
+            spool: None,
         })
     }
 

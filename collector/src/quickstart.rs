@@ -141,6 +141,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         batch: BatchConfig::default(),
         poll_interval_ms: 200,
         metrics_listen: None,
+        spool: None,
     };
     let agent_cancel = CancellationToken::new();
     let agent_task = tokio::spawn(logvault_agent::run(agent_config, agent_cancel.clone()));
