@@ -21,8 +21,19 @@ fn assert_each_once(collector: &Collector, token: &str, lines: usize, step: usiz
 
 #[test]
 fn kill9_of_the_agent_ten_times_during_a_200k_line_stream_loses_and_repeats_nothing() {
+    kill9_ten_times(false);
+}
+
+/// The same with the disk spool: after each kill the spool replays what
+/// was not acked while the tailer reads again from the acked checkpoint.
+#[test]
+fn kill9_ten_times_with_the_spool_loses_and_repeats_nothing() {
+    kill9_ten_times(true);
+}
+
+fn kill9_ten_times(spool: bool) {
     const LINES: usize = 200_000;
-    let setup = Setup::new("kill9-agent");
+    let setup = Setup::new(if spool { "kill9-spool" } else { "kill9-agent" });
     let collector = Collector::start(&setup, &CollectorOptions::default());
     let logs = setup.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
@@ -34,6 +45,10 @@ fn kill9_of_the_agent_ten_times_during_a_200k_line_stream_loses_and_repeats_noth
         &[log.to_string_lossy().into_owned()],
         &AgentOptions { max_records: 500, ..AgentOptions::default() },
     );
+    if spool {
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("{text}\n[spool]\nmax_bytes = 67108864\n")).unwrap();
+    }
     let token = setup.token(&["default"], Role::Reader);
     let lines = numbered_lines(0, LINES);
 
