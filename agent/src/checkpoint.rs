@@ -56,9 +56,22 @@ pub struct FileCheckpoint {
     pub fingerprint: String,
 }
 
+/// What is durable on the collector of the systemd journal source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalCheckpoint {
+    /// The stream's epoch.
+    pub epoch: u64,
+    /// Sequence number of the next record after `cursor`.
+    pub acked_seq: u64,
+    /// The journal cursor of the last acked record.
+    pub cursor: Option<String>,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct CheckpointFile {
     version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    journal: Option<JournalCheckpoint>,
     /// Highest epoch handed out per source, so a new file of a source never
     /// reuses an epoch.
     epochs: BTreeMap<String, u64>,
@@ -95,6 +108,7 @@ struct State {
     files: BTreeMap<FileKey, FileCheckpoint>,
     /// Files the tailer has let go; their entries go once fully acked.
     released: BTreeMap<FileKey, u64>,
+    journal: Option<JournalCheckpoint>,
     /// Changes made, and how many of them are on disk.
     changes: u64,
     saved: u64,
@@ -130,6 +144,7 @@ impl Checkpoints {
                     )));
                 }
                 state.epochs = file.epochs;
+                state.journal = file.journal;
                 state.files = file.files.into_iter().collect();
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => state.fresh = true,
@@ -267,6 +282,7 @@ impl Checkpoints {
             }
             let file = CheckpointFile {
                 version: CHECKPOINT_VERSION,
+                journal: state.journal.clone(),
                 epochs: state.epochs.clone(),
                 files: state.files.iter().map(|(k, v)| (*k, v.clone())).collect(),
             };
@@ -276,6 +292,24 @@ impl Checkpoints {
         let mut state = self.lock();
         state.saved = state.saved.max(version);
         Ok(())
+    }
+
+    /// The journal source's acked state.
+    pub fn journal(&self) -> Option<JournalCheckpoint> {
+        self.lock().journal.clone()
+    }
+
+    /// Sets the journal source's state (a new epoch, or an ack).
+    pub fn set_journal(&self, journal: JournalCheckpoint) {
+        let mut state = self.lock();
+        let newer = state
+            .journal
+            .as_ref()
+            .is_none_or(|old| old.epoch != journal.epoch || journal.acked_seq >= old.acked_seq);
+        if newer {
+            state.journal = Some(journal);
+            state.changes += 1;
+        }
     }
 
     /// Takes back a cut whose save failed, so it is not saved later while

@@ -154,6 +154,12 @@ pub struct SourceConfig {
     /// Read standard input instead of files (see [`crate::stdin`]).
     #[serde(default)]
     pub stdin: bool,
+    /// Read the systemd journal instead of files (see [`crate::journald`]).
+    #[serde(default)]
+    pub journald: bool,
+    /// Extra `journalctl` arguments, e.g. `["--unit=ssh.service"]`.
+    #[serde(default)]
+    pub journalctl_args: Vec<String>,
     /// Glob patterns of files to leave alone, matched against the full path.
     #[serde(default)]
     pub exclude: Vec<String>,
@@ -319,10 +325,13 @@ impl AgentConfig {
             return invalid("sources", "at least one [[sources]] is needed");
         }
         for source in &self.sources {
-            if source.include.is_empty() != source.stdin {
+            let kinds = usize::from(!source.include.is_empty())
+                + usize::from(source.stdin)
+                + usize::from(source.journald);
+            if kinds != 1 {
                 return invalid(
                     "sources.include",
-                    "a source needs include patterns or stdin = true, not both",
+                    "a source needs one of include patterns, stdin = true or journald = true",
                 );
             }
             for pattern in source.include.iter().chain(&source.exclude) {
@@ -356,6 +365,9 @@ impl AgentConfig {
         }
         if self.sources.iter().filter(|s| s.stdin).count() > 1 {
             return invalid("sources.stdin", "only one source can read stdin");
+        }
+        if self.sources.iter().filter(|s| s.journald).count() > 1 {
+            return invalid("sources.journald", "only one source can read the journal");
         }
         if self.sources.iter().any(|s| s.stdin && (s.multiline.is_some() || s.encoding != Encoding::Utf8)) {
             return invalid("sources.stdin", "multiline and encoding are for file sources");

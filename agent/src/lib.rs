@@ -23,6 +23,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod journald;
 pub mod metrics;
 pub mod parse;
 pub mod ship;
@@ -192,6 +193,22 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         std::thread::Builder::new()
             .name("logvault-stdin".into())
             .spawn(move || stdin::run(source, batch, name, key, epoch, tx, stats))
+            .expect("spawning a thread works");
+    }
+    if let Some(source) = config.sources.iter().find(|s| s.journald) {
+        let reader = journald::JournalReader {
+            settings: source.clone(),
+            batch: config.batch.clone(),
+            agent_id: identity.name.clone(),
+            key: key.clone(),
+            checkpoints: checkpoints.clone(),
+            tx: tx.clone(),
+            stats: stats.clone(),
+        };
+        let journal_cancel = cancel.clone();
+        std::thread::Builder::new()
+            .name("logvault-journal".into())
+            .spawn(move || reader.run(journal_cancel))
             .expect("spawning a thread works");
     }
     // With stdin as the only source the tailer is not started, so the

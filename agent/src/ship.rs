@@ -229,6 +229,13 @@ async fn session(
                             return SessionEnd::Retry;
                         }
                         checkpoints.ack(front.file, front.ack);
+                        if let Some(cursor) = &front.cursor {
+                            checkpoints.set_journal(crate::checkpoint::JournalCheckpoint {
+                                epoch: front.ack.epoch,
+                                acked_seq: front.ack.seq,
+                                cursor: Some(cursor.clone()),
+                            });
+                        }
                         batches.acked(&front);
                         stats.unacked_batches.store(window.len() as u64, Ordering::Relaxed);
                         stats.batches_acked.fetch_add(1, Ordering::Relaxed);

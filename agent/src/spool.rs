@@ -41,7 +41,9 @@ use crate::tail::SignedBatch;
 /// A segment is rolled past this size.
 pub const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 const HEADER: usize = 8;
-const META: usize = 8 * 5 + 1 + 4 + 32;
+/// Fixed metadata before the cursor: dev, ino, epoch, offset, seq,
+/// in_long_line, records, hash, cursor length.
+const META: usize = 8 * 5 + 1 + 4 + 32 + 2;
 /// Largest entry read back: a batch frame plus its metadata.
 const MAX_ENTRY: u32 = 32 * 1024 * 1024;
 
@@ -406,6 +408,10 @@ fn encode(batch: &SignedBatch) -> Vec<u8> {
     out.push(u8::from(batch.ack.in_long_line));
     out.extend_from_slice(&batch.records.to_be_bytes());
     out.extend_from_slice(&batch.hash);
+    let cursor = batch.cursor.as_deref().unwrap_or_default().as_bytes();
+    let cursor = &cursor[..cursor.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(cursor.len() as u16).to_be_bytes());
+    out.extend_from_slice(cursor);
     out.extend_from_slice(&batch.bytes);
     let len = (out.len() - HEADER) as u32;
     let crc = crc32fast::hash(&out[HEADER..]);
@@ -435,6 +441,12 @@ fn read_entry(path: &Path, offset: u64) -> Result<Option<(SignedBatch, u64)>, St
         return Err("checksum mismatch".to_owned());
     }
     let u64_at = |at: usize| u64::from_be_bytes(payload[at..at + 8].try_into().expect("8 bytes"));
+    let cursor_len = u16::from_be_bytes(payload[77..79].try_into().expect("2 bytes")) as usize;
+    if META + cursor_len > payload.len() {
+        return Err(format!("cursor length {cursor_len} past the entry"));
+    }
+    let cursor =
+        (cursor_len > 0).then(|| String::from_utf8_lossy(&payload[META..META + cursor_len]).into_owned());
     let mut hash = [0u8; 32];
     hash.copy_from_slice(&payload[45..77]);
     let batch = SignedBatch {
@@ -448,7 +460,8 @@ fn read_entry(path: &Path, offset: u64) -> Result<Option<(SignedBatch, u64)>, St
         },
         records: u32::from_be_bytes(payload[41..45].try_into().expect("4 bytes")),
         hash,
-        bytes: payload[META..].to_vec(),
+        bytes: payload[META + cursor_len..].to_vec(),
+        cursor,
         spool_position: None,
     };
     Ok(Some((batch, offset + HEADER as u64 + u64::from(len))))
@@ -495,6 +508,7 @@ mod tests {
             },
             records: 3,
             spool_position: None,
+            cursor: None,
         }
     }
 

@@ -188,6 +188,7 @@ impl StdinBatcher {
             ack: Acked { epoch: self.epoch, offset: 0, seq: self.seq, in_long_line: false, batch_hash: hash },
             records,
             spool_position: None,
+            cursor: None,
         };
         self.tx.blocking_send(signed).map_err(|_| Stopped)
     }

@@ -96,6 +96,8 @@ pub struct SignedBatch {
     pub records: u32,
     /// Where it ends in the spool, once it went through one.
     pub spool_position: Option<(u64, u64)>,
+    /// For the journal: the cursor of its last record.
+    pub cursor: Option<String>,
 }
 
 struct Tracked {
@@ -758,6 +760,7 @@ impl Tailer {
             },
             records,
             spool_position: None,
+            cursor: None,
         };
         self.tx.blocking_send(signed).map_err(|_| ReadError::Stopped)
     }
@@ -1162,6 +1165,8 @@ mod restart_tests {
                 redact: Vec::new(),
                 multiline: None,
                 stdin: false,
+                journald: false,
+                journalctl_args: Vec::new(),
                 encoding: Encoding::Utf8,
             }],
             batch: BatchConfig::default(),

@@ -136,6 +136,8 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             redact: Vec::new(),
             multiline: None,
             stdin: false,
+            journald: false,
+            journalctl_args: Vec::new(),
             encoding: logvault_agent::config::Encoding::Utf8,
         }],
         batch: BatchConfig::default(),
