@@ -137,7 +137,23 @@ impl Spool {
         for id in ids {
             let path = segment_path(dir, id);
             let len = std::fs::metadata(&path).map_err(io(&path))?.len();
-            segments.push_back(Segment { id, path, len, records: count_records(&segment_path(dir, id)) });
+            let (valid, records, damage) = scan(&path);
+            if let Some(reason) = damage {
+                // Cut the damage off; the tailer reads again from the acked
+                // checkpoints at every start, so what the cut-off entries
+                // held comes back from the files that still exist.
+                stats.spool_corrupt_entries.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(segment = %path.display(), offset = valid, reason, "damaged spool entry; cutting the segment there");
+            }
+            if valid < len {
+                // Damage, or a torn last write that was never complete.
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(valid))
+                    .map_err(io(&path))?;
+            }
+            segments.push_back(Segment { id, path, len: valid, records });
         }
         let head = std::fs::read_to_string(dir.join("head"))
             .ok()
@@ -221,17 +237,16 @@ impl Spool {
             }
         }
         let roll_at = self.segment_bytes();
-        let needs_new = state.segments.back().is_none_or(|s| s.len >= roll_at) || state.writer.is_none();
+        // Appends never go into a segment written before the writer was
+        // opened (by an earlier run, or before damage was found): always a
+        // fresh one.
+        let needs_new = state.writer.is_none() || state.segments.back().is_none_or(|s| s.len >= roll_at);
         if needs_new {
-            let id = state.segments.back().map_or(state.head.0, |s| s.id + 1);
+            let id = state.segments.back().map_or(state.head.0, |s| s.id + 1).max(state.read.0);
             let path = segment_path(&self.dir, id);
-            let reuse = state.segments.back().is_some_and(|s| s.len < roll_at);
-            let path = if reuse { state.segments.back().expect("checked").path.clone() } else { path };
             let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
-            if !reuse {
-                File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
-                state.segments.push_back(Segment { id, path, len: 0, records: 0 });
-            }
+            File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+            state.segments.push_back(Segment { id, path, len: 0, records: 0 });
             state.writer = Some(file);
         }
         let segment_path = state.segments.back().expect("a segment exists").path.clone();
@@ -292,14 +307,11 @@ impl Spool {
                     if index + 1 == state.segments.len() {
                         // Appends continue in a new segment after the damage.
                         state.writer = None;
-                        state.segments.push_back(Segment {
-                            id: id + 1,
-                            path: segment_path(&self.dir, id + 1),
-                            len: 0,
-                            records: 0,
-                        });
+                        state.segments[index].len = state.read.1;
+                        state.read = (id + 1, 0);
+                    } else {
+                        state.read = (state.segments[index + 1].id, 0);
                     }
-                    state.read = (state.segments[index + 1].id, 0);
                 }
             }
         }
@@ -467,14 +479,21 @@ fn read_entry(path: &Path, offset: u64) -> Result<Option<(SignedBatch, u64)>, St
     Ok(Some((batch, offset + HEADER as u64 + u64::from(len))))
 }
 
-fn count_records(path: &Path) -> u64 {
+/// Walks a segment: the length of its whole, valid entries, their record
+/// count, and what is wrong with the first damaged entry, if any.
+fn scan(path: &Path) -> (u64, u64, Option<String>) {
     let mut offset = 0;
     let mut records = 0;
-    while let Ok(Some((batch, next))) = read_entry(path, offset) {
-        records += u64::from(batch.records);
-        offset = next;
+    loop {
+        match read_entry(path, offset) {
+            Ok(Some((batch, next))) => {
+                records += u64::from(batch.records);
+                offset = next;
+            }
+            Ok(None) => return (offset, records, None),
+            Err(reason) => return (offset, records, Some(reason)),
+        }
     }
-    records
 }
 
 fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
