@@ -555,15 +555,9 @@ impl Tailer {
         // Make the cut durable before the record leaves, so a restart
         // numbers the lines after it exactly as now.
         let cut = tracked.read_offset + got as u64;
-        if !self.checkpoints.add_cut(key, cut) {
+        if !self.save_cut(key, tracked, cut) {
             return Ok(());
         }
-        if let Err(err) = self.checkpoints.persist() {
-            self.checkpoints.remove_cut(key, cut);
-            tracing::warn!(path = %tracked.path.display(), error = %err, "cannot persist a line cut; the line waits");
-            return Ok(());
-        }
-        tracked.cuts.push(cut);
         tracked.read_offset = cut;
         let was_in_long_line = std::mem::replace(&mut tracked.in_long_line, false);
         if was_in_long_line && tracked.settings.on_long_line == LongLine::Truncate {
@@ -593,18 +587,26 @@ impl Tailer {
             return Ok(());
         }
         let boundary = pending.end;
-        if !tracked.cuts.contains(&boundary) {
-            if !self.checkpoints.add_cut(key, boundary) {
-                return Ok(());
-            }
-            if let Err(err) = self.checkpoints.persist() {
-                self.checkpoints.remove_cut(key, boundary);
-                tracing::warn!(path = %tracked.path.display(), error = %err, "cannot persist a record boundary; the record waits");
-                return Ok(());
-            }
-            tracked.cuts.push(boundary);
+        if !tracked.cuts.contains(&boundary) && !self.save_cut(key, tracked, boundary) {
+            return Ok(());
         }
         self.flush_pending(key, tracked, builder, now_ns())
+    }
+
+    /// Makes a record boundary at `offset` durable before the record
+    /// leaves, so a restart ends the record at the same place. `false` when
+    /// it could not be saved: the record waits and nothing is sent.
+    fn save_cut(&self, key: FileKey, tracked: &mut Tracked, offset: u64) -> bool {
+        if !self.checkpoints.add_cut(key, offset) {
+            return false;
+        }
+        if let Err(err) = self.checkpoints.persist() {
+            self.checkpoints.remove_cut(key, offset);
+            tracing::warn!(path = %tracked.path.display(), error = %err, "cannot save a record boundary; the record waits");
+            return false;
+        }
+        tracked.cuts.push(offset);
+        true
     }
 
     /// Ships the multi-line record being merged, if any.

@@ -31,6 +31,7 @@
 
 pub mod batch;
 pub mod frame;
+pub mod io;
 pub mod record;
 mod wire;
 
