@@ -54,6 +54,9 @@ pub struct FileCheckpoint {
     /// is another file, whatever its inode.
     #[serde(default)]
     pub fingerprint: String,
+    /// Hash of the line-splitting settings the epoch was numbered with.
+    #[serde(default)]
+    pub splitting: String,
 }
 
 /// What is durable on the collector of the systemd journal source.
@@ -527,6 +530,7 @@ mod tests {
             cuts: Vec::new(),
             fingerprint_len: 0,
             fingerprint: String::new(),
+            splitting: String::new(),
         };
         for i in 0..100_000 {
             store.register(FileKey { dev: 1, ino: i }, entry(i));
@@ -597,6 +601,7 @@ mod tests {
                 cuts: Vec::new(),
                 fingerprint_len: 0,
                 fingerprint: String::new(),
+                splitting: String::new(),
             },
         );
         for n in 1..=2_000u64 {
@@ -629,6 +634,7 @@ mod tests {
                 cuts: vec![150],
                 fingerprint_len: 0,
                 fingerprint: String::new(),
+                splitting: String::new(),
             },
         );
         store.ack(key, Acked { epoch, offset: 120, seq: 3, in_long_line: false, batch_hash: [5; 32] });

@@ -130,6 +130,8 @@ struct Tracked {
     record_end_in_long_line: bool,
     /// A new epoch was assigned and is not on disk yet.
     epoch_unsaved: bool,
+    /// Resumed with other line-splitting settings than the checkpoint's.
+    splitting_changed: bool,
     /// Multiline merging, when configured, and the record being merged.
     multiline: Option<Multiline>,
     pending: Option<PendingRecord>,
@@ -181,12 +183,15 @@ impl Tracked {
             record_end: offset,
             record_end_in_long_line: false,
             epoch_unsaved: false,
+            splitting_changed: false,
             multiline,
             pending: None,
         }
     }
 
     fn resume(path: PathBuf, file: File, settings: SourceConfig, checkpoint: FileCheckpoint) -> Self {
+        let splitting_changed =
+            !checkpoint.splitting.is_empty() && checkpoint.splitting != splitting_key(&settings);
         let mut tracked =
             Tracked::new(checkpoint.source, path, file, settings, checkpoint.epoch, checkpoint.acked_offset);
         tracked.next_seq = checkpoint.acked_seq;
@@ -195,6 +200,7 @@ impl Tracked {
         tracked.prev_hash = unhex32(&checkpoint.prev_hash).unwrap_or([0; 32]);
         tracked.cuts = checkpoint.cuts;
         tracked.fingerprint = (checkpoint.fingerprint_len, checkpoint.fingerprint);
+        tracked.splitting_changed = splitting_changed;
         tracked
     }
 }
@@ -332,7 +338,7 @@ impl Tailer {
         let start =
             if self.fresh_start && !replaced && settings.read_from == ReadFrom::End { len } else { 0 };
         let epoch = self.checkpoints.next_epoch(&path_text);
-        self.checkpoints.register(key, new_checkpoint(&path_text, &path_text, epoch, start));
+        self.checkpoints.register(key, new_checkpoint(&path_text, &path_text, epoch, start, &settings));
         // The epoch must be durable before any record of it leaves: after a
         // crash the same file must get the same stream key, or its resent
         // lines would not be recognised.
@@ -439,10 +445,39 @@ impl Tailer {
             tracked.pending = None;
             self.checkpoints.register(
                 key,
-                new_checkpoint(&tracked.source, &tracked.path.to_string_lossy(), tracked.epoch, 0),
+                new_checkpoint(
+                    &tracked.source,
+                    &tracked.path.to_string_lossy(),
+                    tracked.epoch,
+                    0,
+                    &tracked.settings,
+                ),
             );
             tracked.epoch_unsaved = true;
+        } else if tracked.splitting_changed {
+            // Lines after the acked offset would be split differently than
+            // the unacked batches already sent: number them in a new epoch,
+            // so nothing can be mistaken for a resend (at worst a line the
+            // collector already has is stored twice; none is lost).
+            tracing::info!(path = %tracked.path.display(), "line-splitting settings changed; the unacked rest starts a new epoch");
+            tracked.epoch = self.checkpoints.next_epoch(&tracked.source);
+            tracked.next_seq = 0;
+            tracked.prev_hash = [0; 32];
+            tracked.cuts.clear();
+            tracked.pending = None;
+            let mut checkpoint = new_checkpoint(
+                &tracked.source,
+                &tracked.path.to_string_lossy(),
+                tracked.epoch,
+                tracked.read_offset,
+                &tracked.settings,
+            );
+            checkpoint.in_long_line = tracked.in_long_line;
+            (checkpoint.fingerprint_len, checkpoint.fingerprint) = tracked.fingerprint.clone();
+            self.checkpoints.register(key, checkpoint);
+            tracked.epoch_unsaved = true;
         }
+        tracked.splitting_changed = false;
         if tracked.epoch_unsaved {
             // Nothing of a new epoch is read before the epoch is on disk.
             self.checkpoints.persist().map_err(std::io::Error::other)?;
@@ -768,8 +803,27 @@ impl Tailer {
     }
 }
 
-fn new_checkpoint(source: &str, path: &str, epoch: u64, offset: u64) -> FileCheckpoint {
+/// What decides where records begin and end: `max_line_bytes`,
+/// `on_long_line`, `encoding` and the multiline patterns and cap. Sequence
+/// numbers are only stable while these stay the same.
+fn splitting_key(settings: &SourceConfig) -> String {
+    let multiline = settings.multiline.as_ref().map(|m| (&m.start, &m.continuation, m.max_lines));
+    let text = format!(
+        "{}|{:?}|{:?}|{:?}",
+        settings.max_line_bytes, settings.on_long_line, settings.encoding, multiline
+    );
+    hex(&ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref()[..8])
+}
+
+fn new_checkpoint(
+    source: &str,
+    path: &str,
+    epoch: u64,
+    offset: u64,
+    settings: &SourceConfig,
+) -> FileCheckpoint {
     FileCheckpoint {
+        splitting: splitting_key(settings),
         source: source.to_owned(),
         path: path.to_owned(),
         epoch,
@@ -1224,6 +1278,43 @@ mod restart_tests {
         }
         assert_eq!(records, 10);
         assert!(batches >= 3, "{batches} batches: the size limit was not exercised");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn epochs(rx: &mut mpsc::Receiver<SignedBatch>) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        while let Ok(batch) = rx.try_recv() {
+            let header = logvault_storage::batch::peek_header(&batch.bytes).unwrap();
+            out.push((header.epoch, header.first_seq));
+        }
+        out
+    }
+
+    /// Regression: a restart with another `max_line_bytes` would split the
+    /// unacked lines differently under the same sequence numbers; it starts
+    /// a new epoch instead, and the same settings keep the epoch.
+    #[test]
+    fn changed_splitting_settings_start_a_new_epoch_at_the_acked_offset() {
+        let dir = temp("splitting");
+        std::fs::write(dir.join("a.log"), format!("{}\n", "x".repeat(40)).repeat(3)).unwrap();
+        let (mut tailer, mut rx) = start(&dir);
+        tailer.scan();
+        assert!(tailer.read_all().is_ok());
+        let first = epochs(&mut rx);
+        drop(tailer);
+
+        let (mut tailer, mut rx) = start(&dir);
+        tailer.scan();
+        assert!(tailer.read_all().is_ok());
+        assert_eq!(epochs(&mut rx), first, "same settings, same stream");
+        drop(tailer);
+
+        let (mut tailer, mut rx) = start_with(&dir, |c| c.sources[0].max_line_bytes = 16);
+        tailer.scan();
+        assert!(tailer.read_all().is_ok());
+        let after = epochs(&mut rx);
+        assert_ne!(after[0].0, first[0].0, "a new epoch");
+        assert_eq!(after[0].1, 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
