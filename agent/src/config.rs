@@ -246,6 +246,28 @@ fn default_multiline_max_lines() -> u32 {
 }
 
 impl SourceConfig {
+    /// A file source for `include` with every other setting at its
+    /// default: what a `[[sources]]` table naming only `include` gives.
+    pub fn files(include: Vec<String>) -> SourceConfig {
+        SourceConfig {
+            include,
+            stdin: false,
+            journald: false,
+            journalctl_args: Vec::new(),
+            exclude: Vec::new(),
+            read_from: ReadFrom::default(),
+            max_line_bytes: default_max_line_bytes(),
+            on_long_line: LongLine::default(),
+            parser: ParserKind::default(),
+            pattern: None,
+            timestamp_format: None,
+            timezone: None,
+            redact: Vec::new(),
+            multiline: None,
+            encoding: Encoding::default(),
+        }
+    }
+
     /// The compiled redaction rules.
     pub fn redactor(&self) -> Result<Redactor, ParserError> {
         Redactor::new(&self.redact)

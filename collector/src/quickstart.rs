@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use logvault_agent::config::{
-    AgentConfig, BatchConfig, CollectorConfig as AgentCollector, LongLine, ReadFrom, SourceConfig,
-};
+use logvault_agent::config::{AgentConfig, BatchConfig, CollectorConfig as AgentCollector, SourceConfig};
 use logvault_agent::parse::ParserKind;
 use logvault_certs::{Pki, Role as CertRole};
 use logvault_collector::auth::{self, Claims, Role};
@@ -123,23 +121,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             max_in_flight: 32,
             max_backoff_ms: 5_000,
         },
-        sources: vec![SourceConfig {
-            include: logs.clone(),
-            exclude: Vec::new(),
-            read_from: ReadFrom::Beginning,
-            max_line_bytes: 64 * 1024,
-            on_long_line: LongLine::Split,
-            parser: ParserKind::Auto,
-            pattern: None,
-            timestamp_format: None,
-            timezone: None,
-            redact: Vec::new(),
-            multiline: None,
-            stdin: false,
-            journald: false,
-            journalctl_args: Vec::new(),
-            encoding: logvault_agent::config::Encoding::Utf8,
-        }],
+        sources: vec![SourceConfig { parser: ParserKind::Auto, ..SourceConfig::files(logs.clone()) }],
         batch: BatchConfig::default(),
         poll_interval_ms: 200,
         metrics_listen: None,
