@@ -299,12 +299,40 @@ pub struct BatchConfig {
     /// tailer blocks (it stops reading, nothing is dropped). Default 16.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// How the record section of a batch is compressed before signing.
+    /// Default `zstd`.
+    #[serde(default)]
+    pub compression: Compression,
+    /// zstd level, 1 (fast) to 19. Default 1.
+    #[serde(default = "default_compression_level")]
+    pub compression_level: i32,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        Self { max_records: default_max_records(), max_bytes: default_max_bytes(), queue: default_queue() }
+        Self {
+            max_records: default_max_records(),
+            max_bytes: default_max_bytes(),
+            queue: default_queue(),
+            compression: Compression::default(),
+            compression_level: default_compression_level(),
+        }
     }
+}
+
+/// Batch compression.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Records as they are.
+    None,
+    /// zstd at `compression_level`.
+    #[default]
+    Zstd,
+}
+
+fn default_compression_level() -> i32 {
+    1
 }
 
 fn default_poll_interval_ms() -> u64 {
@@ -399,6 +427,9 @@ impl AgentConfig {
         }
         if !(1024..=8 * 1024 * 1024).contains(&self.batch.max_bytes) {
             return invalid("batch.max_bytes", "must be between 1024 and 8388608");
+        }
+        if !(1..=19).contains(&self.batch.compression_level) {
+            return invalid("batch.compression_level", "must be between 1 and 19");
         }
         if self.batch.queue == 0 || self.collector.max_in_flight == 0 {
             return invalid("batch.queue", "queues need room for at least one batch");

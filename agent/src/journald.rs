@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use logvault_storage::batch::encoded_batch_hash;
 use logvault_storage::record::FLAG_TRUNCATED;
 use logvault_storage::{BatchBuilder, Level};
-use ring::signature::Ed25519KeyPair;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +24,7 @@ use crate::Stats;
 use crate::checkpoint::{Acked, Checkpoints, FileKey, JournalCheckpoint};
 use crate::config::{BatchConfig, ReadFrom, SourceConfig};
 use crate::parse::Redactor;
+use crate::sign::Signer;
 use crate::tail::{SignedBatch, cap_record};
 
 /// The stream name of the journal.
@@ -42,8 +42,8 @@ pub struct JournalReader {
     pub batch: BatchConfig,
     /// The agent's name.
     pub agent_id: String,
-    /// The signing key.
-    pub key: Arc<Ed25519KeyPair>,
+    /// Signs and compresses batches.
+    pub signer: Signer,
     /// Where the acked cursor is kept.
     pub checkpoints: Checkpoints,
     /// Where batches go.
@@ -191,7 +191,7 @@ impl JournalReader {
     ) -> Result<(), ()> {
         let Some((batch, cursor)) = builder.take() else { return Ok(()) };
         let records = batch.len();
-        let bytes = batch.sign(&self.key);
+        let bytes = self.signer.sign(batch);
         let hash = encoded_batch_hash(&bytes).expect("a batch we built decodes");
         *prev_hash = hash;
         let signed = SignedBatch {

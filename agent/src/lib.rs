@@ -27,6 +27,7 @@ pub mod journald;
 pub mod metrics;
 pub mod parse;
 pub mod ship;
+pub mod sign;
 pub mod spool;
 pub mod stdin;
 pub mod tail;
@@ -200,7 +201,7 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             settings: source.clone(),
             batch: config.batch.clone(),
             agent_id: identity.name.clone(),
-            key: key.clone(),
+            signer: sign::Signer::new(key.clone(), &config.batch),
             checkpoints: checkpoints.clone(),
             tx: tx.clone(),
             stats: stats.clone(),

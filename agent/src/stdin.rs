@@ -21,6 +21,7 @@ use crate::Stats;
 use crate::checkpoint::{Acked, FileKey};
 use crate::config::{BatchConfig, SourceConfig};
 use crate::parse::{Parser, Redactor};
+use crate::sign::Signer;
 use crate::tail::{SignedBatch, next_piece};
 
 /// The stream name of standard input.
@@ -40,11 +41,12 @@ pub fn run(
 ) {
     let parser = settings.parser().unwrap_or_else(|_| Parser::none());
     let redactor = settings.redactor().unwrap_or_default();
+    let signer = Signer::new(key, &batch);
     let mut reader = StdinBatcher {
         settings,
         batch,
         agent_id,
-        key,
+        signer,
         epoch,
         tx,
         stats,
@@ -108,7 +110,7 @@ struct StdinBatcher {
     settings: SourceConfig,
     batch: BatchConfig,
     agent_id: String,
-    key: Arc<Ed25519KeyPair>,
+    signer: Signer,
     epoch: u64,
     tx: mpsc::Sender<SignedBatch>,
     stats: Arc<Stats>,
@@ -177,7 +179,7 @@ impl StdinBatcher {
     fn flush(&mut self, builder: &mut Option<BatchBuilder>) -> Result<(), Stopped> {
         let Some(batch) = builder.take() else { return Ok(()) };
         let records = batch.len();
-        let bytes = batch.sign(&self.key);
+        let bytes = self.signer.sign(batch);
         let hash = encoded_batch_hash(&bytes).expect("a batch we built decodes");
         self.prev_hash = hash;
         let signed = SignedBatch {

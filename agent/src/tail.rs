@@ -40,6 +40,7 @@ use crate::checkpoint::{Acked, Checkpoints, FileCheckpoint, FileKey, hex, unhex3
 use crate::config::MultilineConfig;
 use crate::config::{AgentConfig, Encoding, LongLine, ReadFrom, SourceConfig};
 use crate::parse::{Parser, Redactor};
+use crate::sign::Signer;
 
 /// Compiled multiline settings.
 #[derive(Clone)]
@@ -210,7 +211,7 @@ impl Tracked {
 pub struct Tailer {
     config: Arc<AgentConfig>,
     agent_id: String,
-    key: Arc<Ed25519KeyPair>,
+    signer: Signer,
     checkpoints: Checkpoints,
     tx: mpsc::Sender<SignedBatch>,
     stats: Arc<Stats>,
@@ -232,10 +233,11 @@ impl Tailer {
         stats: Arc<Stats>,
     ) -> Tailer {
         let fresh_start = checkpoints.is_fresh();
+        let signer = Signer::new(key, &config.batch);
         Tailer {
             config,
             agent_id,
-            key,
+            signer,
             checkpoints,
             tx,
             stats,
@@ -781,7 +783,7 @@ impl Tailer {
 
     fn send(&mut self, key: FileKey, tracked: &mut Tracked, batch: BatchBuilder) -> Result<(), ReadError> {
         let records = batch.len();
-        let bytes = batch.sign(&self.key);
+        let bytes = self.signer.sign(batch);
         let hash = encoded_batch_hash(&bytes).expect("a batch we built decodes");
         tracked.prev_hash = hash;
         let signed = SignedBatch {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use logvault_storage::batch::{BatchView, Limits};
+use logvault_storage::batch::{BatchView, Inflater, Limits};
 use serde::Serialize;
 use tantivy::collector::{Count, TopDocs};
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
@@ -305,14 +305,10 @@ impl LogIndex {
         }
     }
 
-    fn documents(&self, entry: &wal::Entry, out: &mut Vec<TantivyDocument>) {
+    fn documents(&self, entry: &wal::Entry, inflater: &mut Inflater, out: &mut Vec<TantivyDocument>) {
         let f = &self.fields;
-        let limits = Limits {
-            max_records: u32::MAX,
-            max_message_bytes: u32::MAX,
-            max_fields: u16::MAX,
-            max_field_value_bytes: u32::MAX,
-        };
+        // Checked against the real limits when it arrived.
+        let limits = Limits::TRUSTED;
         let batch = match BatchView::parse(&entry.batch, &limits) {
             Ok(batch) => batch,
             Err(err) => {
@@ -320,10 +316,17 @@ impl LogIndex {
                 return;
             }
         };
+        let records = match batch.records(&limits, inflater) {
+            Ok(records) => records,
+            Err(err) => {
+                tracing::error!(position = entry.position, error = %err, "wal entry does not inflate; not indexed");
+                return;
+            }
+        };
         let received = DateTime::from_timestamp_nanos(entry.received_ns);
         let header = &batch.header;
         let mut seq = header.first_seq;
-        let walked = batch.for_each_record(&limits, |record| {
+        let walked = records.for_each(&limits, |record| {
             let this_seq = seq;
             seq += 1;
             if this_seq < header.first_seq + u64::from(entry.skip) {
@@ -413,6 +416,7 @@ fn index_until_stopped(
     let mut pending = false;
     let mut last_commit = Instant::now();
     let mut docs = Vec::new();
+    let mut inflater = Inflater::new();
     tracing::info!(from = position, to = durable.load(Ordering::Acquire), "indexer catching up from the wal");
     loop {
         let stopping = cancel.is_cancelled();
@@ -427,7 +431,7 @@ fn index_until_stopped(
         };
         let idle = entries.is_empty();
         for entry in entries {
-            index.documents(&entry, &mut docs);
+            index.documents(&entry, &mut inflater, &mut docs);
             for doc in docs.drain(..) {
                 writer.add_document(doc).map_err(tantivy_err)?;
             }

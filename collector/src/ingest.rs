@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use logvault_certs::PeerIdentity;
-use logvault_storage::batch::{BatchView, Limits};
+use logvault_storage::batch::{BatchView, Inflater, Limits};
 use logvault_storage::frame::{
     AckStatus, Frame, FrameDecoder, FrameError, PROTOCOL_VERSION, RefuseCode, write_frame,
 };
@@ -148,6 +148,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
     }
     tracing::info!(%peer, agent = %identity.name, %tenant, "agent connected");
     let limits = Limits::default();
+    let mut inflater = Inflater::new();
     let idle = Duration::from_millis(ingest.config.ingest.idle_timeout_ms);
     loop {
         let frame = tokio::select! {
@@ -203,6 +204,13 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
         if let Err(err) = batch.verify(&identity.signing_key) {
             tracing::warn!(%peer, agent = %identity.name, error = %err, "bad batch signature");
             refuse(&mut tls, ingest, RefuseCode::Identity, &err.to_string()).await;
+            break;
+        }
+        // Only a signed batch is inflated, into a buffer no larger than
+        // the capped size its header declares.
+        if let Err(err) = batch.records(&limits, &mut inflater) {
+            tracing::warn!(%peer, agent = %identity.name, error = %err, "malformed records");
+            refuse(&mut tls, ingest, RefuseCode::Malformed, &err.to_string()).await;
             break;
         }
         let (header, hash) = (batch.header, batch.hash);

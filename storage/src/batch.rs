@@ -1,20 +1,27 @@
 //! The signed batch: the unit an agent ships and the collector stores.
 //!
-//! Layout (version 1, big-endian; `storage/FORMAT.md` is the reference):
+//! Layout (version 2, big-endian; `storage/FORMAT.md` is the reference):
 //!
 //! ```text
-//! magic "LVB" | version 0x01
+//! magic "LVB" | version 0x02
 //! agent_id  u16 len + UTF-8        the agent's identity (its certificate's SAN)
 //! source    u16 len + UTF-8        the stream's source (the path it tails)
 //! epoch     u64                    the generation of the source's file
 //! first_seq u64                    seq of the first record in this epoch
 //! count     u32                    number of records
+//! codec     u8                     0 none, 1 zstd: how the record section is stored
+//! raw_len   u32                    bytes of the record section once decoded
 //! prev_hash [32]                   hash of the previous batch of this stream+epoch
-//! body_len  u32                    bytes of the record section
-//! body_sha  [32]                   SHA-256 of the record section
+//! body_len  u32                    bytes of the record section as stored
+//! body_sha  [32]                   SHA-256 of the record section as stored
 //! signature [64]                   Ed25519 over every byte above
-//! records   count x record
+//! records   count x record, compressed when codec says so
 //! ```
+//!
+//! Version 1 is the same without `codec` and `raw_len` (never compressed);
+//! it is still read. The signature covers the stored bytes, so a receiver
+//! checks it before it inflates anything, and `raw_len` is checked against a
+//! cap before the output buffer is allocated.
 //!
 //! A batch's hash is SHA-256 over the header and the signature; the next
 //! batch of the same stream and epoch names it as `prev_hash`.
@@ -27,6 +34,8 @@ use crate::wire::{Reader, Truncated, put_str16, put_str32};
 
 /// The four bytes every version-1 batch starts with.
 pub const MAGIC_V1: [u8; 4] = *b"LVB\x01";
+/// The four bytes every version-2 batch starts with: what this release writes.
+pub const MAGIC_V2: [u8; 4] = *b"LVB\x02";
 /// Length of an Ed25519 signature.
 pub const SIGNATURE_LEN: usize = 64;
 
@@ -42,6 +51,21 @@ pub struct Limits {
     pub max_fields: u16,
     /// Most bytes of one field value.
     pub max_field_value_bytes: u32,
+    /// Most bytes of a record section once decompressed: the output buffer
+    /// is never larger, whatever the compressed bytes say.
+    pub max_raw_bytes: u32,
+}
+
+impl Limits {
+    /// No caps beyond the format's own: for re-reading batches that were
+    /// checked against real limits when they arrived.
+    pub const TRUSTED: Limits = Limits {
+        max_records: u32::MAX,
+        max_message_bytes: u32::MAX,
+        max_fields: u16::MAX,
+        max_field_value_bytes: u32::MAX,
+        max_raw_bytes: u32::MAX,
+    };
 }
 
 impl Default for Limits {
@@ -51,6 +75,7 @@ impl Default for Limits {
             max_message_bytes: 1024 * 1024,
             max_fields: 256,
             max_field_value_bytes: 64 * 1024,
+            max_raw_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -60,7 +85,7 @@ impl Default for Limits {
 #[non_exhaustive]
 pub enum BatchError {
     /// The bytes do not start with a batch magic this version reads.
-    #[error("not a logvault batch (magic {found:02x?}, expected {MAGIC_V1:02x?})")]
+    #[error("not a logvault batch (magic {found:02x?}, expected {MAGIC_V2:02x?})")]
     BadMagic {
         /// The first bytes found.
         found: Vec<u8>,
@@ -98,6 +123,17 @@ pub enum BatchError {
     /// The signature does not verify under the agent's key.
     #[error("signature does not verify under the agent's certificate key")]
     BadSignature,
+    /// A codec byte no version defines.
+    #[error("unknown codec byte {0}")]
+    UnknownCodec(u8),
+    /// The compressed record section does not inflate to exactly `raw_len` bytes.
+    #[error("record section does not decompress to its declared {declared} bytes: {reason}")]
+    Decompress {
+        /// `raw_len` from the header.
+        declared: u32,
+        /// What zstd said, or the size it produced.
+        reason: String,
+    },
     /// `first_seq + count` does not fit in 64 bits.
     #[error("sequence range {first_seq} + {count} overflows")]
     SeqOverflow {
@@ -114,9 +150,37 @@ impl From<Truncated> for BatchError {
     }
 }
 
+/// How a batch's record section is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// As is.
+    None,
+    /// One zstd frame.
+    Zstd,
+}
+
+impl Codec {
+    fn to_byte(self) -> u8 {
+        match self {
+            Codec::None => 0,
+            Codec::Zstd => 1,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Result<Codec, BatchError> {
+        match byte {
+            0 => Ok(Codec::None),
+            1 => Ok(Codec::Zstd),
+            other => Err(BatchError::UnknownCodec(other)),
+        }
+    }
+}
+
 /// The signed part of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchHeader {
+    /// Format version: 1 or 2. Kept so the signed bytes can be rebuilt.
+    pub version: u8,
     /// The agent's identity as it claims it; the collector checks it against
     /// the client certificate.
     pub agent_id: String,
@@ -129,11 +193,15 @@ pub struct BatchHeader {
     pub first_seq: u64,
     /// Number of records.
     pub count: u32,
+    /// How the record section is stored.
+    pub codec: Codec,
+    /// Length of the record section once decoded.
+    pub raw_len: u32,
     /// Hash of the previous batch of this stream and epoch, zeros for the first.
     pub prev_hash: [u8; 32],
-    /// Length of the record section.
+    /// Length of the record section as stored.
     pub body_len: u32,
-    /// SHA-256 of the record section.
+    /// SHA-256 of the record section as stored.
     pub body_sha: [u8; 32],
 }
 
@@ -144,12 +212,16 @@ impl BatchHeader {
     }
 
     fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&MAGIC_V1);
+        out.extend_from_slice(if self.version == 1 { &MAGIC_V1 } else { &MAGIC_V2 });
         put_str16(out, &self.agent_id);
         put_str16(out, &self.source);
         out.extend_from_slice(&self.epoch.to_be_bytes());
         out.extend_from_slice(&self.first_seq.to_be_bytes());
         out.extend_from_slice(&self.count.to_be_bytes());
+        if self.version != 1 {
+            out.push(self.codec.to_byte());
+            out.extend_from_slice(&self.raw_len.to_be_bytes());
+        }
         out.extend_from_slice(&self.prev_hash);
         out.extend_from_slice(&self.body_len.to_be_bytes());
         out.extend_from_slice(&self.body_sha);
@@ -157,21 +229,42 @@ impl BatchHeader {
 
     fn decode(reader: &mut Reader<'_>) -> Result<Self, BatchError> {
         let magic = reader.array::<4>("magic")?;
-        if magic != MAGIC_V1 {
-            return Err(BatchError::BadMagic { found: magic.to_vec() });
-        }
+        let version = match magic {
+            MAGIC_V1 => 1,
+            MAGIC_V2 => 2,
+            _ => return Err(BatchError::BadMagic { found: magic.to_vec() }),
+        };
         let agent_id = read_str16(reader, "agent_id")?;
         let source = read_str16(reader, "source")?;
+        let epoch = reader.u64("epoch")?;
+        let first_seq = reader.u64("first_seq")?;
+        let count = reader.u32("count")?;
+        let (codec, raw_len) = if version == 1 {
+            (Codec::None, None)
+        } else {
+            (Codec::from_byte(reader.u8("codec")?)?, Some(reader.u32("raw_len")?))
+        };
+        let prev_hash = reader.array("prev_hash")?;
+        let body_len = reader.u32("body_len")?;
         let header = BatchHeader {
+            version,
             agent_id,
             source,
-            epoch: reader.u64("epoch")?,
-            first_seq: reader.u64("first_seq")?,
-            count: reader.u32("count")?,
-            prev_hash: reader.array("prev_hash")?,
-            body_len: reader.u32("body_len")?,
+            epoch,
+            first_seq,
+            count,
+            codec,
+            raw_len: raw_len.unwrap_or(body_len),
+            prev_hash,
+            body_len,
             body_sha: reader.array("body_sha")?,
         };
+        if header.codec == Codec::None && header.raw_len != header.body_len {
+            return Err(BatchError::BodyLength {
+                found: header.body_len.into(),
+                declared: header.raw_len.into(),
+            });
+        }
         if header.first_seq.checked_add(u64::from(header.count)).is_none() {
             return Err(BatchError::SeqOverflow { first_seq: header.first_seq, count: header.count });
         }
@@ -200,8 +293,10 @@ impl Batch {
     /// [`Batch::verify`], which needs the agent's key.
     pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Batch, BatchError> {
         let view = BatchView::parse(bytes, limits)?;
-        let mut records = Vec::with_capacity((view.header.count as usize).min(view.body.len() / 16));
-        view.for_each_record(limits, |record| records.push(record.to_owned()))?;
+        let mut inflater = Inflater::new();
+        let body = view.records(limits, &mut inflater)?;
+        let mut records = Vec::with_capacity((view.header.count as usize).min(body.body.len() / 16));
+        body.for_each(limits, |record| records.push(record.to_owned()))?;
         let BatchView { header, signature, hash, signed_len, .. } = view;
         Ok(Batch { header, signature, records, hash, signed_len })
     }
@@ -245,6 +340,10 @@ fn read_str16(reader: &mut Reader<'_>, what: &'static str) -> Result<String, Bat
 /// A batch checked in place, without copying its records: what the
 /// collector's ingest path uses, so validating a batch allocates nothing per
 /// record.
+///
+/// [`BatchView::parse`] checks the framing and the stored section's hash;
+/// [`BatchView::verify`] the signature; only then does
+/// [`BatchView::records`] inflate and walk the records.
 #[derive(Debug)]
 pub struct BatchView<'a> {
     /// The signed header.
@@ -259,8 +358,9 @@ pub struct BatchView<'a> {
 }
 
 impl<'a> BatchView<'a> {
-    /// Checks magic, lengths against `limits` and the record section's
-    /// hash, and walks every record (UTF-8, caps) without copying it.
+    /// Checks magic, lengths against `limits` (record count, decoded size)
+    /// and the stored record section's hash. Records are checked by
+    /// [`BatchView::records`].
     pub fn parse(bytes: &'a [u8], limits: &Limits) -> Result<BatchView<'a>, BatchError> {
         let mut reader = Reader::new(bytes);
         let header = BatchHeader::decode(&mut reader)?;
@@ -274,6 +374,13 @@ impl<'a> BatchView<'a> {
                 limit: limits.max_records.into(),
             });
         }
+        if header.raw_len > limits.max_raw_bytes {
+            return Err(BatchError::OverLimit {
+                what: "decoded record section",
+                found: header.raw_len.into(),
+                limit: limits.max_raw_bytes.into(),
+            });
+        }
         if reader.remaining() != header.body_len as usize {
             return Err(BatchError::BodyLength {
                 found: reader.remaining() as u64,
@@ -284,9 +391,7 @@ impl<'a> BatchView<'a> {
         if digest::digest(&digest::SHA256, body).as_ref() != header.body_sha {
             return Err(BatchError::BodyHashMismatch);
         }
-        let view = BatchView { header, signature, hash, signed: &bytes[..signed_len], signed_len, body };
-        view.for_each_record(limits, |_| {})?;
-        Ok(view)
+        Ok(BatchView { header, signature, hash, signed: &bytes[..signed_len], signed_len, body })
     }
 
     /// Checks the signature against the raw 32-byte Ed25519 public key.
@@ -296,14 +401,108 @@ impl<'a> BatchView<'a> {
             .map_err(|_| BatchError::BadSignature)
     }
 
-    /// Calls `each` with every record, in order, borrowing from the input.
-    pub fn for_each_record(
-        &self,
-        limits: &Limits,
-        mut each: impl FnMut(RecordRef<'a>),
-    ) -> Result<(), BatchError> {
+    /// The record section, inflated into `inflater`'s buffer when it is
+    /// compressed (never past `raw_len`, itself capped by `limits`), with
+    /// every record checked: UTF-8, caps, exact length.
+    pub fn records<'s>(&self, limits: &Limits, inflater: &'s mut Inflater) -> Result<Records<'s>, BatchError>
+    where
+        'a: 's,
+    {
+        let body: &'s [u8] = match self.header.codec {
+            Codec::None => self.body,
+            Codec::Zstd => inflater.inflate(self.body, self.header.raw_len)?,
+        };
+        let records = Records { body, count: self.header.count };
+        records.for_each(limits, |_| {})?;
+        Ok(records)
+    }
+}
+
+/// Reusable state for inflating compressed record sections: one per
+/// connection or reader, so steady-state decoding allocates nothing.
+#[derive(Default)]
+pub struct Inflater {
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+    buffer: Vec<u8>,
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflater").field("buffer_capacity", &self.buffer.capacity()).finish()
+    }
+}
+
+impl Inflater {
+    /// An inflater with no buffer yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn inflate(&mut self, compressed: &[u8], raw_len: u32) -> Result<&[u8], BatchError> {
+        let fail = |reason: String| BatchError::Decompress { declared: raw_len, reason };
+        if self.zstd.is_none() {
+            self.zstd = Some(zstd::bulk::Decompressor::new().map_err(|e| fail(e.to_string()))?);
+        }
+        let zstd = self.zstd.as_mut().expect("set above");
+        // A buffer kept from a huge batch is not kept for ever.
+        if self.buffer.capacity() > 4 * (raw_len as usize).max(1024 * 1024) {
+            self.buffer = Vec::new();
+        }
+        self.buffer.clear();
+        // The capacity is the hard cap: zstd never writes past it.
+        self.buffer.reserve_exact(raw_len as usize);
+        let capacity = self.buffer.capacity();
+        let written =
+            zstd.decompress_to_buffer(compressed, &mut self.buffer).map_err(|e| fail(e.to_string()))?;
+        if written != raw_len as usize || capacity < written {
+            return Err(fail(format!("it gave {written} bytes")));
+        }
+        Ok(&self.buffer)
+    }
+}
+
+/// Reusable state for compressing record sections on the agent.
+pub struct Deflater {
+    zstd: zstd::bulk::Compressor<'static>,
+    buffer: Vec<u8>,
+}
+
+impl std::fmt::Debug for Deflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deflater").finish_non_exhaustive()
+    }
+}
+
+impl Deflater {
+    /// A zstd compressor at `level` (1 is fast; 3 is zstd's default).
+    pub fn zstd(level: i32) -> std::io::Result<Self> {
+        Ok(Self { zstd: zstd::bulk::Compressor::new(level)?, buffer: Vec::new() })
+    }
+
+    /// Compresses `raw`; `None` when that would not make it smaller.
+    fn deflate(&mut self, raw: &[u8]) -> Option<&[u8]> {
+        self.buffer.clear();
+        self.buffer.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        match self.zstd.compress_to_buffer(raw, &mut self.buffer) {
+            Ok(n) if n < raw.len() => Some(&self.buffer[..n]),
+            _ => None,
+        }
+    }
+}
+
+/// A batch's checked record section, borrowed from the batch or from an
+/// [`Inflater`].
+#[derive(Debug, Clone, Copy)]
+pub struct Records<'s> {
+    body: &'s [u8],
+    count: u32,
+}
+
+impl<'s> Records<'s> {
+    /// Calls `each` with every record, in order, borrowing from the section.
+    pub fn for_each(&self, limits: &Limits, mut each: impl FnMut(RecordRef<'s>)) -> Result<(), BatchError> {
         let mut reader = Reader::new(self.body);
-        for _ in 0..self.header.count {
+        for _ in 0..self.count {
             let timestamp_ns = reader.i64("timestamp")?;
             let level_byte = reader.u8("level")?;
             let level = Level::from_byte(level_byte).ok_or(BatchError::UnknownLevel(level_byte))?;
@@ -405,11 +604,14 @@ impl BatchBuilder {
     pub fn new(agent_id: &str, source: &str, epoch: u64, first_seq: u64, prev_hash: [u8; 32]) -> Self {
         Self {
             header: BatchHeader {
+                version: 2,
                 agent_id: cap_u16(agent_id).to_owned(),
                 source: cap_u16(source).to_owned(),
                 epoch,
                 first_seq,
                 count: 0,
+                codec: Codec::None,
+                raw_len: 0,
                 prev_hash,
                 body_len: 0,
                 body_sha: [0; 32],
@@ -461,14 +663,28 @@ impl BatchBuilder {
     }
 
     /// Seals the header, signs it and returns the encoded batch.
-    pub fn sign(mut self, key: &Ed25519KeyPair) -> Vec<u8> {
-        self.header.body_len = u32::try_from(self.body.len()).expect("batches stay under 4 GiB");
-        self.header.body_sha.copy_from_slice(digest::digest(&digest::SHA256, &self.body).as_ref());
-        let mut out = Vec::with_capacity(256 + SIGNATURE_LEN + self.body.len());
+    pub fn sign(self, key: &Ed25519KeyPair) -> Vec<u8> {
+        self.sign_with(key, None)
+    }
+
+    /// Like [`BatchBuilder::sign`], compressing the record section with
+    /// `deflater` when that makes it smaller.
+    pub fn sign_with(mut self, key: &Ed25519KeyPair, deflater: Option<&mut Deflater>) -> Vec<u8> {
+        self.header.raw_len = u32::try_from(self.body.len()).expect("batches stay under 4 GiB");
+        let stored: &[u8] = match deflater.and_then(|d| d.deflate(&self.body)) {
+            Some(compressed) => {
+                self.header.codec = Codec::Zstd;
+                compressed
+            }
+            None => &self.body,
+        };
+        self.header.body_len = stored.len() as u32;
+        self.header.body_sha.copy_from_slice(digest::digest(&digest::SHA256, stored).as_ref());
+        let mut out = Vec::with_capacity(256 + SIGNATURE_LEN + stored.len());
         self.header.encode(&mut out);
         let signature = key.sign(&out);
         out.extend_from_slice(signature.as_ref());
-        out.extend_from_slice(&self.body);
+        out.extend_from_slice(stored);
         out
     }
 }
@@ -529,12 +745,14 @@ mod tests {
             first_seq in 0u64..u64::MAX / 2,
             prev in any::<[u8; 32]>(),
             records in proptest::collection::vec(record_strategy(), 0..20),
+            compress in any::<bool>(),
         ) {
             let mut builder = BatchBuilder::new(&agent, &source, epoch, first_seq, prev);
             for r in &records {
                 builder.push(r.clone());
             }
-            let bytes = builder.sign(&key());
+            let mut deflater = Deflater::zstd(1).unwrap();
+            let bytes = builder.sign_with(&key(), compress.then_some(&mut deflater));
             let batch = Batch::decode(&bytes, &Limits::default()).unwrap();
             prop_assert_eq!(&batch.records, &records);
             prop_assert_eq!(&batch.header.agent_id, &agent);
@@ -554,12 +772,25 @@ mod tests {
             let _ = peek_header(&bytes);
         }
 
+        /// Garbage behind a valid compressed header: the hash is fixed up so
+        /// the bytes reach zstd, which must refuse them without panicking or
+        /// writing past `raw_len`.
         #[test]
-        fn any_flipped_byte_is_refused(flip in 0usize..200, bit in 0u8..8) {
+        fn inflating_garbage_never_panics(
+            garbage in proptest::collection::vec(any::<u8>(), 0..256),
+            raw_len in 0u32..4096,
+        ) {
+            let bytes = forge_compressed(&garbage, raw_len, 1);
+            let _ = Batch::decode(&bytes, &Limits::default());
+        }
+
+        #[test]
+        fn any_flipped_byte_is_refused(flip in 0usize..400, bit in 0u8..8, compress in any::<bool>()) {
             let mut builder = BatchBuilder::new("web-1", "/var/log/a.log", 3, 10, [1; 32]);
-            builder.push(WireRecord::new(1, Level::Info, "hello world"));
-            builder.push(WireRecord::new(2, Level::Error, "second line"));
-            let mut bytes = builder.sign(&key());
+            builder.push(WireRecord::new(1, Level::Info, "hello world hello world hello world"));
+            builder.push(WireRecord::new(2, Level::Error, "second line second line second line"));
+            let mut deflater = Deflater::zstd(1).unwrap();
+            let mut bytes = builder.sign_with(&key(), compress.then_some(&mut deflater));
             let at = flip % bytes.len();
             bytes[at] ^= 1 << bit;
             let public = key().public_key().as_ref().to_vec();
@@ -567,6 +798,93 @@ mod tests {
                 .and_then(|b| b.verify_encoded(&bytes, &public));
             prop_assert!(outcome.is_err(), "flipping bit {} of byte {} went unnoticed", bit, at);
         }
+    }
+
+    /// A version-2 batch with `codec` and `raw_len` as given and `body`
+    /// as its stored section, hashed and signed like a real one.
+    fn forge_compressed(body: &[u8], raw_len: u32, codec: u8) -> Vec<u8> {
+        let mut out = MAGIC_V2.to_vec();
+        put_str16(&mut out, "a");
+        put_str16(&mut out, "s");
+        out.extend_from_slice(&0u64.to_be_bytes());
+        out.extend_from_slice(&0u64.to_be_bytes());
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.push(codec);
+        out.extend_from_slice(&raw_len.to_be_bytes());
+        out.extend_from_slice(&[0; 32]);
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(digest::digest(&digest::SHA256, body).as_ref());
+        let signature = key().sign(&out);
+        out.extend_from_slice(signature.as_ref());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn one_record_body(message: &str) -> Vec<u8> {
+        let mut builder = BatchBuilder::new("a", "s", 0, 0, [0; 32]);
+        builder.push(WireRecord::new(1, Level::Info, message));
+        builder.body
+    }
+
+    #[test]
+    fn a_compressed_batch_is_smaller_and_reads_back() {
+        let mut builder = BatchBuilder::new("a", "s", 0, 0, [0; 32]);
+        let line = "081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block";
+        for i in 0..500 {
+            builder.push(WireRecord::new(i, Level::Info, format!("{line} blk_{i}")));
+        }
+        let raw = builder.body_bytes();
+        let bytes = builder.sign_with(&key(), Some(&mut Deflater::zstd(1).unwrap()));
+        let batch = Batch::decode(&bytes, &Limits::default()).unwrap();
+        assert_eq!(batch.header.codec, Codec::Zstd);
+        assert_eq!(batch.header.raw_len as usize, raw);
+        assert!(bytes.len() * 5 < raw, "{} compressed bytes for {raw} raw", bytes.len());
+        assert_eq!(batch.records[499].message, format!("{line} blk_499"));
+        batch.verify_encoded(&bytes, key().public_key().as_ref()).unwrap();
+    }
+
+    /// A bomb: a few hundred bytes that inflate to 64 MiB. The declared
+    /// size is over the cap, so nothing is allocated or inflated.
+    #[test]
+    fn a_decompression_bomb_is_refused_before_it_inflates() {
+        let zeros = vec![0u8; 64 << 20];
+        let bomb = zstd::bulk::compress(&zeros, 19).unwrap();
+        assert!(bomb.len() < 4096);
+        drop(zeros);
+        let honest = forge_compressed(&bomb, 64 << 20, 1);
+        assert!(matches!(
+            BatchView::parse(&honest, &Limits::default()),
+            Err(BatchError::OverLimit { what: "decoded record section", .. })
+        ));
+        // Lying about the size does not help: zstd stops at the declared
+        // length, which is the buffer's capacity.
+        let lying = forge_compressed(&bomb, 1024, 1);
+        let view = BatchView::parse(&lying, &Limits::default()).unwrap();
+        let mut inflater = Inflater::new();
+        assert!(matches!(
+            view.records(&Limits::default(), &mut inflater),
+            Err(BatchError::Decompress { declared: 1024, .. })
+        ));
+        assert!(inflater.buffer.capacity() < 64 * 1024, "{}", inflater.buffer.capacity());
+    }
+
+    #[test]
+    fn a_raw_length_that_does_not_match_is_refused() {
+        let body = one_record_body("hello hello hello hello");
+        let compressed = zstd::bulk::compress(&body, 1).unwrap();
+        let long = forge_compressed(&compressed, body.len() as u32 + 1, 1);
+        assert!(matches!(Batch::decode(&long, &Limits::default()), Err(BatchError::Decompress { .. })));
+        let short = forge_compressed(&compressed, body.len() as u32 - 1, 1);
+        assert!(matches!(Batch::decode(&short, &Limits::default()), Err(BatchError::Decompress { .. })));
+        let exact = forge_compressed(&compressed, body.len() as u32, 1);
+        assert_eq!(
+            Batch::decode(&exact, &Limits::default()).unwrap().records[0].message,
+            "hello hello hello hello"
+        );
+        let plain_lie = forge_compressed(&body, body.len() as u32 + 7, 0);
+        assert!(matches!(peek_header(&plain_lie), Err(BatchError::BodyLength { .. })));
+        let unknown = forge_compressed(&body, body.len() as u32, 9);
+        assert_eq!(peek_header(&unknown), Err(BatchError::UnknownCodec(9)));
     }
 
     #[test]
@@ -614,26 +932,21 @@ mod tests {
         assert_eq!(batch.verify_encoded(&bytes, other.public_key().as_ref()), Err(BatchError::BadSignature));
     }
 
-    fn golden_batch() -> Vec<u8> {
+    fn golden_batch(compress: bool) -> Vec<u8> {
         let mut builder = BatchBuilder::new("golden-agent", "/var/log/golden.log", 2, 40, [9; 32]);
-        builder.push(WireRecord::new(1_700_000_000_000_000_000, Level::Info, "first line"));
+        builder.push(WireRecord::new(
+            1_700_000_000_000_000_000,
+            Level::Info,
+            "first line first line first line",
+        ));
         let mut second = WireRecord::new(1_700_000_001_000_000_000, Level::Error, "second \u{1b}[31m line");
         second.fields.push(("pid".into(), "4242".into()));
         builder.push(second);
-        builder.sign(&key())
+        let mut deflater = Deflater::zstd(3).unwrap();
+        builder.sign_with(&key(), compress.then_some(&mut deflater))
     }
 
-    /// The golden file pins version 1: a later release must still read it,
-    /// and this release must still write it byte for byte. Set
-    /// `LOGVAULT_WRITE_GOLDEN=1` to write it when the format version changes.
-    #[test]
-    fn golden_v1_batch_still_decodes_and_encodes() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/batch-v1.bin");
-        if std::env::var_os("LOGVAULT_WRITE_GOLDEN").is_some() {
-            std::fs::write(path, golden_batch()).unwrap();
-        }
-        let golden = std::fs::read(path).unwrap();
-        let batch = Batch::decode(&golden, &Limits::default()).unwrap();
+    fn check_golden(batch: &Batch) {
         assert_eq!(batch.header.agent_id, "golden-agent");
         assert_eq!(batch.header.source, "/var/log/golden.log");
         assert_eq!(batch.header.epoch, 2);
@@ -641,6 +954,36 @@ mod tests {
         assert_eq!(batch.records.len(), 2);
         assert_eq!(batch.records[1].fields, vec![("pid".to_owned(), "4242".to_owned())]);
         batch.verify(key().public_key().as_ref()).unwrap();
-        assert_eq!(golden, golden_batch(), "version 1 encoding changed");
+    }
+
+    /// Version 1, written by the first release, must still be read and
+    /// verified.
+    #[test]
+    fn golden_v1_batch_still_decodes() {
+        let golden = include_bytes!("../tests/golden/batch-v1.bin");
+        let batch = Batch::decode(golden, &Limits::default()).unwrap();
+        assert_eq!(batch.header.version, 1);
+        check_golden(&batch);
+        assert_eq!(batch.records[0].message, "first line");
+    }
+
+    /// The golden files pin version 2, plain and compressed: a later release
+    /// must still read them, and this release must still write them byte for
+    /// byte. Set `LOGVAULT_WRITE_GOLDEN=1` to write them when the format
+    /// version changes.
+    #[test]
+    fn golden_v2_batches_still_decode_and_encode() {
+        for (name, compress) in [("batch-v2.bin", false), ("batch-v2-zstd.bin", true)] {
+            let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+            if std::env::var_os("LOGVAULT_WRITE_GOLDEN").is_some() {
+                std::fs::write(&path, golden_batch(compress)).unwrap();
+            }
+            let golden = std::fs::read(&path).unwrap();
+            let batch = Batch::decode(&golden, &Limits::default()).unwrap();
+            assert_eq!(batch.header.version, 2);
+            assert_eq!(batch.header.codec, if compress { Codec::Zstd } else { Codec::None });
+            check_golden(&batch);
+            assert_eq!(golden, golden_batch(compress), "version 2 encoding of {name} changed");
+        }
     }
 }

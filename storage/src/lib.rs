@@ -3,7 +3,7 @@
 //!
 //! - [`record`]: what a log record is ([`Level`], [`WireRecord`]).
 //! - [`batch`]: the signed batch an agent ships ([`Batch`], [`BatchHeader`]),
-//!   version 1 as documented in `storage/FORMAT.md`.
+//!   version 2 as documented in `storage/FORMAT.md`.
 //! - [`frame`]: the length-delimited frames of the native protocol
 //!   ([`Frame`], [`FrameDecoder`]), whose size cap is checked before any
 //!   allocation.
@@ -35,6 +35,9 @@ pub mod io;
 pub mod record;
 mod wire;
 
-pub use batch::{Batch, BatchBuilder, BatchError, BatchHeader, BatchView, Limits, RecordRef};
+pub use batch::{
+    Batch, BatchBuilder, BatchError, BatchHeader, BatchView, Codec, Deflater, Inflater, Limits, RecordRef,
+    Records,
+};
 pub use frame::{AckStatus, Frame, FrameDecoder, FrameError, RefuseCode};
 pub use record::{Level, WireRecord};

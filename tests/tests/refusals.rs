@@ -158,6 +158,29 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
         }
         other => panic!("malformed batch: {other:?}"),
     }
+    // A decompression bomb: 64 MiB of zeros in a few hundred bytes, signed
+    // by the right key. Declared honestly it is over the cap and never
+    // inflated; declared small, zstd stops at the declared size.
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+    let mut bomber = RawAgent::connect(&setup, "probe-1", collector.ingest);
+    let honest = bomber.forge_batch("probe-1", 1, 64 << 20, &bomb);
+    match bomber.send_batch(honest) {
+        Some(Frame::Refused { code: RefuseCode::Malformed, message }) => {
+            assert!(
+                message.contains("decoded record section") && message.contains("over the limit"),
+                "{message}"
+            )
+        }
+        other => panic!("declared bomb: {other:?}"),
+    }
+    let mut bomber = RawAgent::connect(&setup, "probe-1", collector.ingest);
+    let lying = bomber.forge_batch("probe-1", 1, 4096, &bomb);
+    match bomber.send_batch(lying) {
+        Some(Frame::Refused { code: RefuseCode::Malformed, message }) => {
+            assert!(message.contains("does not decompress"), "{message}")
+        }
+        other => panic!("lying bomb: {other:?}"),
+    }
     write_more(200);
 
     // Nothing from the bad peers was stored; every good line was.
