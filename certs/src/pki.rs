@@ -22,6 +22,10 @@ pub enum Role {
     /// A collector: a server certificate (EKU serverAuth) with an ECDSA
     /// P-256 key, which every browser and TLS client accepts.
     Collector,
+    /// A syslog sender (rsyslog, syslog-ng): a client certificate with the
+    /// same names as an agent's but an ECDSA P-256 key, which GnuTLS and
+    /// OpenSSL load everywhere. It signs no batches.
+    Sender,
 }
 
 impl Role {
@@ -29,6 +33,7 @@ impl Role {
         match self {
             Role::Agent => "agents",
             Role::Collector => "collectors",
+            Role::Sender => "senders",
         }
     }
 }
@@ -144,8 +149,8 @@ impl Pki {
         Issued { cert: base.join(format!("{name}.crt")), key: base.join(format!("{name}.key")) }
     }
 
-    /// Issues a certificate for `name`. Agents get `name` as DNS SAN and
-    /// `logvault://agent/NAME` as URI SAN; collectors get `name` plus each
+    /// Issues a certificate for `name`. Agents and senders get `name` as
+    /// DNS SAN and `logvault://agent/NAME` as URI SAN; collectors get `name` plus each
     /// of `extra_sans` (DNS names or IP addresses).
     pub fn issue(&self, role: Role, name: &str, extra_sans: &[String]) -> Result<Issued, PkiError> {
         validate_name(name)?;
@@ -156,8 +161,10 @@ impl Pki {
         create_dir(paths.cert.parent().expect("paths have a parent"))?;
         let issuer = self.issuer()?;
         let (key, mut params) = match role {
-            Role::Agent => {
-                let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+            Role::Agent | Role::Sender => {
+                let algorithm =
+                    if role == Role::Agent { &rcgen::PKCS_ED25519 } else { &rcgen::PKCS_ECDSA_P256_SHA256 };
+                let key = KeyPair::generate_for(algorithm)?;
                 let mut params = CertificateParams::new(vec![name.to_owned()])?;
                 params.subject_alt_names.push(SanType::URI(format!("{AGENT_URI_PREFIX}{name}").try_into()?));
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
