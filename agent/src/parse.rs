@@ -296,12 +296,18 @@ impl Parser {
         if bytes[3] != b' ' || bytes[6] != b' ' || bytes[9] != b':' || bytes[12] != b':' {
             return None;
         }
-        let day = stamp[4..6].trim_start();
-        let format =
-            time::macros::format_description!("[year] [month repr:short] [day] [hour]:[minute]:[second]");
+        // The checks above make every slice below fall on ASCII.
+        const MONTHS: [&str; 12] =
+            ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+        let month = MONTHS.iter().position(|m| *m == &stamp[..3])?;
+        let month = time::Month::try_from(month as u8 + 1).ok()?;
+        let day: u8 = stamp[4..6].trim_start().parse().ok()?;
+        let two = |at: usize| stamp[at..at + 2].parse::<u8>().ok();
+        let clock = time::Time::from_hms(two(7)?, two(10)?, two(13)?).ok()?;
         let parse = |year: i32| {
-            PrimitiveDateTime::parse(&format!("{year} {} {day:0>2} {}", &stamp[..3], &stamp[7..15]), &format)
+            time::Date::from_calendar_date(year, month, day)
                 .ok()
+                .map(|date| PrimitiveDateTime::new(date, clock))
         };
         let mut parsed = Parsed { timestamp_ns: Some(self.with_inferred_year(parse)?), ..Parsed::default() };
         let after = rest.get(16..)?;

@@ -912,11 +912,10 @@ fn floor_char_boundary(text: &str, mut index: usize) -> usize {
 /// and whether it was valid.
 fn decode(line: &[u8], encoding: Encoding) -> (std::borrow::Cow<'_, str>, bool) {
     let (text, valid) = match encoding {
-        Encoding::Utf8 => {
-            let text = String::from_utf8_lossy(line);
-            let valid = matches!(text, std::borrow::Cow::Borrowed(_));
-            (text, valid)
-        }
+        Encoding::Utf8 => match std::str::from_utf8(line) {
+            Ok(text) => (std::borrow::Cow::Borrowed(text), true),
+            Err(_) => (String::from_utf8_lossy(line), false),
+        },
         Encoding::Utf16Le | Encoding::Utf16Be => {
             let unit = |pair: &[u8]| match encoding {
                 Encoding::Utf16Le => u16::from_le_bytes([pair[0], pair[1]]),

@@ -108,27 +108,31 @@ impl Level {
     /// parsers set the level from their own field instead.
     pub fn sniff(line: &str) -> Level {
         let bytes = line.as_bytes();
-        let mut words = 0;
-        let mut start = None;
-        for (i, &b) in bytes.iter().chain(std::iter::once(&b' ')).enumerate() {
-            if b.is_ascii_alphabetic() {
-                start.get_or_insert(i);
+        let mut at = 0;
+        for _ in 0..8 {
+            while at < bytes.len() && !bytes[at].is_ascii_alphabetic() {
+                at += 1;
+            }
+            if at == bytes.len() {
+                break;
+            }
+            let from = at;
+            while at < bytes.len() && bytes[at].is_ascii_alphabetic() {
+                at += 1;
+            }
+            let word = &bytes[from..at];
+            // Level names are 3 to 11 letters. Only upper-case words or
+            // bracketed ones are levels: "error" inside prose is not a
+            // severity.
+            if !(3..=11).contains(&word.len()) {
                 continue;
             }
-            let Some(from) = start.take() else { continue };
-            let word = &line[from..i];
-            // Only upper-case words or bracketed ones are levels: "error"
-            // inside prose is not a severity.
-            let upper = word.bytes().all(|c| c.is_ascii_uppercase());
-            let bracketed = from > 0 && bytes[from - 1] == b'[' && bytes.get(i) == Some(&b']');
+            let upper = word.iter().all(u8::is_ascii_uppercase);
+            let bracketed = from > 0 && bytes[from - 1] == b'[' && bytes.get(at) == Some(&b']');
             if (upper || bracketed)
-                && let Some(level) = Level::from_word(word)
+                && let Some(level) = Level::from_word(&line[from..at])
             {
                 return level;
-            }
-            words += 1;
-            if words == 8 {
-                break;
             }
         }
         Level::Unknown

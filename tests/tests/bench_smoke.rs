@@ -1,0 +1,30 @@
+//! The benchmark harness itself works on this machine: a small run of
+//! `logvault-bench agent` against Debian's rsyslog produces every figure.
+//! The real run, on gigabytes, is `logvault-bench agent` (README).
+
+use logvault_e2e::{TempDir, bin};
+
+#[test]
+fn the_agent_benchmark_runs_beside_rsyslog_and_reports_every_figure() {
+    let dir = TempDir::new("bench");
+    let out = dir.path().join("report.json");
+    let status = std::process::Command::new(bin("logvault-bench"))
+        .args(["agent", "--bytes", "4M", "--dir"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "logvault-bench failed: {status}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let lines = report["input_lines"].as_u64().unwrap();
+    assert!(lines >= 8 * 2000, "{report}");
+    for key in ["agent_mb_s_per_core", "agent_rss_mib", "agent_vs_rsyslog"] {
+        let value = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {report}"));
+        assert!(value.is_finite() && value > 0.0, "{key} = {value}");
+    }
+    for shipper in ["logvault-agent", "rsyslog"] {
+        assert!(report[shipper]["cpu_s"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    assert!(report["machine"].as_str().unwrap().contains("cores"), "{report}");
+}
