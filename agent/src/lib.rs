@@ -111,6 +111,9 @@ pub struct Stats {
     pub batches_duplicate: AtomicU64,
     /// Batches the collector refused.
     pub batches_refused: AtomicU64,
+    /// Unacked batches not resent after a reconnect because the collector
+    /// said it had stored them (resume by sequence number).
+    pub batches_resumed: AtomicU64,
     /// Successful connections.
     pub connects: AtomicU64,
     /// Bytes of lines read from files.

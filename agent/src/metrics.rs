@@ -19,7 +19,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Renders every counter and gauge in the Prometheus text format.
 pub fn render(stats: &Stats) -> String {
-    let counters: [(&str, &str, u64); 15] = [
+    let counters: [(&str, &str, u64); 16] = [
         ("lines_read_total", "Records produced from files", stats.lines_read.load(Ordering::Relaxed)),
         ("bytes_read_total", "Bytes of lines read", stats.bytes_read.load(Ordering::Relaxed)),
         (
@@ -54,6 +54,11 @@ pub fn render(stats: &Stats) -> String {
             "batches_duplicate_total",
             "Acked batches the collector already had",
             stats.batches_duplicate.load(Ordering::Relaxed),
+        ),
+        (
+            "batches_resumed_total",
+            "Unacked batches not resent after a reconnect: the collector had them",
+            stats.batches_resumed.load(Ordering::Relaxed),
         ),
         (
             "batches_refused_total",

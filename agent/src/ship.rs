@@ -4,17 +4,21 @@
 //! Batches are sent in order and kept in a bounded in-flight window until
 //! the collector acks them (it acks only after its WAL fsync). A lost
 //! connection is retried forever with capped exponential backoff and
-//! jitter; on reconnect the whole window is resent byte for byte, and the
-//! collector recognises what it already stored by (stream, epoch, seq).
+//! jitter. On reconnect the agent first asks where the window's streams
+//! stand (`Resume`); the batches at the front of the window that the
+//! collector already holds durably are acked without being sent again,
+//! and the rest are resent byte for byte (the collector still recognises
+//! any record it stored by (stream, epoch, seq)).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use logvault_storage::batch::peek_header;
 use logvault_storage::frame::{
-    AckStatus, DEFAULT_MAX_FRAME, Frame, FrameDecoder, PROTOCOL_VERSION, RefuseCode, write_batch_frame,
-    write_frame,
+    AckStatus, DEFAULT_MAX_FRAME, Frame, FrameDecoder, MAX_RESUME_STREAMS, PROTOCOL_VERSION, RefuseCode,
+    write_batch_frame, write_frame,
 };
 use ring::rand::SecureRandom;
 use rustls::ClientConfig;
@@ -32,6 +36,8 @@ use crate::spool::Spool;
 use crate::tail::SignedBatch;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the answer to `Resume` may take.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the acks of batches already sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -151,6 +157,62 @@ pub async fn run(
     }
 }
 
+/// A batch is durable at the collector: its checkpoint may move.
+fn complete(
+    batch: &SignedBatch,
+    status: AckStatus,
+    checkpoints: &Checkpoints,
+    batches: &BatchSource,
+    stats: &Stats,
+) {
+    checkpoints.ack(batch.file, batch.ack);
+    if let Some(cursor) = &batch.cursor {
+        checkpoints.set_journal(crate::checkpoint::JournalCheckpoint {
+            epoch: batch.ack.epoch,
+            acked_seq: batch.ack.seq,
+            cursor: Some(cursor.clone()),
+        });
+    }
+    batches.acked(batch);
+    stats.batches_acked.fetch_add(1, Ordering::Relaxed);
+    stats.records_acked.fetch_add(u64::from(batch.records), Ordering::Relaxed);
+    if status == AckStatus::Duplicate {
+        stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The distinct (source, epoch) streams of the window, in window order, at
+/// most [`MAX_RESUME_STREAMS`].
+fn resume_streams(window: &VecDeque<SignedBatch>) -> Vec<(String, u64)> {
+    let mut streams: Vec<(String, u64)> = Vec::new();
+    for batch in window {
+        let Ok(header) = peek_header(&batch.bytes) else { continue };
+        if !streams.iter().any(|(source, epoch)| *epoch == header.epoch && *source == header.source) {
+            if streams.len() == MAX_RESUME_STREAMS {
+                break;
+            }
+            streams.push((header.source, header.epoch));
+        }
+    }
+    streams
+}
+
+/// How many batches at the front of the window the collector holds: each
+/// ends at or below its stream's stored mark. Only a prefix counts, so
+/// acks (and the spool's head) still move in order.
+fn stored_prefix(window: &VecDeque<SignedBatch>, streams: &[(String, u64)], next_seqs: &[u64]) -> usize {
+    window
+        .iter()
+        .take_while(|batch| {
+            let Ok(header) = peek_header(&batch.bytes) else { return false };
+            let Some(at) = streams.iter().position(|(s, e)| *e == header.epoch && *s == header.source) else {
+                return false;
+            };
+            header.count > 0 && header.end_seq() <= next_seqs[at]
+        })
+        .count()
+}
+
 async fn connect(
     connector: &TlsConnector,
     address: &str,
@@ -200,6 +262,34 @@ async fn session(
             tracing::warn!(error = %err, "sending hello failed");
             return SessionEnd::Retry;
         }
+        if !window.is_empty() {
+            let streams = resume_streams(window);
+            if write_frame(&mut write_half, &Frame::Resume { streams: streams.clone() }).await.is_err()
+                || write_half.flush().await.is_err()
+            {
+                return SessionEnd::Retry;
+            }
+            let next_seqs = match tokio::time::timeout(RESUME_TIMEOUT, frames.recv()).await {
+                Ok(Some(Ok(Frame::Resumed { next_seqs }))) if next_seqs.len() == streams.len() => next_seqs,
+                Ok(Some(Ok(Frame::Refused { code, message }))) => {
+                    tracing::warn!(code = ?code, reason = %message, "collector refused the resume");
+                    return SessionEnd::Retry;
+                }
+                other => {
+                    tracing::warn!(answer = ?other.map(|f| f.map(|f| format!("{f:?}"))), "no answer to resume; reconnecting");
+                    return SessionEnd::Retry;
+                }
+            };
+            let stored = stored_prefix(window, &streams, &next_seqs);
+            for front in window.drain(..stored) {
+                complete(&front, AckStatus::Duplicate, checkpoints, batches, stats);
+                stats.batches_resumed.fetch_add(1, Ordering::Relaxed);
+            }
+            stats.unacked_batches.store(window.len() as u64, Ordering::Relaxed);
+            if stored > 0 {
+                tracing::info!(skipped = stored, resending = window.len(), "resumed after the collector's stored sequence numbers");
+            }
+        }
         for batch in window.iter() {
             if let Err(err) = write_batch_frame(&mut write_half, &batch.bytes).await {
                 tracing::warn!(error = %err, "resending failed");
@@ -228,21 +318,8 @@ async fn session(
                             window.push_front(front);
                             return SessionEnd::Retry;
                         }
-                        checkpoints.ack(front.file, front.ack);
-                        if let Some(cursor) = &front.cursor {
-                            checkpoints.set_journal(crate::checkpoint::JournalCheckpoint {
-                                epoch: front.ack.epoch,
-                                acked_seq: front.ack.seq,
-                                cursor: Some(cursor.clone()),
-                            });
-                        }
-                        batches.acked(&front);
+                        complete(&front, status, checkpoints, batches, stats);
                         stats.unacked_batches.store(window.len() as u64, Ordering::Relaxed);
-                        stats.batches_acked.fetch_add(1, Ordering::Relaxed);
-                        stats.records_acked.fetch_add(u64::from(front.records), Ordering::Relaxed);
-                        if status == AckStatus::Duplicate {
-                            stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
-                        }
                         backoff.reset();
                     }
                     Some(Ok(Frame::Refused { code, message })) => {
@@ -298,4 +375,69 @@ async fn session(
     .await;
     reader.abort();
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{Acked, FileKey};
+    use logvault_storage::{BatchBuilder, Level, WireRecord};
+
+    fn batch(source: &str, epoch: u64, first_seq: u64, count: u32) -> SignedBatch {
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[3; 32]).unwrap();
+        let mut builder = BatchBuilder::new("a", source, epoch, first_seq, [0; 32]);
+        for i in 0..count {
+            builder.push(WireRecord::new(0, Level::Info, format!("line {i}")));
+        }
+        let bytes = builder.sign(&key);
+        let hash = logvault_storage::batch::encoded_batch_hash(&bytes).unwrap();
+        SignedBatch {
+            bytes,
+            hash,
+            file: FileKey { dev: 1, ino: 1 },
+            ack: Acked {
+                epoch,
+                offset: 0,
+                seq: first_seq + u64::from(count),
+                in_long_line: false,
+                batch_hash: hash,
+            },
+            records: count,
+            spool_position: None,
+            cursor: None,
+        }
+    }
+
+    #[test]
+    fn only_the_stored_front_of_the_window_is_skipped() {
+        let window: VecDeque<SignedBatch> = [
+            batch("/a", 1, 0, 10),
+            batch("/b", 1, 0, 10),
+            batch("/a", 1, 10, 10),
+            batch("/a", 2, 0, 5),
+            batch("/b", 1, 10, 10),
+        ]
+        .into();
+        let streams = resume_streams(&window);
+        assert_eq!(streams, vec![("/a".to_owned(), 1), ("/b".to_owned(), 1), ("/a".to_owned(), 2)]);
+        // /a epoch 1 stored to 20, /b to 10, /a epoch 2 nothing: the first
+        // three batches are durable, the fourth is not, so the fifth is
+        // resent even though /b would allow it.
+        assert_eq!(stored_prefix(&window, &streams, &[20, 10, 0]), 3);
+        assert_eq!(stored_prefix(&window, &streams, &[20, 20, 5]), 5);
+        // A batch only partly stored is resent (the collector stores its rest).
+        assert_eq!(stored_prefix(&window, &streams, &[15, 10, 0]), 2);
+        assert_eq!(stored_prefix(&window, &streams, &[0, 10, 0]), 0);
+    }
+
+    #[test]
+    fn at_most_the_cap_of_streams_is_asked_about() {
+        let window: VecDeque<SignedBatch> =
+            (0..MAX_RESUME_STREAMS as u64 + 5).map(|epoch| batch("/a", epoch, 0, 1)).collect();
+        let streams = resume_streams(&window);
+        assert_eq!(streams.len(), MAX_RESUME_STREAMS);
+        let all_stored = vec![1; streams.len()];
+        // Batches of streams not asked about are resent.
+        assert_eq!(stored_prefix(&window, &streams, &all_stored), MAX_RESUME_STREAMS);
+    }
 }

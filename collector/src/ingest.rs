@@ -163,6 +163,22 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
         };
         let bytes = match frame {
             Ok(Some(Frame::Batch(bytes))) => bytes,
+            Ok(Some(Frame::Resume { streams })) => {
+                let asked = streams.len();
+                let answer = match ingest.wal.marks(&tenant, &identity.name, streams).await {
+                    Ok(next_seqs) => Frame::Resumed { next_seqs },
+                    Err(err) => {
+                        refuse(&mut tls, ingest, RefuseCode::Internal, &err.to_string()).await;
+                        break;
+                    }
+                };
+                tracing::debug!(%peer, agent = %identity.name, streams = asked, "resume");
+                let sent = tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut tls, &answer)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    break;
+                }
+                continue;
+            }
             Ok(None) => break,
             Ok(Some(other)) => {
                 refuse(&mut tls, ingest, RefuseCode::Malformed, &format!("unexpected frame {other:?}")).await;

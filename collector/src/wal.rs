@@ -105,6 +105,19 @@ pub enum Appended {
 
 type Reply = oneshot::Sender<Result<Appended, WalError>>;
 
+/// What the writer thread is asked to do.
+enum Job {
+    Append(AppendRequest, Reply),
+    /// Where streams stand: answered after the group it came with is
+    /// fsynced, from the durable high-water marks only.
+    Marks {
+        tenant: String,
+        host: String,
+        streams: Vec<(String, u64)>,
+        reply: oneshot::Sender<Vec<u64>>,
+    },
+}
+
 /// A stream, as dedup sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct StreamKey {
@@ -117,7 +130,7 @@ struct StreamKey {
 /// The handle connections append through.
 #[derive(Debug, Clone)]
 pub struct Wal {
-    tx: mpsc::Sender<(AppendRequest, Reply)>,
+    tx: mpsc::Sender<Job>,
     durable: Arc<AtomicU64>,
     dir: PathBuf,
 }
@@ -224,8 +237,23 @@ impl Wal {
     /// Appends a batch; resolves once it is fsynced (or known duplicate).
     pub async fn append(&self, request: AppendRequest) -> Result<Appended, WalError> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send((request, reply)).await.map_err(|_| WalError::Closed)?;
+        self.tx.send(Job::Append(request, reply)).await.map_err(|_| WalError::Closed)?;
         answer.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// For each (source, epoch) of `host` in `tenant`, the sequence number
+    /// one past the last record durably stored (0 when none is): what an
+    /// agent may skip resending after a reconnect.
+    pub async fn marks(
+        &self,
+        tenant: &str,
+        host: &str,
+        streams: Vec<(String, u64)>,
+    ) -> Result<Vec<u64>, WalError> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Marks { tenant: tenant.to_owned(), host: host.to_owned(), streams, reply };
+        self.tx.send(job).await.map_err(|_| WalError::Closed)?;
+        answer.await.map_err(|_| WalError::Closed)
     }
 
     /// Position up to which everything is fsynced.
@@ -245,23 +273,42 @@ impl Wal {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<(AppendRequest, Reply)>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut group = Vec::with_capacity(MAX_GROUP);
+        let mut questions = Vec::new();
         let mut buffer = Vec::new();
         while let Some(first) = rx.blocking_recv() {
-            group.push(first);
-            while group.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(next) => group.push(next),
-                    Err(_) => break,
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Append(request, reply) => group.push((request, reply)),
+                    Job::Marks { tenant, host, streams, reply } => {
+                        questions.push((tenant, host, streams, reply))
+                    }
+                }
+                if group.len() + questions.len() < MAX_GROUP {
+                    next = rx.try_recv().ok();
                 }
             }
             self.commit_group(&mut group, &mut buffer);
+            for (tenant, host, streams, reply) in questions.drain(..) {
+                let marks = streams
+                    .into_iter()
+                    .map(|(source, epoch)| {
+                        let key = StreamKey { tenant: tenant.clone(), host: host.clone(), source, epoch };
+                        self.streams.get(&key).copied().unwrap_or(0)
+                    })
+                    .collect();
+                let _ = reply.send(marks);
+            }
         }
         let _ = self.file.sync_all();
     }
 
     fn commit_group(&mut self, group: &mut Vec<(AppendRequest, Reply)>, buffer: &mut Vec<u8>) {
+        if group.is_empty() {
+            return;
+        }
         if self.poisoned {
             for (_, reply) in group.drain(..) {
                 let _ = reply.send(Err(WalError::Poisoned));
@@ -536,6 +583,13 @@ mod tests {
         assert_eq!(wal.append(request(15, 1)).await.unwrap(), Appended::Stored { skipped: 0 });
         let entries = read_range(&dir, 0, wal.durable_end(), u64::MAX).unwrap();
         assert_eq!(entries.iter().map(|e| e.skip).collect::<Vec<_>>(), vec![0, 5, 0]);
+        // Marks are per tenant, host, source and epoch, from durable state.
+        let marks = wal
+            .marks("t", "h", vec![("/s".into(), 0), ("/s".into(), 1), ("/other".into(), 0)])
+            .await
+            .unwrap();
+        assert_eq!(marks, vec![16, 0, 0]);
+        assert_eq!(wal.marks("u", "h", vec![("/s".into(), 0)]).await.unwrap(), vec![0]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -29,6 +29,10 @@ const KIND_HELLO: u8 = 0x01;
 const KIND_BATCH: u8 = 0x02;
 const KIND_ACK: u8 = 0x03;
 const KIND_REFUSED: u8 = 0x04;
+const KIND_RESUME: u8 = 0x05;
+const KIND_RESUMED: u8 = 0x06;
+/// Most streams one `Resume` frame may ask about.
+pub const MAX_RESUME_STREAMS: usize = 1024;
 
 /// Why a batch or connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +119,19 @@ pub enum Frame {
         /// Why, for the operator.
         message: String,
     },
+    /// From the agent after `Hello`, before it resends: where do these
+    /// streams stand? At most [`MAX_RESUME_STREAMS`].
+    Resume {
+        /// (source, epoch) of each stream.
+        streams: Vec<(String, u64)>,
+    },
+    /// The answer to `Resume`: for each stream asked about, in order, the
+    /// sequence number one past the last record durably stored (0 when
+    /// nothing is).
+    Resumed {
+        /// One per stream asked about.
+        next_seqs: Vec<u64>,
+    },
 }
 
 /// Why a frame could not be read.
@@ -180,6 +197,27 @@ impl Frame {
                 }
                 put_str16(&mut out, &message[..end]);
             }
+            Frame::Resume { streams } => {
+                out.push(KIND_RESUME);
+                let streams = &streams[..streams.len().min(MAX_RESUME_STREAMS)];
+                out.extend_from_slice(&(streams.len() as u16).to_be_bytes());
+                for (source, epoch) in streams {
+                    let mut end = source.len().min(u16::MAX as usize);
+                    while !source.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    put_str16(&mut out, &source[..end]);
+                    out.extend_from_slice(&epoch.to_be_bytes());
+                }
+            }
+            Frame::Resumed { next_seqs } => {
+                out.push(KIND_RESUMED);
+                let next_seqs = &next_seqs[..next_seqs.len().min(MAX_RESUME_STREAMS)];
+                out.extend_from_slice(&(next_seqs.len() as u16).to_be_bytes());
+                for seq in next_seqs {
+                    out.extend_from_slice(&seq.to_be_bytes());
+                }
+            }
         }
         let len = u32::try_from(out.len() - 4).expect("frames stay under 4 GiB");
         out[..4].copy_from_slice(&len.to_be_bytes());
@@ -214,6 +252,26 @@ impl Frame {
                 let message = String::from_utf8_lossy(reader.take(len, "refused")?).into_owned();
                 Frame::Refused { code, message }
             }
+            KIND_RESUME => {
+                let count = resume_count(&mut reader, "resume")?;
+                let mut streams = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let len = reader.u16("resume")? as usize;
+                    let source = std::str::from_utf8(reader.take(len, "resume")?)
+                        .map_err(|_| FrameError::Malformed("resume"))?
+                        .to_owned();
+                    streams.push((source, reader.u64("resume")?));
+                }
+                Frame::Resume { streams }
+            }
+            KIND_RESUMED => {
+                let count = resume_count(&mut reader, "resumed")?;
+                let mut next_seqs = Vec::with_capacity(count);
+                for _ in 0..count {
+                    next_seqs.push(reader.u64("resumed")?);
+                }
+                Frame::Resumed { next_seqs }
+            }
             other => return Err(FrameError::UnknownKind(other)),
         };
         if reader.remaining() != 0 {
@@ -221,6 +279,14 @@ impl Frame {
         }
         Ok(frame)
     }
+}
+
+fn resume_count(reader: &mut Reader<'_>, what: &'static str) -> Result<usize, FrameError> {
+    let count = reader.u16(what)? as usize;
+    if count > MAX_RESUME_STREAMS {
+        return Err(FrameError::Malformed(what));
+    }
+    Ok(count)
 }
 
 /// Reads frames with a size cap that is checked before any allocation.
@@ -305,6 +371,9 @@ mod tests {
             }),
             (1u16..7, ".{0,40}")
                 .prop_map(|(code, message)| Frame::Refused { code: RefuseCode::from_u16(code), message }),
+            proptest::collection::vec((".{0,20}", any::<u64>()), 0..8)
+                .prop_map(|streams| Frame::Resume { streams }),
+            proptest::collection::vec(any::<u64>(), 0..8).prop_map(|next_seqs| Frame::Resumed { next_seqs }),
         ]
     }
 
@@ -319,6 +388,14 @@ mod tests {
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
             let _ = FrameDecoder::new(64).decode(&bytes);
         }
+    }
+
+    #[test]
+    fn a_resume_over_the_stream_cap_is_refused() {
+        let mut body = vec![KIND_RESUMED];
+        body.extend_from_slice(&(MAX_RESUME_STREAMS as u16 + 1).to_be_bytes());
+        body.extend(std::iter::repeat_n(0u8, 8 * (MAX_RESUME_STREAMS + 1)));
+        assert!(matches!(Frame::decode_body(body), Err(FrameError::Malformed("resumed"))));
     }
 
     #[test]

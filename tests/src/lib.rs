@@ -631,6 +631,11 @@ impl RawAgent {
         })
     }
 
+    /// Sends a frame and reads the answer.
+    pub fn send_frame(&mut self, frame: &logvault_storage::Frame) -> Option<logvault_storage::Frame> {
+        self.send_raw(&frame.encode())
+    }
+
     /// Sends a batch frame and reads the answer.
     pub fn send_batch(&mut self, batch: Vec<u8>) -> Option<logvault_storage::Frame> {
         self.send_raw(&logvault_storage::Frame::Batch(batch).encode())

@@ -102,6 +102,15 @@ fn collector_kill9_mid_stream_loses_and_repeats_nothing() {
     let options = CollectorOptions { ingest_listen: Some(ingest.to_string()), ..CollectorOptions::default() };
     let second = Collector::start(&setup, &options);
     let mut raw = RawAgent::connect(&setup, "raw-1", ingest);
+    // Resume by sequence number: the collector says what it holds durably,
+    // per stream of this agent, after the crash.
+    let resume = |streams: &[(&str, u64)]| Frame::Resume {
+        streams: streams.iter().map(|(s, e)| (s.to_string(), *e)).collect(),
+    };
+    assert_eq!(
+        raw.send_frame(&resume(&[("/raw.log", 0), ("/raw.log", 1), ("/never.log", 0)])),
+        Some(Frame::Resumed { next_seqs: vec![10, 0, 0] })
+    );
     assert!(
         matches!(raw.send_batch(before), Some(Frame::Ack { status: AckStatus::Duplicate, .. })),
         "a batch stored before the crash is recognised after it"
@@ -109,6 +118,10 @@ fn collector_kill9_mid_stream_loses_and_repeats_nothing() {
     // Rebatched differently: 5 records already stored, 5 new.
     let overlapping = raw.batch("raw-1", "/raw.log", 5, 10, "resent");
     assert!(matches!(raw.send_batch(overlapping), Some(Frame::Ack { status: AckStatus::Stored, .. })));
+    assert_eq!(raw.send_frame(&resume(&[("/raw.log", 0)])), Some(Frame::Resumed { next_seqs: vec![15] }));
+    // Another agent's streams are its own: raw-2 has stored nothing.
+    let mut other = RawAgent::connect(&setup, "raw-2", ingest);
+    assert_eq!(other.send_frame(&resume(&[("/raw.log", 0)])), Some(Frame::Resumed { next_seqs: vec![0] }));
     second.wait_total(&token, "source:\"/raw.log\"", 15, Duration::from_secs(30));
     second.wait_total(&token, "*", 4015, Duration::from_secs(60));
     for name in names {

@@ -308,6 +308,10 @@ async fn ack_batches(
                 .await
                 .map_err(|e| e.to_string())?;
             records.fetch_add(u64::from(header.count), Ordering::Relaxed);
+        } else if let Frame::Resume { streams } = frame {
+            // Nothing is kept, so nothing may be skipped.
+            let answer = Frame::Resumed { next_seqs: vec![0; streams.len()] };
+            write_frame(&mut tls, &answer).await.map_err(|e| e.to_string())?;
         }
     }
     Ok(())
