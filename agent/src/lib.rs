@@ -25,7 +25,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod journald;
 pub mod metrics;
-pub mod parse;
+pub use logvault_parse as parse;
 pub mod ship;
 pub mod sign;
 pub mod spool;

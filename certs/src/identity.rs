@@ -51,6 +51,25 @@ impl PeerIdentity {
     pub fn from_cert_der(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         let (_, cert) =
             X509Certificate::from_der(der).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+        let name = cert_name(&cert)?;
+        let spki = cert.public_key();
+        let algorithm = spki.algorithm.algorithm.to_id_string();
+        if algorithm != ED25519_OID {
+            return Err(IdentityError::NotEd25519(algorithm));
+        }
+        Ok(PeerIdentity { name, signing_key: spki.subject_public_key.data.to_vec() })
+    }
+}
+
+/// The name a verified client certificate gives its holder, whatever its
+/// key type: for syslog senders, which sign nothing themselves.
+pub fn peer_name(der: &[u8]) -> Result<String, IdentityError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
+    cert_name(&cert)
+}
+
+fn cert_name(cert: &X509Certificate<'_>) -> Result<String, IdentityError> {
+    {
         let sans = cert.subject_alternative_name().map_err(|e| IdentityError::Unparsable(e.to_string()))?;
         let names = sans.map(|ext| ext.value.general_names.clone()).unwrap_or_default();
         let from_uri = names.iter().find_map(|name| match name {
@@ -63,12 +82,7 @@ impl PeerIdentity {
         });
         let name = from_uri.or(from_dns).ok_or(IdentityError::NoName)?;
         validate_name(name)?;
-        let spki = cert.public_key();
-        let algorithm = spki.algorithm.algorithm.to_id_string();
-        if algorithm != ED25519_OID {
-            return Err(IdentityError::NotEd25519(algorithm));
-        }
-        Ok(PeerIdentity { name: name.to_owned(), signing_key: spki.subject_public_key.data.to_vec() })
+        Ok(name.to_owned())
     }
 }
 

@@ -79,6 +79,9 @@ pub struct CollectorConfig {
     /// Index settings.
     #[serde(default)]
     pub index: IndexConfig,
+    /// The syslog-over-TLS listener (RFC 5425); off when absent.
+    #[serde(default)]
+    pub syslog: Option<SyslogConfig>,
 }
 
 /// The mutual-TLS listener agents ship to.
@@ -109,6 +112,29 @@ pub struct IngestConfig {
     /// reconnects when it has data), in milliseconds. Default 300000.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+}
+
+/// Syslog over TLS for rsyslog, syslog-ng and other senders. It shares the
+/// ingest CA, certificate, key, connection cap and handshake timeout:
+/// senders need a client certificate from the same CA, and their name (so
+/// each record's `host`) comes from it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogConfig {
+    /// `address:port` to listen on (6514 is the registered port).
+    pub listen: String,
+    /// Longest message accepted, in bytes; longer ones are cut and flagged.
+    /// Default and most 64 KiB.
+    #[serde(default = "default_syslog_max_message")]
+    pub max_message_bytes: u32,
+    /// A connection that sends nothing for this long is closed, in
+    /// milliseconds. Default 300000.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+fn default_syslog_max_message() -> u32 {
+    64 * 1024
 }
 
 /// The HTTPS query API.
@@ -253,6 +279,14 @@ impl CollectorConfig {
                 "ingest.max_frame_bytes",
                 &format!("must be between 1024 and {}", crate::wal::MAX_BATCH_BYTES),
             );
+        }
+        if let Some(syslog) = &self.syslog {
+            if !(256..=64 * 1024).contains(&syslog.max_message_bytes) {
+                return invalid("syslog.max_message_bytes", "must be between 256 and 65536");
+            }
+            if syslog.idle_timeout_ms < 1000 {
+                return invalid("syslog.idle_timeout_ms", "must be at least 1000");
+            }
         }
         if self.ingest.idle_timeout_ms < 1000 {
             return invalid("ingest.idle_timeout_ms", "must be at least 1000");

@@ -41,6 +41,8 @@ pub struct IngestStats {
     pub handshake_failures: AtomicU64,
     /// Connections open now.
     pub connections: AtomicU64,
+    /// Syslog messages received.
+    pub syslog_messages: AtomicU64,
 }
 
 /// What the ingest loop needs.
@@ -53,11 +55,27 @@ pub struct Ingest {
     pub wal: Wal,
     /// Counters.
     pub stats: Arc<IngestStats>,
+    /// The key syslog batches are signed with, when the syslog listener is on.
+    pub syslog_key: Option<ring::signature::Ed25519KeyPair>,
+}
+
+/// What a listener speaks after the TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The native protocol of signed batches.
+    Native,
+    /// Syslog over TLS (RFC 5425).
+    Syslog,
 }
 
 /// Accepts connections until `cancel` fires; then waits for the open ones
-/// to finish their batch in hand.
-pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, cancel: CancellationToken) {
+/// to finish their batch in hand. Both protocols share the connection cap.
+pub async fn serve(
+    listener: TcpListener,
+    ingest: Arc<Ingest>,
+    protocol: Protocol,
+    cancel: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(ingest.config.ingest.max_connections));
     let tracker = TaskTracker::new();
     loop {
@@ -83,7 +101,10 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, cancel: Cancellat
         let cancel = cancel.clone();
         tracker.spawn(async move {
             ingest.stats.connections.fetch_add(1, Ordering::Relaxed);
-            connection(tcp, peer, &ingest, cancel).await;
+            match protocol {
+                Protocol::Native => connection(tcp, peer, &ingest, cancel).await,
+                Protocol::Syslog => crate::syslog::connection(tcp, peer, &ingest, cancel).await,
+            }
             ingest.stats.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
@@ -92,22 +113,33 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, cancel: Cancellat
     tracker.wait().await;
 }
 
-async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: CancellationToken) {
+/// The TLS handshake, within the handshake timeout; `None` (logged and
+/// counted) when it fails.
+pub(crate) async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ingest: &Ingest,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let _ = tcp.set_nodelay(true);
     let limit = Duration::from_millis(ingest.config.ingest.handshake_timeout_ms);
-    let mut tls = match tokio::time::timeout(limit, ingest.acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
+    match tokio::time::timeout(limit, ingest.acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
         Ok(Err(err)) => {
             ingest.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, error = %err, "tls handshake failed");
-            return;
+            None
         }
         Err(_) => {
             ingest.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, timeout_ms = limit.as_millis() as u64, "tls handshake timed out");
-            return;
+            None
         }
-    };
+    }
+}
+
+async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: CancellationToken) {
+    let limit = Duration::from_millis(ingest.config.ingest.handshake_timeout_ms);
+    let Some(mut tls) = handshake(tcp, peer, ingest).await else { return };
     let identity = {
         let (_, session) = tls.get_ref();
         match session.peer_certificates().and_then(|chain| chain.first()) {

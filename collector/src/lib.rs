@@ -27,5 +27,6 @@ pub mod config;
 pub mod index;
 pub mod ingest;
 pub mod server;
+pub mod syslog;
 pub mod time;
 pub mod wal;

@@ -60,12 +60,17 @@ enum CertsCommand {
         /// The certificate directory.
         #[arg(long)]
         dir: PathBuf,
-        /// Issue a client certificate for the agent NAME.
-        #[arg(long, conflicts_with = "collector", required_unless_present = "collector")]
+        /// Issue a client certificate for the agent NAME (Ed25519: it also
+        /// signs the agent's batches).
+        #[arg(long, required_unless_present_any = ["collector", "sender"])]
         agent: Option<String>,
         /// Issue a server certificate for the collector NAME.
         #[arg(long)]
         collector: Option<String>,
+        /// Issue a client certificate for the syslog sender NAME (rsyslog,
+        /// syslog-ng; ECDSA P-256, which every TLS library loads).
+        #[arg(long)]
+        sender: Option<String>,
         /// Extra DNS names or IP addresses of a collector.
         #[arg(long, requires = "collector")]
         san: Vec<String>,
@@ -183,7 +188,15 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 let cancel = CancellationToken::new();
                 shutdown_on_signal(cancel.clone());
                 let running = logvault_collector::server::start(config, cancel).await?;
-                println!("ingest {} api https://{}", running.ingest_addr, running.api_addr);
+                match running.syslog_addr {
+                    Some(syslog) => {
+                        println!(
+                            "ingest {} api https://{} syslog {syslog}",
+                            running.ingest_addr, running.api_addr
+                        )
+                    }
+                    None => println!("ingest {} api https://{}", running.ingest_addr, running.api_addr),
+                }
                 running.wait().await?;
                 anyhow::Ok(())
             })?;
@@ -192,12 +205,13 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let pki = Pki::init(&dir)?;
             println!("{}", pki.ca_cert().display());
         }
-        Command::Certs(CertsCommand::Issue { dir, agent, collector, san }) => {
+        Command::Certs(CertsCommand::Issue { dir, agent, collector, sender, san }) => {
             let pki = Pki::open(&dir)?;
-            let issued = match (agent, collector) {
-                (Some(name), None) => pki.issue(CertRole::Agent, &name, &[])?,
-                (None, Some(name)) => pki.issue(CertRole::Collector, &name, &san)?,
-                _ => bail!("give exactly one of --agent or --collector"),
+            let issued = match (agent, collector, sender) {
+                (Some(name), None, None) => pki.issue(CertRole::Agent, &name, &[])?,
+                (None, Some(name), None) => pki.issue(CertRole::Collector, &name, &san)?,
+                (None, None, Some(name)) => pki.issue(CertRole::Sender, &name, &[])?,
+                _ => bail!("give exactly one of --agent, --collector or --sender"),
             };
             println!("{}\n{}", issued.cert.display(), issued.key.display());
         }

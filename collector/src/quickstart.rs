@@ -9,7 +9,7 @@ use logvault_agent::parse::ParserKind;
 use logvault_certs::{Pki, Role as CertRole};
 use logvault_collector::auth::{self, Claims, Role};
 use logvault_collector::config::{
-    ApiConfig, CollectorConfig, IndexConfig, IngestConfig, TenantConfig, WalConfig,
+    ApiConfig, CollectorConfig, IndexConfig, IngestConfig, SyslogConfig, TenantConfig, WalConfig,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +39,9 @@ pub(crate) struct Options {
     /// Address of the agents' mutual-TLS listener.
     #[arg(long, default_value = "127.0.0.1:6000")]
     ingest_listen: String,
+    /// Address of the syslog-over-TLS listener (RFC 5425).
+    #[arg(long, default_value = "127.0.0.1:6514")]
+    syslog_listen: String,
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
@@ -106,6 +109,11 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         tenants: TenantConfig::default(),
         wal: WalConfig::default(),
         index: IndexConfig::default(),
+        syslog: Some(SyslogConfig {
+            listen: options.syslog_listen.clone(),
+            max_message_bytes: 64 * 1024,
+            idle_timeout_ms: 300_000,
+        }),
     };
     let collector_cancel = CancellationToken::new();
     let running = logvault_collector::server::start(collector, collector_cancel.clone()).await?;
@@ -150,6 +158,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         "token": token,
         "ca_file": ca_file,
         "ingest_addr": running.ingest_addr.to_string(),
+        "syslog_addr": running.syslog_addr.map(|a| a.to_string()),
         "certs_dir": certs_dir,
         "jwt_key": jwt_key,
         "agent": agent,
@@ -161,6 +170,9 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
     println!("logvault quickstart is running");
     println!("  query API   {api_url}");
     println!("  ingest      {} (mutual TLS, agent {agent})", running.ingest_addr);
+    if let Some(syslog) = running.syslog_addr {
+        println!("  syslog      {syslog} (RFC 5425 over mutual TLS; `logvault certs issue --sender NAME`)");
+    }
     println!("  tailing     {}", logs.join(" "));
     println!("  data        {}", data.display());
     println!();

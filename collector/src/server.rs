@@ -36,6 +36,14 @@ pub enum ServerError {
     /// The index could not be opened or written.
     #[error(transparent)]
     Index(#[from] crate::index::IndexError),
+    /// A key file could not be read or created.
+    #[error("key {path}: {source}")]
+    Key {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// A listener could not be bound.
     #[error("cannot listen on {address}: {source}")]
     Bind {
@@ -52,6 +60,8 @@ pub struct Running {
     pub ingest_addr: SocketAddr,
     /// Where the API listens.
     pub api_addr: SocketAddr,
+    /// Where syslog senders connect, when that listener is on.
+    pub syslog_addr: Option<SocketAddr>,
     done: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
@@ -107,16 +117,38 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
     let api_addr = api_listener
         .local_addr()
         .map_err(|source| ServerError::Bind { address: config.api.listen.clone(), source })?;
-    tracing::info!(%ingest_addr, %api_addr, data_dir = %config.data_dir.display(), "collector listening");
+    let (syslog_listener, syslog_addr, syslog_key) = match &config.syslog {
+        Some(syslog) => {
+            let listener = bind(&syslog.listen).await?;
+            let addr = listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { address: syslog.listen.clone(), source })?;
+            let key_path = config.data_dir.join("keys").join("syslog-batch.key");
+            let key = crate::syslog::load_or_create_key(&key_path)
+                .map_err(|source| ServerError::Key { path: key_path, source })?;
+            (Some(listener), Some(addr), Some(key))
+        }
+        None => (None, None, None),
+    };
+    tracing::info!(%ingest_addr, %api_addr, syslog_addr = ?syslog_addr, data_dir = %config.data_dir.display(), "collector listening");
 
     let ingest = Arc::new(Ingest {
         config: config.clone(),
         acceptor: TlsAcceptor::from(ingest_tls),
         wal,
         stats: Arc::new(IngestStats::default()),
+        syslog_key,
     });
     let state = Arc::new(ApiState { index, verifier, max_limit: config.api.max_limit });
-    let ingest_task = tokio::spawn(ingest::serve(ingest_listener, ingest.clone(), cancel.clone()));
+    let ingest_task = tokio::spawn(ingest::serve(
+        ingest_listener,
+        ingest.clone(),
+        ingest::Protocol::Native,
+        cancel.clone(),
+    ));
+    let syslog_task = syslog_listener.map(|listener| {
+        tokio::spawn(ingest::serve(listener, ingest.clone(), ingest::Protocol::Syslog, cancel.clone()))
+    });
     let api_task = tokio::spawn(api::serve(
         api_listener,
         TlsAcceptor::from(api_tls),
@@ -125,6 +157,9 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
     ));
     let done = tokio::spawn(async move {
         let _ = ingest_task.await;
+        if let Some(task) = syslog_task {
+            let _ = task.await;
+        }
         let _ = api_task.await;
         // The last Wal handle goes with `ingest`: the writer thread drains
         // what it was handed, fsyncs and exits.
@@ -138,5 +173,5 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         tracing::info!("collector stopped");
         Ok(())
     });
-    Ok(Running { ingest_addr, api_addr, done })
+    Ok(Running { ingest_addr, api_addr, syslog_addr, done })
 }

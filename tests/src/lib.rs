@@ -269,6 +269,8 @@ pub struct Collector {
     pub process: Process,
     pub ingest: SocketAddr,
     pub api: SocketAddr,
+    /// The syslog listener, when the configuration turns it on.
+    pub syslog: Option<SocketAddr>,
     pub ca: PathBuf,
 }
 
@@ -315,12 +317,13 @@ commit_interval_ms = 300
             log,
         );
         let line = process.first_stdout_line();
-        // "ingest 127.0.0.1:P api https://127.0.0.1:Q"
+        // "ingest 127.0.0.1:P api https://127.0.0.1:Q [syslog 127.0.0.1:R]"
         let words: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(words.first(), Some(&"ingest"), "unexpected first line {line:?}");
         let ingest = words[1].parse().unwrap();
         let api = words[3].trim_start_matches("https://").parse().unwrap();
-        Collector { process, ingest, api, ca: setup.pki.ca_cert() }
+        let syslog = (words.get(4) == Some(&"syslog")).then(|| words[5].parse().unwrap());
+        Collector { process, ingest, api, syslog, ca: setup.pki.ca_cert() }
     }
 
     pub fn api_url(&self) -> String {

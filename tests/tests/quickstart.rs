@@ -18,6 +18,8 @@ fn start(data: &Path) -> Process {
         "127.0.0.1:0",
         "--ingest-listen",
         "127.0.0.1:0",
+        "--syslog-listen",
+        "127.0.0.1:0",
     ];
     let log =
         data.with_extension(format!("log{}", std::fs::read_dir(data.parent().unwrap()).unwrap().count()));
@@ -54,7 +56,7 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
 
     let first = start(&data);
     let info = details(&data);
-    for key in ["api_url", "token", "ca_file", "ingest_addr", "certs_dir", "jwt_key"] {
+    for key in ["api_url", "token", "ca_file", "ingest_addr", "syslog_addr", "certs_dir", "jwt_key"] {
         assert!(info[key].is_string(), "quickstart.json lacks {key}: {info}");
     }
     for key in ["ca_file", "certs_dir", "jwt_key"] {
@@ -85,7 +87,12 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
 
     // Keys are private to their owner.
     let certs = Path::new(info["certs_dir"].as_str().unwrap());
-    for key in [certs.join("ca.key"), certs.join("collectors/collector.key"), data.join("jwt.key")] {
+    for key in [
+        certs.join("ca.key"),
+        certs.join("collectors/collector.key"),
+        data.join("jwt.key"),
+        data.join("collector/keys/syslog-batch.key"),
+    ] {
         assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600, "{}", key.display());
     }
     let ca_before = std::fs::read(info["ca_file"].as_str().unwrap()).unwrap();

@@ -290,11 +290,16 @@ impl Parser {
     }
 
     fn parse_3164(&self, rest: &str) -> Option<Parsed> {
-        // "Jun 14 15:16:01 combo sshd(pam_unix)[19939]: message"
+        // "Jun 14 15:16:01 combo sshd(pam_unix)[19939]: message", or the
+        // same with an RFC 3339 time, as rsyslog's RSYSLOG_ForwardFormat
+        // and syslog-ng send it.
         let stamp = rest.get(..15)?;
         let bytes = stamp.as_bytes();
         if bytes[3] != b' ' || bytes[6] != b' ' || bytes[9] != b':' || bytes[12] != b':' {
-            return None;
+            let (stamp, after) = rest.split_once(' ')?;
+            let timestamp = OffsetDateTime::parse(stamp, &Rfc3339).ok().and_then(to_ns)?;
+            let parsed = Parsed { timestamp_ns: Some(timestamp), ..Parsed::default() };
+            return header_3164(parsed, after);
         }
         // The checks above make every slice below fall on ASCII.
         const MONTHS: [&str; 12] =
@@ -309,26 +314,30 @@ impl Parser {
                 .ok()
                 .map(|date| PrimitiveDateTime::new(date, clock))
         };
-        let mut parsed = Parsed { timestamp_ns: Some(self.with_inferred_year(parse)?), ..Parsed::default() };
-        let after = rest.get(16..)?;
-        let (host, after) = after.split_once(' ')?;
-        let after = after.trim_start();
-        parsed.fields.push(("hostname".into(), host.to_owned()));
-        if let Some((tag, _message)) = after.split_once(": ") {
-            let (app, pid) = match tag.rfind('[') {
-                Some(open) if tag.ends_with(']') => (&tag[..open], Some(&tag[open + 1..tag.len() - 1])),
-                _ => (tag, None),
-            };
-            // A tag is short; a longer "x: y" is part of the message.
-            if app.len() <= 48 {
-                parsed.fields.push(("appname".into(), app.to_owned()));
-                if let Some(pid) = pid {
-                    parsed.fields.push(("procid".into(), pid.to_owned()));
-                }
+        let parsed = Parsed { timestamp_ns: Some(self.with_inferred_year(parse)?), ..Parsed::default() };
+        header_3164(parsed, rest.get(16..)?)
+    }
+}
+
+/// The part of an RFC 3164 line after its time: `HOST TAG[PID]: MSG`.
+fn header_3164(mut parsed: Parsed, after: &str) -> Option<Parsed> {
+    let (host, after) = after.split_once(' ')?;
+    let after = after.trim_start();
+    parsed.fields.push(("hostname".into(), host.to_owned()));
+    if let Some((tag, _message)) = after.split_once(": ") {
+        let (app, pid) = match tag.rfind('[') {
+            Some(open) if tag.ends_with(']') => (&tag[..open], Some(&tag[open + 1..tag.len() - 1])),
+            _ => (tag, None),
+        };
+        // A tag is short; a longer "x: y" is part of the message.
+        if app.len() <= 48 {
+            parsed.fields.push(("appname".into(), app.to_owned()));
+            if let Some(pid) = pid {
+                parsed.fields.push(("procid".into(), pid.to_owned()));
             }
         }
-        Some(parsed)
     }
+    Some(parsed)
 }
 
 fn to_ns(time: OffsetDateTime) -> Option<i64> {
@@ -567,6 +576,13 @@ mod tests {
         assert_eq!(parsed.timestamp_ns, Some(ns("2003-10-11T22:14:15.003Z")));
         assert_eq!(parsed.level, Some(Level::Fatal));
         assert!(parsed.fields.contains(&("appname".into(), "su".into())));
+        // rsyslog's RSYSLOG_ForwardFormat: an RFC 3164 header with an RFC 3339 time.
+        let parsed = parser.parse("<13>2026-11-24T09:30:00.123456+01:00 web-1 app[42]: hello there");
+        assert_eq!(parsed.timestamp_ns, Some(ns("2026-11-24T08:30:00.123456Z")));
+        assert_eq!(parsed.level, Some(Level::Info));
+        assert!(parsed.fields.contains(&("appname".into(), "app".into())));
+        assert!(parsed.fields.contains(&("procid".into(), "42".into())));
+        assert!(parsed.fields.contains(&("hostname".into(), "web-1".into())));
         let parsed =
             parser.parse("Dec 10 06:55:46 LabSZ sshd[24200]: Invalid user webmaster from 173.234.31.186");
         // No year in the line: this year, or last year if that is in the future.
