@@ -34,6 +34,8 @@ pub struct ApiState {
     pub verifier: Verifier,
     /// Largest `limit`.
     pub max_limit: usize,
+    /// What `/metrics` shows.
+    pub metrics: crate::metrics::MetricsSource,
 }
 
 /// An API error, rendered as JSON.
@@ -72,6 +74,7 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/search", get(search_get).post(search_post))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(state)
 }
@@ -81,6 +84,16 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiErro
     let token =
         value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).ok_or(AuthError::Missing)?;
     Ok(state.verifier.verify(token.trim())?)
+}
+
+/// Prometheus text, for admin tokens only: the counters name tenants.
+async fn metrics(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let claims = authenticate(&state, &headers)?;
+    if claims.role != crate::auth::Role::Admin {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "/metrics needs an admin token"));
+    }
+    let body = state.metrics.render();
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response())
 }
 
 /// Search parameters, from the query string (GET) or a JSON body (POST).

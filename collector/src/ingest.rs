@@ -8,14 +8,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use logvault_certs::PeerIdentity;
-use logvault_storage::batch::{BatchView, Inflater, Limits};
-use logvault_storage::frame::{
-    AckStatus, Frame, FrameDecoder, FrameError, PROTOCOL_VERSION, RefuseCode, write_frame,
-};
+use logvault_storage::batch::{BatchError, BatchView, Inflater, Limits};
+use logvault_storage::frame::{AckStatus, Frame, FrameDecoder, FrameError, PROTOCOL_VERSION, write_frame};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -23,27 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::CollectorConfig;
+pub use crate::metrics::IngestStats;
+use crate::metrics::Refusal;
 use crate::wal::{AppendRequest, Appended, Wal};
 
 /// How long an ack or a close may take before the peer is given up on.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Counters for operators.
-#[derive(Debug, Default)]
-pub struct IngestStats {
-    /// Batches acked (stored or duplicate).
-    pub batches_acked: AtomicU64,
-    /// Batches recognised as resends.
-    pub batches_duplicate: AtomicU64,
-    /// Batches or connections refused.
-    pub refused: AtomicU64,
-    /// TLS handshakes that failed or timed out.
-    pub handshake_failures: AtomicU64,
-    /// Connections open now.
-    pub connections: AtomicU64,
-    /// Syslog messages received.
-    pub syslog_messages: AtomicU64,
-}
 
 /// What the ingest loop needs.
 pub struct Ingest {
@@ -94,7 +77,7 @@ pub async fn serve(
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, limit = ingest.config.ingest.max_connections, "connection limit reached; closing new connection");
-            ingest.stats.refused.fetch_add(1, Ordering::Relaxed);
+            ingest.stats.refused(Refusal::ConnectionLimit);
             continue;
         };
         let ingest = ingest.clone();
@@ -150,7 +133,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
     let identity = match identity {
         Ok(identity) => identity,
         Err(err) => {
-            refuse(&mut tls, ingest, RefuseCode::Identity, &format!("client certificate unusable: {err}"))
+            refuse(&mut tls, ingest, Refusal::Certificate, &format!("client certificate unusable: {err}"))
                 .await;
             tracing::warn!(%peer, error = %err, "refused agent certificate");
             return;
@@ -164,7 +147,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             let message = format!(
                 "protocol version {version} is not supported; this collector speaks {PROTOCOL_VERSION}"
             );
-            refuse(&mut tls, ingest, RefuseCode::UnsupportedVersion, &message).await;
+            refuse(&mut tls, ingest, Refusal::Version, &message).await;
             return;
         }
         other => {
@@ -174,7 +157,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
                 Ok(Ok(frame)) => format!("expected hello, got {frame:?}"),
             };
             tracing::warn!(%peer, agent = %identity.name, reason = %what, "bad opening");
-            refuse(&mut tls, ingest, RefuseCode::Malformed, &what).await;
+            refuse(&mut tls, ingest, Refusal::Malformed, &what).await;
             return;
         }
     }
@@ -200,7 +183,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
                 let answer = match ingest.wal.marks(&tenant, &identity.name, streams).await {
                     Ok(next_seqs) => Frame::Resumed { next_seqs },
                     Err(err) => {
-                        refuse(&mut tls, ingest, RefuseCode::Internal, &err.to_string()).await;
+                        refuse(&mut tls, ingest, Refusal::Internal, &err.to_string()).await;
                         break;
                     }
                 };
@@ -213,13 +196,13 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             }
             Ok(None) => break,
             Ok(Some(other)) => {
-                refuse(&mut tls, ingest, RefuseCode::Malformed, &format!("unexpected frame {other:?}")).await;
+                refuse(&mut tls, ingest, Refusal::Malformed, &format!("unexpected frame {other:?}")).await;
                 break;
             }
             Err(FrameError::TooLarge { len, max }) => {
                 let message = format!("frame of {len} bytes is over the cap of {max} bytes");
                 tracing::warn!(%peer, agent = %identity.name, len, max, "frame over the cap");
-                refuse(&mut tls, ingest, RefuseCode::TooLarge, &message).await;
+                refuse(&mut tls, ingest, Refusal::TooLarge, &message).await;
                 break;
             }
             Err(FrameError::Io(err)) => {
@@ -228,7 +211,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             }
             Err(err) => {
                 tracing::warn!(%peer, agent = %identity.name, error = %err, "bad frame");
-                refuse(&mut tls, ingest, RefuseCode::Malformed, &err.to_string()).await;
+                refuse(&mut tls, ingest, Refusal::Malformed, &err.to_string()).await;
                 break;
             }
         };
@@ -236,7 +219,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             Ok(batch) => batch,
             Err(err) => {
                 tracing::warn!(%peer, agent = %identity.name, error = %err, "malformed batch");
-                refuse(&mut tls, ingest, RefuseCode::Malformed, &err.to_string()).await;
+                refuse(&mut tls, ingest, batch_refusal(&err), &err.to_string()).await;
                 break;
             }
         };
@@ -246,22 +229,23 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
                 batch.header.agent_id, identity.name
             );
             tracing::warn!(%peer, agent = %identity.name, claimed = %batch.header.agent_id, "forged agent id");
-            refuse(&mut tls, ingest, RefuseCode::Identity, &message).await;
+            refuse(&mut tls, ingest, Refusal::ForgedAgent, &message).await;
             break;
         }
         if let Err(err) = batch.verify(&identity.signing_key) {
             tracing::warn!(%peer, agent = %identity.name, error = %err, "bad batch signature");
-            refuse(&mut tls, ingest, RefuseCode::Identity, &err.to_string()).await;
+            refuse(&mut tls, ingest, Refusal::Signature, &err.to_string()).await;
             break;
         }
         // Only a signed batch is inflated, into a buffer no larger than
         // the capped size its header declares.
         if let Err(err) = batch.records(&limits, &mut inflater) {
             tracing::warn!(%peer, agent = %identity.name, error = %err, "malformed records");
-            refuse(&mut tls, ingest, RefuseCode::Malformed, &err.to_string()).await;
+            refuse(&mut tls, ingest, batch_refusal(&err), &err.to_string()).await;
             break;
         }
         let (header, hash) = (batch.header, batch.hash);
+        let (size, count) = (bytes.len(), header.count);
         let request = AppendRequest {
             tenant: tenant.clone(),
             host: identity.name.clone(),
@@ -272,7 +256,10 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
         match ingest.wal.append(request).await {
             Ok(appended) => {
                 let status = match appended {
-                    Appended::Stored { .. } => AckStatus::Stored,
+                    Appended::Stored { skipped } => {
+                        ingest.stats.stored(&tenant, size, u64::from(count - skipped));
+                        AckStatus::Stored
+                    }
                     Appended::Duplicate => {
                         ingest.stats.batches_duplicate.fetch_add(1, Ordering::Relaxed);
                         AckStatus::Duplicate
@@ -288,7 +275,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             }
             Err(err) => {
                 tracing::error!(agent = %identity.name, error = %err, "wal append failed");
-                refuse(&mut tls, ingest, RefuseCode::Internal, &err.to_string()).await;
+                refuse(&mut tls, ingest, Refusal::Internal, &err.to_string()).await;
                 break;
             }
         }
@@ -299,10 +286,18 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
 async fn refuse(
     tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
     ingest: &Ingest,
-    code: RefuseCode,
+    why: Refusal,
     message: &str,
 ) {
-    ingest.stats.refused.fetch_add(1, Ordering::Relaxed);
-    let frame = Frame::Refused { code, message: message.to_owned() };
+    ingest.stats.refused(why);
+    let frame = Frame::Refused { code: why.code(), message: message.to_owned() };
     let _ = tokio::time::timeout(Duration::from_secs(1), write_frame(tls, &frame)).await;
+}
+
+/// A batch over one of its size caps is too large; anything else is malformed.
+fn batch_refusal(err: &BatchError) -> Refusal {
+    match err {
+        BatchError::OverLimit { .. } => Refusal::TooLarge,
+        _ => Refusal::Malformed,
+    }
 }

@@ -26,6 +26,7 @@ pub mod client;
 pub mod config;
 pub mod index;
 pub mod ingest;
+pub mod metrics;
 pub mod server;
 pub mod syslog;
 pub mod time;

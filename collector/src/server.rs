@@ -139,7 +139,13 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         stats: Arc::new(IngestStats::default()),
         syslog_key,
     });
-    let state = Arc::new(ApiState { index, verifier, max_limit: config.api.max_limit });
+    let metrics = crate::metrics::MetricsSource {
+        ingest: ingest.stats.clone(),
+        wal_dir: wal_dir.clone(),
+        durable: ingest.wal.durable_counter(),
+        index: progress.clone(),
+    };
+    let state = Arc::new(ApiState { index, verifier, max_limit: config.api.max_limit, metrics });
     let ingest_task = tokio::spawn(ingest::serve(
         ingest_listener,
         ingest.clone(),

@@ -168,7 +168,7 @@ pub(crate) async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest
         Ok(name) => name,
         Err(err) => {
             tracing::warn!(%peer, error = %err, "refused syslog sender certificate");
-            ingest.stats.refused.fetch_add(1, Ordering::Relaxed);
+            ingest.stats.refused(crate::metrics::Refusal::Certificate);
             return;
         }
     };
@@ -203,7 +203,7 @@ pub(crate) async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest
             Ok(Ok(None)) => break,
             Ok(Err(err)) => {
                 tracing::warn!(%peer, sender = %stream.name, error = %err, "syslog stream unreadable; closing");
-                ingest.stats.refused.fetch_add(1, Ordering::Relaxed);
+                ingest.stats.refused(crate::metrics::Refusal::SyslogFraming);
                 break;
             }
             Err(_) => {
@@ -262,6 +262,7 @@ impl Stream<'_> {
             return false;
         };
         self.prev_hash = hash;
+        let (size, count) = (bytes.len(), header.count);
         let request = AppendRequest {
             tenant: self.tenant.clone(),
             host: self.name.clone(),
@@ -270,7 +271,10 @@ impl Stream<'_> {
             batch: bytes,
         };
         match self.ingest.wal.append(request).await {
-            Ok(_) => true,
+            Ok(_) => {
+                self.ingest.stats.stored(&self.tenant, size, u64::from(count));
+                true
+            }
             Err(err) => {
                 tracing::error!(sender = %self.name, error = %err, "wal append of syslog batch failed");
                 false

@@ -331,6 +331,22 @@ commit_interval_ms = 300
     }
 
     /// GET /api/v1/search; returns (status, body).
+    /// GET /metrics with `token`; returns (status, body).
+    pub fn metrics_raw(&self, token: &str) -> (u16, String) {
+        let url = format!("{}/metrics", self.api_url());
+        let answer = runtime()
+            .block_on(logvault_collector::client::request("GET", &url, &self.ca, Some(token), None))
+            .unwrap();
+        (answer.status, String::from_utf8_lossy(&answer.body).into_owned())
+    }
+
+    /// One sample of `/metrics` (an admin token is minted), as a number.
+    pub fn metric(&self, setup: &Setup, sample: &str) -> u64 {
+        let (status, body) = self.metrics_raw(&setup.token(&["default"], Role::Admin));
+        assert_eq!(status, 200, "{body}");
+        metric(&body, sample).unwrap_or_else(|| panic!("no sample {sample} in:\n{body}"))
+    }
+
     pub fn search_raw(&self, token: Option<&str>, params: &[(&str, &str)]) -> (u16, serde_json::Value) {
         let query: Vec<String> = params
             .iter()

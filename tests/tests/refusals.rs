@@ -165,7 +165,7 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
     let mut bomber = RawAgent::connect(&setup, "probe-1", collector.ingest);
     let honest = bomber.forge_batch("probe-1", 1, 64 << 20, &bomb);
     match bomber.send_batch(honest) {
-        Some(Frame::Refused { code: RefuseCode::Malformed, message }) => {
+        Some(Frame::Refused { code: RefuseCode::TooLarge, message }) => {
             assert!(
                 message.contains("decoded record section") && message.contains("over the limit"),
                 "{message}"
@@ -198,6 +198,16 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
     ] {
         assert!(log.contains(expected), "collector log lacks {expected:?}:\n{}", tail(&log, 40));
     }
+    // Every refusal is counted by its reason; /metrics is for admins only.
+    let refusals =
+        |reason: &str| collector.metric(&setup, &format!("logvault_refusals_total{{reason=\"{reason}\"}}"));
+    assert_eq!(refusals("forged_agent"), 1);
+    assert_eq!(refusals("signature"), 1);
+    assert_eq!(refusals("too_large"), 2, "the oversized frame and the declared bomb");
+    assert_eq!(refusals("malformed"), 2, "garbage in a frame and the lying bomb");
+    assert!(collector.metric(&setup, "logvault_handshake_failures_total") >= 4);
+    assert!(collector.metric(&setup, "logvault_ingest_records_total{tenant=\"default\"}") >= written as u64);
+    assert_eq!(collector.metrics_raw(&token).0, 403, "a reader token");
     good.stop();
     collector.process.stop();
 }
