@@ -161,7 +161,8 @@ impl MetricsSource {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let tenants = self.ingest.tenants.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let per_tenant: [(&str, &str, fn(&TenantCounters) -> u64); 3] = [
+        type Read = fn(&TenantCounters) -> u64;
+        let per_tenant: [(&str, &str, Read); 3] = [
             ("logvault_ingest_bytes_total", "Bytes of stored batches as received, by tenant", |c| c.bytes),
             ("logvault_ingest_records_total", "Records stored, by tenant", |c| c.records),
             ("logvault_ingest_batches_total", "Batches stored, by tenant", |c| c.batches),
