@@ -202,12 +202,30 @@ pub struct WalConfig {
     /// (and so do their agents). Default 1024.
     #[serde(default = "default_wal_queue")]
     pub queue: usize,
+    /// Hard cap on the WAL's size on disk, in bytes; 0 for none (the
+    /// default). An append that would pass it is refused as busy (agents
+    /// spool and retry) and logged as an error; nothing stored is touched.
+    #[serde(default)]
+    pub max_bytes: u64,
+    /// When the file system holding the WAL is fuller than this percentage,
+    /// new batches are refused as busy until space is freed. Default 95.
+    #[serde(default = "default_high_watermark_percent")]
+    pub high_watermark_percent: u8,
 }
 
 impl Default for WalConfig {
     fn default() -> Self {
-        Self { segment_bytes: default_segment_bytes(), queue: default_wal_queue() }
+        Self {
+            segment_bytes: default_segment_bytes(),
+            queue: default_wal_queue(),
+            max_bytes: 0,
+            high_watermark_percent: default_high_watermark_percent(),
+        }
     }
+}
+
+fn default_high_watermark_percent() -> u8 {
+    95
 }
 
 /// Index settings.
@@ -287,6 +305,9 @@ impl CollectorConfig {
             if syslog.idle_timeout_ms < 1000 {
                 return invalid("syslog.idle_timeout_ms", "must be at least 1000");
             }
+        }
+        if !(1..=100).contains(&self.wal.high_watermark_percent) {
+            return invalid("wal.high_watermark_percent", "must be between 1 and 100");
         }
         if self.ingest.idle_timeout_ms < 1000 {
             return invalid("ingest.idle_timeout_ms", "must be at least 1000");

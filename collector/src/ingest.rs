@@ -244,6 +244,17 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             refuse(&mut tls, ingest, batch_refusal(&err), &err.to_string()).await;
             break;
         }
+        if ingest.wal.is_busy() {
+            // The agent keeps the batch, spools if it must, and retries.
+            refuse(
+                &mut tls,
+                ingest,
+                Refusal::Busy,
+                "collector busy: its WAL is full or its disk past the high watermark",
+            )
+            .await;
+            break;
+        }
         let (header, hash) = (batch.header, batch.hash);
         let (size, count) = (bytes.len(), header.count);
         let request = AppendRequest {
@@ -272,6 +283,10 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
                     tracing::info!(%peer, agent = %identity.name, "ack not delivered; the agent resends");
                     break;
                 }
+            }
+            Err(err @ crate::wal::WalError::Full { .. }) => {
+                refuse(&mut tls, ingest, Refusal::Busy, &format!("collector busy: {err}")).await;
+                break;
             }
             Err(err) => {
                 tracing::error!(agent = %identity.name, error = %err, "wal append failed");

@@ -154,6 +154,8 @@ pub struct MetricsSource {
     pub durable: std::sync::Arc<AtomicU64>,
     /// The indexer's progress.
     pub index: std::sync::Arc<crate::index::IndexProgress>,
+    /// Whether the WAL refuses new batches.
+    pub wal_busy: crate::wal::WalBusy,
 }
 
 impl MetricsSource {
@@ -181,7 +183,13 @@ impl MetricsSource {
         }
         let durable = self.durable.load(Ordering::Acquire);
         let committed = self.index.committed.load(Ordering::Acquire);
-        let single: [(&str, &str, &str, u64); 8] = [
+        let single: [(&str, &str, &str, u64); 9] = [
+            (
+                "logvault_wal_busy",
+                "gauge",
+                "1 while new batches are refused: WAL at its cap or disk past the high watermark",
+                u64::from(self.wal_busy.is_busy()),
+            ),
             ("logvault_batches_acked_total", "counter", "Batches acked", load(&self.ingest.batches_acked)),
             (
                 "logvault_batches_duplicate_total",
@@ -258,6 +266,7 @@ mod tests {
             wal_dir: std::env::temp_dir().join("logvault-no-such-wal"),
             durable: std::sync::Arc::new(AtomicU64::new(500)),
             index: std::sync::Arc::new(crate::index::IndexProgress::default()),
+            wal_busy: crate::wal::WalBusy::default(),
         };
         let text = source.render();
         assert!(text.contains("logvault_ingest_bytes_total{tenant=\"alpha\"} 150\n"), "{text}");

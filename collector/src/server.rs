@@ -95,7 +95,8 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         Verifier::from_public_pem(&config.api.jwt_public_key, &config.api.issuer, &config.api.audience)?;
 
     let wal_dir = config.data_dir.join("wal");
-    let (wal, wal_thread) = Wal::open(&wal_dir, config.wal.segment_bytes, config.wal.queue)?;
+    let (wal, wal_thread) =
+        Wal::open(&wal_dir, config.wal.segment_bytes, config.wal.queue, config.wal.max_bytes)?;
     let index = Arc::new(LogIndex::open(&config.data_dir.join("index"))?);
     let progress = Arc::new(IndexProgress::default());
     let indexer = {
@@ -144,8 +145,15 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         wal_dir: wal_dir.clone(),
         durable: ingest.wal.durable_counter(),
         index: progress.clone(),
+        wal_busy: ingest.wal.busy_state(),
     };
     let state = Arc::new(ApiState { index, verifier, max_limit: config.api.max_limit, metrics });
+    tokio::spawn(Wal::watch_disk(
+        ingest.wal.busy_state(),
+        wal_dir.clone(),
+        config.wal.high_watermark_percent,
+        cancel.clone(),
+    ));
     let ingest_task = tokio::spawn(ingest::serve(
         ingest_listener,
         ingest.clone(),

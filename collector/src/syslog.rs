@@ -270,13 +270,24 @@ impl Stream<'_> {
             header,
             batch: bytes,
         };
+        // Busy: wait, not reading, so the sender's TCP window fills and
+        // it queues on its side.
+        let mut waited = false;
+        while self.ingest.wal.is_busy() {
+            if !waited {
+                tracing::warn!(sender = %self.name, "wal busy; syslog connection paused");
+                self.ingest.stats.refused(crate::metrics::Refusal::Busy);
+                waited = true;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         match self.ingest.wal.append(request).await {
             Ok(_) => {
                 self.ingest.stats.stored(&self.tenant, size, u64::from(count));
                 true
             }
             Err(err) => {
-                tracing::error!(sender = %self.name, error = %err, "wal append of syslog batch failed");
+                tracing::error!(sender = %self.name, records = count, error = %err, "wal append of syslog batch failed; closing the connection");
                 false
             }
         }

@@ -70,6 +70,14 @@ pub enum WalError {
     /// The writer is shutting down.
     #[error("wal is shutting down")]
     Closed,
+    /// The append would take the WAL past `wal.max_bytes`.
+    #[error("wal is full: {size} bytes stored, cap {max} bytes; try again later")]
+    Full {
+        /// Bytes on disk now.
+        size: u64,
+        /// The cap.
+        max: u64,
+    },
 }
 
 fn io_err(path: &Path, err: std::io::Error) -> WalError {
@@ -133,6 +141,25 @@ pub struct Wal {
     tx: mpsc::Sender<Job>,
     durable: Arc<AtomicU64>,
     dir: PathBuf,
+    busy: WalBusy,
+}
+
+/// Whether new batches must wait, readable without holding the WAL open.
+#[derive(Debug, Clone, Default)]
+pub struct WalBusy {
+    /// Set by the writer once an append found the WAL at its cap.
+    full: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the disk monitor while the WAL's file system is past its
+    /// high watermark.
+    disk: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WalBusy {
+    /// True while new batches should be refused as busy: the WAL is at
+    /// its cap, or its disk past the high watermark.
+    pub fn is_busy(&self) -> bool {
+        self.full.load(Ordering::Acquire) || self.disk.load(Ordering::Acquire)
+    }
 }
 
 /// A decoded entry read back from the WAL.
@@ -164,6 +191,10 @@ struct Writer {
     streams: HashMap<StreamKey, u64>,
     durable: Arc<AtomicU64>,
     poisoned: bool,
+    /// Position of the first byte still on disk.
+    first_base: u64,
+    max_bytes: u64,
+    full: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Wal {
@@ -174,6 +205,7 @@ impl Wal {
         dir: &Path,
         segment_bytes: u64,
         queue: usize,
+        max_bytes: u64,
     ) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let durable = Arc::new(AtomicU64::new(0));
@@ -216,7 +248,11 @@ impl Wal {
         }
         durable.store(end, Ordering::Release);
         let (tx, rx) = mpsc::channel(queue);
+        let busy = WalBusy::default();
         let writer = Writer {
+            first_base: segments.first().map_or(0, |(base, _)| *base),
+            max_bytes,
+            full: busy.full.clone(),
             dir: dir.to_owned(),
             segment_bytes,
             file,
@@ -231,7 +267,7 @@ impl Wal {
             .name("logvault-wal".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| io_err(dir, e))?;
-        Ok((Wal { tx, durable, dir: dir.to_owned() }, handle))
+        Ok((Wal { tx, durable, dir: dir.to_owned(), busy }, handle))
     }
 
     /// Appends a batch; resolves once it is fsynced (or known duplicate).
@@ -269,6 +305,54 @@ impl Wal {
     /// The WAL directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// True while new batches should be refused as busy.
+    pub fn is_busy(&self) -> bool {
+        self.busy.is_busy()
+    }
+
+    /// The busy flags, for readers that must not keep the WAL open.
+    pub fn busy_state(&self) -> WalBusy {
+        self.busy.clone()
+    }
+
+    /// Watches the file system holding the WAL every second until `cancel`
+    /// fires: past `high_watermark_percent` full, new batches are refused
+    /// as busy; below it again, they are taken.
+    pub async fn watch_disk(
+        busy: WalBusy,
+        dir: PathBuf,
+        high_watermark_percent: u8,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let used = tokio::task::spawn_blocking({
+                let dir = dir.clone();
+                move || {
+                    let total = fs4::total_space(&dir).ok()?;
+                    let available = fs4::available_space(&dir).ok()?;
+                    (total > 0).then(|| 100 - available.saturating_mul(100) / total)
+                }
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(used) = used {
+                let over = used >= u64::from(high_watermark_percent);
+                if busy.disk.swap(over, Ordering::AcqRel) != over {
+                    if over {
+                        tracing::error!(dir = %dir.display(), used_percent = used, high_watermark_percent, "wal disk past its high watermark: refusing new batches as busy");
+                    } else {
+                        tracing::warn!(dir = %dir.display(), used_percent = used, "wal disk below its high watermark again: taking batches");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
     }
 }
 
@@ -316,8 +400,9 @@ impl Writer {
             return;
         }
         buffer.clear();
-        let mut outcomes = Vec::with_capacity(group.len());
+        let mut outcomes: Vec<Result<Appended, WalError>> = Vec::with_capacity(group.len());
         let mut updates: HashMap<StreamKey, u64> = HashMap::new();
+        let size = self.base + self.len - self.first_base;
         for (request, _) in group.iter() {
             let key = StreamKey {
                 tenant: request.tenant.clone(),
@@ -328,7 +413,20 @@ impl Writer {
             let high = updates.get(&key).or_else(|| self.streams.get(&key)).copied().unwrap_or(0);
             let end = request.header.end_seq();
             if end <= high && request.header.count > 0 {
-                outcomes.push(Appended::Duplicate);
+                outcomes.push(Ok(Appended::Duplicate));
+                continue;
+            }
+            // The cap counts the entry's header too: 64 bytes is more than it takes.
+            let entry_len = (request.batch.len() + request.tenant.len() + request.host.len() + 64) as u64;
+            if self.max_bytes > 0 && size + buffer.len() as u64 + entry_len > self.max_bytes {
+                if !self.full.swap(true, Ordering::AcqRel) {
+                    tracing::error!(
+                        size,
+                        max = self.max_bytes,
+                        "wal is full: refusing new batches as busy; raise wal.max_bytes or free space"
+                    );
+                }
+                outcomes.push(Err(WalError::Full { size, max: self.max_bytes }));
                 continue;
             }
             let skipped = high.saturating_sub(request.header.first_seq) as u32;
@@ -337,7 +435,7 @@ impl Writer {
             }
             encode_entry(buffer, request, skipped);
             updates.insert(key, end.max(high));
-            outcomes.push(Appended::Stored { skipped });
+            outcomes.push(Ok(Appended::Stored { skipped }));
         }
         if !buffer.is_empty() {
             let written = self.file.write_all(buffer).and_then(|_| self.file.sync_data());
@@ -355,7 +453,7 @@ impl Writer {
             self.durable.store(self.base + self.len, Ordering::Release);
         }
         for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
-            let _ = reply.send(Ok(outcome));
+            let _ = reply.send(outcome);
         }
         if self.len >= self.segment_bytes
             && let Err(err) = self.roll()
@@ -563,7 +661,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("logvault-wal-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         {
-            let (wal, _thread) = Wal::open(&dir, 1 << 20, 8).unwrap();
+            let (wal, _thread) = Wal::open(&dir, 1 << 20, 8, 0).unwrap();
             assert_eq!(wal.append(request(0, 10)).await.unwrap(), Appended::Stored { skipped: 0 });
             assert_eq!(wal.append(request(0, 10)).await.unwrap(), Appended::Duplicate);
             assert_eq!(wal.append(request(5, 10)).await.unwrap(), Appended::Stored { skipped: 5 });
@@ -575,7 +673,7 @@ mod tests {
         file.write_all(&[0, 0, 1, 0, 9, 9]).unwrap();
         drop(file);
 
-        let (wal, _thread) = Wal::open(&dir, 1 << 20, 8).unwrap();
+        let (wal, _thread) = Wal::open(&dir, 1 << 20, 8, 0).unwrap();
         assert_eq!(wal.durable_end(), good_len);
         assert_eq!(std::fs::metadata(&segment).unwrap().len(), good_len);
         // The high-water mark was rebuilt from the WAL: 0..15 is stored.
@@ -590,6 +688,35 @@ mod tests {
             .unwrap();
         assert_eq!(marks, vec![16, 0, 0]);
         assert_eq!(wal.marks("u", "h", vec![("/s".into(), 0)]).await.unwrap(), vec![0]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_wal_refuses_new_batches_and_keeps_what_it_stored() {
+        let dir = std::env::temp_dir().join(format!("logvault-wal-full-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let one = request(0, 10).batch.len() as u64;
+        let (wal, _thread) = Wal::open(&dir, 1 << 20, 8, 3 * one + 200).unwrap();
+        let mut stored = 0;
+        let refused = loop {
+            match wal.append(request(stored * 10, 10)).await {
+                Ok(Appended::Stored { .. }) => stored += 1,
+                Err(err) => break err,
+                Ok(other) => panic!("{other:?}"),
+            }
+            assert!(stored < 10, "the cap never bit");
+        };
+        assert!(matches!(refused, WalError::Full { .. }), "{refused}");
+        assert!(stored >= 2, "{stored}");
+        assert!(wal.is_busy());
+        // A resend of what is stored is still recognised while full.
+        assert_eq!(wal.append(request(0, 10)).await.unwrap(), Appended::Duplicate);
+        let end = wal.durable_end();
+        assert!(end <= 3 * one + 200, "{end}");
+        drop(wal);
+        let (wal, _thread) = Wal::open(&dir, 1 << 20, 8, 0).unwrap();
+        assert_eq!(read_range(&dir, 0, wal.durable_end(), u64::MAX).unwrap().len() as u64, stored);
+        assert!(!wal.is_busy());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -525,6 +525,25 @@ pub fn copy_samples(dir: &Path, names: &[&str]) -> HashMap<String, PathBuf> {
         .collect()
 }
 
+/// `count` lines of 112 pseudo-random hex digits and their number:
+/// batch compression cannot shrink them much. The same on every call.
+pub fn incompressible_lines(count: usize) -> Vec<String> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    (0..count)
+        .map(|i| {
+            let mut line = String::with_capacity(128);
+            for _ in 0..7 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                line.push_str(&format!("{state:016x}"));
+            }
+            line.push_str(&format!(" n{i}"));
+            line
+        })
+        .collect()
+}
+
 /// Appends lines to a file, each with its newline.
 pub fn append_lines(path: &Path, lines: &[String]) {
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();

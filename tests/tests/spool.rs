@@ -127,18 +127,7 @@ fn a_full_spool_blocks_by_default_and_drops_the_oldest_when_told() {
     std::fs::create_dir_all(&logs).unwrap();
     // About 3 MB of lines for a 1 MiB spool, random enough that batch
     // compression cannot shrink them below it.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut random_hex = || {
-        (0..7)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                format!("{state:016x}")
-            })
-            .collect::<String>()
-    };
-    let lines: Vec<String> = (0..24_000).map(|i| format!("{} n{i}", random_hex())).collect();
+    let lines = incompressible_lines(24_000);
     let blocking_log = logs.join("block.log");
     let dropping_log = logs.join("drop.log");
     append_lines(&blocking_log, &lines);
