@@ -35,5 +35,5 @@ pub use identity::{IdentityError, PeerIdentity, peer_name, validate_name};
 pub use pki::{Issued, Pki, PkiError, Role, write_private_file};
 pub use tls::{
     TlsError, TlsFiles, api_server_config, client_config, https_client_config, load_certs, load_key,
-    server_config,
+    server_config, server_config_with_crl,
 };

@@ -62,6 +62,17 @@ pub enum PkiError {
     /// The name is not a valid agent or collector name.
     #[error(transparent)]
     Name(#[from] crate::identity::IdentityError),
+    /// No agent, sender or collector of that name was issued.
+    #[error("no certificate named {0} in this directory")]
+    NotIssued(String),
+    /// An issued certificate does not parse.
+    #[error("{path}: {message}")]
+    BadCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// rcgen refused the parameters or key.
     #[error("certificate generation: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -132,6 +143,91 @@ impl Pki {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The certificate revocation list the collector checks (PEM), written
+    /// by [`Pki::revoke`] and [`Pki::write_crl`].
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    fn revoked_list(&self) -> PathBuf {
+        self.dir.join("revoked.txt")
+    }
+
+    /// Revokes the certificate of `name` (agent, sender or collector): its
+    /// serial number joins the revocation list, the CRL is signed again,
+    /// and the certificate files are renamed aside so the name can be
+    /// issued anew. A collector with `ingest.crl` set picks the new CRL up
+    /// within seconds. Returns the CRL path.
+    pub fn revoke(&self, name: &str) -> Result<PathBuf, PkiError> {
+        validate_name(name)?;
+        let issued = [Role::Agent, Role::Sender, Role::Collector]
+            .into_iter()
+            .map(|role| self.paths(role, name))
+            .find(|paths| paths.cert.exists())
+            .ok_or_else(|| PkiError::NotIssued(name.to_owned()))?;
+        let bad = |message: String| PkiError::BadCertificate { path: issued.cert.clone(), message };
+        let chain = crate::tls::load_certs(&issued.cert).map_err(|e| bad(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).map_err(|e| bad(e.to_string()))?;
+        let serial = cert.raw_serial_as_string().replace(':', "");
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let list = self.revoked_list();
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&list)
+            .map_err(|source| PkiError::Io { path: list.clone(), source })?;
+        writeln!(file, "{serial} {now} {name}")
+            .and_then(|_| file.sync_all())
+            .map_err(|source| PkiError::Io { path: list.clone(), source })?;
+        for path in [&issued.cert, &issued.key] {
+            let aside = path.with_extension(format!(
+                "{}.revoked-{serial}",
+                path.extension().and_then(|e| e.to_str()).unwrap_or("")
+            ));
+            fs::rename(path, &aside).map_err(|source| PkiError::Io { path: path.clone(), source })?;
+        }
+        self.write_crl()
+    }
+
+    /// Signs and writes the CRL from the revocation list (empty when
+    /// nothing was revoked). It is valid for 397 days: run `logvault certs
+    /// crl` (or revoke something) before then, since an expired CRL
+    /// refuses every client.
+    pub fn write_crl(&self) -> Result<PathBuf, PkiError> {
+        let list = self.revoked_list();
+        let text = match fs::read_to_string(&list) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => return Err(PkiError::Io { path: list, source }),
+        };
+        let mut revoked_certs = Vec::new();
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(serial), Some(when)) = (parts.next(), parts.next()) else { continue };
+            let Some(serial) = hex_bytes(serial) else { continue };
+            let when = when.parse().ok().and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok());
+            revoked_certs.push(rcgen::RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&serial),
+                revocation_time: when.unwrap_or_else(OffsetDateTime::now_utc),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::days(397),
+            // Increases with every signing, as RFC 5280 asks.
+            crl_number: SerialNumber::from_slice(&(now.unix_timestamp_nanos() as u128).to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer()?)?;
+        write_public_file(&self.crl(), crl.pem()?.as_bytes())?;
+        Ok(self.crl())
     }
 
     /// The CA certificate every peer trusts.
@@ -209,6 +305,13 @@ impl Pki {
     }
 }
 
+fn hex_bytes(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}
+
 fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
@@ -254,7 +357,9 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::pem::PemObject;
     use std::os::unix::fs::MetadataExt;
+    use x509_parser::prelude::FromDer;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("logvault-pki-{name}-{}", std::process::id()));
@@ -274,6 +379,29 @@ mod tests {
         assert!(matches!(Pki::init(&dir), Err(PkiError::CaExists(_))));
         assert!(matches!(pki.issue(Role::Agent, "web-1", &[]), Err(PkiError::AlreadyIssued(_))));
         assert!(matches!(pki.issue(Role::Agent, "../evil", &[]), Err(PkiError::Name(_))));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn revoking_lists_the_serial_in_a_signed_crl_and_frees_the_name() {
+        let dir = temp_dir("revoke");
+        let pki = Pki::init(&dir).unwrap();
+        let agent = pki.issue(Role::Agent, "web-1", &[]).unwrap();
+        let chain = crate::tls::load_certs(&agent.cert).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let serial = cert.raw_serial().to_vec();
+        let crl = pki.revoke("web-1").unwrap();
+        assert!(!agent.cert.exists() && !agent.key.exists(), "the revoked files are set aside");
+        let pem = fs::read(&crl).unwrap();
+        let der =
+            rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&pem).next().unwrap().unwrap();
+        let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+        let listed: Vec<Vec<u8>> =
+            parsed.iter_revoked_certificates().map(|r| r.raw_serial().to_vec()).collect();
+        assert_eq!(listed, vec![serial]);
+        // The name can be issued again; a name never issued cannot be revoked.
+        pki.issue(Role::Agent, "web-1", &[]).unwrap();
+        assert!(matches!(pki.revoke("nobody"), Err(PkiError::NotIssued(_))));
         fs::remove_dir_all(dir).unwrap();
     }
 }

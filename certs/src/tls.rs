@@ -74,9 +74,27 @@ fn roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 /// The collector's ingest configuration: TLS 1.3 only, the ring provider,
 /// and a client certificate signed by `files.ca` required of every peer.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with_crl(files, None)
+}
+
+/// [`server_config`], also refusing client certificates the CRL at `crl`
+/// (PEM, signed by the CA) lists. The CRL's own expiry is enforced: an
+/// expired CRL refuses every client rather than trusting stale news.
+pub fn server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone()).build()?;
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone());
+    if let Some(path) = crl {
+        let pem_err = |message: String| TlsError::Pem { path: path.to_owned(), message };
+        let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| pem_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(e.to_string()))?;
+        if crls.is_empty() {
+            return Err(pem_err("no CRL found".into()));
+        }
+        builder = builder.with_crls(crls).enforce_revocation_expiration();
+    }
+    let verifier = builder.build()?;
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

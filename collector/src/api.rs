@@ -16,7 +16,6 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -169,7 +168,7 @@ async fn search(state: Arc<ApiState>, claims: Claims, params: SearchParams) -> R
 /// requests finish.
 pub async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Arc<crate::reload::ReloadingAcceptor>,
     app: axum::Router,
     cancel: CancellationToken,
 ) {
@@ -186,7 +185,7 @@ pub async fn serve(
                 }
             },
         };
-        let acceptor = acceptor.clone();
+        let acceptor = acceptor.acceptor();
         let service = TowerToHyperService::new(app.clone());
         let cancel = cancel.clone();
         tracker.spawn(async move {

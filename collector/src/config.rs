@@ -96,6 +96,10 @@ pub struct IngestConfig {
     pub cert: PathBuf,
     /// The collector's private key.
     pub key: PathBuf,
+    /// A CRL (PEM) from the same CA: certificates it lists are refused.
+    /// Re-read within a second of changing, as are `ca`, `cert` and `key`.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
     /// Connections served at once; further ones are closed at accept.
     /// Default 1024.
     #[serde(default = "default_max_connections")]

@@ -16,7 +16,6 @@ use logvault_storage::batch::{BatchError, BatchView, Inflater, Limits};
 use logvault_storage::frame::{AckStatus, Frame, FrameDecoder, FrameError, PROTOCOL_VERSION, write_frame};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -33,7 +32,7 @@ pub struct Ingest {
     /// The configuration (tenants, limits).
     pub config: Arc<CollectorConfig>,
     /// TLS.
-    pub acceptor: TlsAcceptor,
+    pub acceptor: Arc<crate::reload::ReloadingAcceptor>,
     /// Where batches go.
     pub wal: Wal,
     /// Counters.
@@ -105,7 +104,7 @@ pub(crate) async fn handshake(
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let _ = tcp.set_nodelay(true);
     let limit = Duration::from_millis(ingest.config.ingest.handshake_timeout_ms);
-    match tokio::time::timeout(limit, ingest.acceptor.accept(tcp)).await {
+    match tokio::time::timeout(limit, ingest.acceptor.acceptor().accept(tcp)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(err)) => {
             ingest.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);

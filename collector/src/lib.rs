@@ -27,6 +27,7 @@ pub mod config;
 pub mod index;
 pub mod ingest;
 pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod syslog;
 pub mod time;

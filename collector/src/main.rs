@@ -55,6 +55,22 @@ enum CertsCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Revoke the certificate of agent, sender or collector NAME: DIR's CRL
+    /// is signed again, and a collector whose `ingest.crl` is that file
+    /// refuses NAME's next connection, without a restart.
+    Revoke {
+        /// The certificate directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The name the certificate was issued to.
+        name: String,
+    },
+    /// Sign DIR's CRL again (it is valid for 397 days).
+    Crl {
+        /// The certificate directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Issue an agent or collector certificate signed by DIR's CA.
     Issue {
         /// The certificate directory.
@@ -203,7 +219,14 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Certs(CertsCommand::Init { dir }) => {
             let pki = Pki::init(&dir)?;
+            pki.write_crl()?;
             println!("{}", pki.ca_cert().display());
+        }
+        Command::Certs(CertsCommand::Revoke { dir, name }) => {
+            println!("{}", Pki::open(&dir)?.revoke(&name)?.display());
+        }
+        Command::Certs(CertsCommand::Crl { dir }) => {
+            println!("{}", Pki::open(&dir)?.write_crl()?.display());
         }
         Command::Certs(CertsCommand::Issue { dir, agent, collector, sender, san }) => {
             let pki = Pki::open(&dir)?;

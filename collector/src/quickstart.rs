@@ -64,6 +64,9 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
     let collector_cert = pki.ensure(CertRole::Collector, "collector", &sans)?;
     let agent = agent_name();
     let agent_cert = pki.ensure(CertRole::Agent, &agent, &[])?;
+    // A fresh CRL every start: `logvault certs revoke` rewrites it while
+    // the collector runs.
+    let crl = pki.write_crl()?;
     let jwt_key = data.join("jwt.key");
     let jwt_public = auth::ensure_key_pair(&jwt_key)?;
 
@@ -92,6 +95,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             ca: pki.ca_cert(),
             cert: collector_cert.cert.clone(),
             key: collector_cert.key.clone(),
+            crl: Some(crl),
             max_connections: 64,
             handshake_timeout_ms: 10_000,
             max_frame_bytes: logvault_storage::frame::DEFAULT_MAX_FRAME,

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::reload::ReloadingAcceptor;
 use logvault_certs::TlsFiles;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
@@ -82,15 +82,24 @@ async fn bind(address: &str) -> Result<TcpListener, ServerError> {
 pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result<Running, ServerError> {
     config.validate()?;
     let config = Arc::new(config);
-    let ingest_tls = logvault_certs::server_config(&TlsFiles {
+    let ingest_files = TlsFiles {
         ca: config.ingest.ca.clone(),
         cert: config.ingest.cert.clone(),
         key: config.ingest.key.clone(),
+    };
+    let mut watched = vec![ingest_files.ca.clone(), ingest_files.cert.clone(), ingest_files.key.clone()];
+    watched.extend(config.ingest.crl.clone());
+    let crl = config.ingest.crl.clone();
+    let ingest_tls = ReloadingAcceptor::new("ingest", watched, move || {
+        logvault_certs::server_config_with_crl(&ingest_files, crl.as_deref())
     })?;
-    let api_tls = logvault_certs::api_server_config(
-        config.api.cert.as_ref().unwrap_or(&config.ingest.cert),
-        config.api.key.as_ref().unwrap_or(&config.ingest.key),
-    )?;
+    let (api_cert, api_key) = (
+        config.api.cert.clone().unwrap_or_else(|| config.ingest.cert.clone()),
+        config.api.key.clone().unwrap_or_else(|| config.ingest.key.clone()),
+    );
+    let api_tls = ReloadingAcceptor::new("api", vec![api_cert.clone(), api_key.clone()], move || {
+        logvault_certs::api_server_config(&api_cert, &api_key)
+    })?;
     let verifier =
         Verifier::from_public_pem(&config.api.jwt_public_key, &config.api.issuer, &config.api.audience)?;
 
@@ -135,7 +144,7 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
 
     let ingest = Arc::new(Ingest {
         config: config.clone(),
-        acceptor: TlsAcceptor::from(ingest_tls),
+        acceptor: ingest_tls.clone(),
         wal,
         stats: Arc::new(IngestStats::default()),
         syslog_key,
@@ -148,6 +157,8 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         wal_busy: ingest.wal.busy_state(),
     };
     let state = Arc::new(ApiState { index, verifier, max_limit: config.api.max_limit, metrics });
+    tokio::spawn(ingest_tls.clone().watch(cancel.clone()));
+    tokio::spawn(api_tls.clone().watch(cancel.clone()));
     tokio::spawn(Wal::watch_disk(
         ingest.wal.busy_state(),
         wal_dir.clone(),
@@ -163,12 +174,8 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
     let syslog_task = syslog_listener.map(|listener| {
         tokio::spawn(ingest::serve(listener, ingest.clone(), ingest::Protocol::Syslog, cancel.clone()))
     });
-    let api_task = tokio::spawn(api::serve(
-        api_listener,
-        TlsAcceptor::from(api_tls),
-        api::router(state),
-        cancel.clone(),
-    ));
+    let api_task =
+        tokio::spawn(api::serve(api_listener, api_tls.clone(), api::router(state), cancel.clone()));
     let done = tokio::spawn(async move {
         let _ = ingest_task.await;
         if let Some(task) = syslog_task {

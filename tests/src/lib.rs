@@ -263,6 +263,8 @@ pub struct CollectorOptions {
     pub max_frame_bytes: Option<u32>,
     /// `ingest.handshake_timeout_ms`.
     pub handshake_timeout_ms: Option<u64>,
+    /// `ingest.crl`.
+    pub crl: Option<PathBuf>,
 }
 
 pub struct Collector {
@@ -288,6 +290,7 @@ cert = "{cert}"
 key = "{key}"
 max_frame_bytes = {max_frame}
 handshake_timeout_ms = {handshake}
+{crl}
 
 [api]
 listen = "127.0.0.1:0"
@@ -304,6 +307,11 @@ commit_interval_ms = 300
             key = collector.key.display(),
             max_frame = options.max_frame_bytes.unwrap_or(16 * 1024 * 1024),
             handshake = options.handshake_timeout_ms.unwrap_or(10_000),
+            crl = options
+                .crl
+                .as_ref()
+                .map(|p| format!("crl = {:?}", p.display().to_string()))
+                .unwrap_or_default(),
             jwt = setup.jwt_public.display(),
             extra = options.extra_toml,
         );

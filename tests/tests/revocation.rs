@@ -1,0 +1,81 @@
+//! `logvault certs revoke` takes effect without a restart: the revoked
+//! agent's next connection is refused while the others go on.
+
+use std::process::Command;
+use std::time::Duration;
+
+use logvault_collector::auth::Role;
+use logvault_e2e::*;
+
+#[test]
+fn a_revoked_agent_is_refused_at_its_next_connection_and_the_others_go_on() {
+    let setup = Setup::new("revoke");
+    let crl = setup.pki.write_crl().unwrap();
+    let collector = Collector::start(&setup, &CollectorOptions { crl: Some(crl), ..Default::default() });
+    let token = setup.token(&["default"], Role::Reader);
+    let logs = setup.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let keep_log = logs.join("keep.log");
+    let gone_log = logs.join("gone.log");
+    let lines =
+        |tag: &str, from: usize| (from..from + 100).map(|i| format!("{tag} line {i}")).collect::<Vec<_>>();
+    append_lines(&keep_log, &lines("keepword", 0));
+    append_lines(&gone_log, &lines("goneword", 0));
+    let keep_config = agent_config(
+        &setup,
+        "keep-1",
+        collector.ingest,
+        &[keep_log.to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
+    let gone_config = agent_config(
+        &setup,
+        "gone-1",
+        collector.ingest,
+        &[gone_log.to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
+    // The agent's host keeps its own copy of its certificate and key.
+    let issued = setup.agent_cert("gone-1");
+    let host = setup.path().join("gone-host");
+    std::fs::create_dir_all(&host).unwrap();
+    for (from, name) in [(&issued.cert, "gone-1.crt"), (&issued.key, "gone-1.key")] {
+        std::fs::copy(from, host.join(name)).unwrap();
+    }
+    let text = std::fs::read_to_string(&gone_config)
+        .unwrap()
+        .replace(&issued.cert.display().to_string(), &host.join("gone-1.crt").display().to_string())
+        .replace(&issued.key.display().to_string(), &host.join("gone-1.key").display().to_string());
+    std::fs::write(&gone_config, text).unwrap();
+    let keep = start_agent(&setup, "keep-1", &keep_config);
+    let gone = start_agent(&setup, "gone-1", &gone_config);
+    collector.wait_total(&token, "*", 200, Duration::from_secs(30));
+
+    let out = Command::new(bin("logvault"))
+        .args(["certs", "revoke", "--dir"])
+        .arg(setup.pki.dir())
+        .arg("gone-1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(Duration::from_secs(10), "the collector to load the new CRL", || {
+        collector.process.log_text().contains("tls files changed").then_some(())
+    });
+
+    // Its next connection: the agent restarts and has more to send.
+    gone.stop();
+    append_lines(&gone_log, &lines("goneword", 100));
+    let gone = start_agent(&setup, "gone-1", &gone_config);
+    wait_for(Duration::from_secs(20), "the revoked certificate to be refused", || {
+        let log = collector.process.log_text();
+        (log.contains("tls handshake failed") && log.contains("Revoked")).then_some(())
+    });
+    // The others go on.
+    append_lines(&keep_log, &lines("keepword", 100));
+    collector.wait_total(&token, "keepword", 200, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(collector.total(&token, "goneword"), 100, "nothing from the revoked agent after revocation");
+    gone.stop();
+    keep.stop();
+    collector.process.stop();
+}
