@@ -16,13 +16,15 @@ use tokio_util::sync::CancellationToken;
 const POLL: Duration = Duration::from_secs(1);
 
 type Build = Box<dyn Fn() -> Result<Arc<ServerConfig>, TlsError> + Send + Sync>;
+/// Modification time and length of each watched file, when it exists.
+type Stamps = Vec<Option<(SystemTime, u64)>>;
 
 /// A TLS acceptor rebuilt whenever one of its files changes.
 pub struct ReloadingAcceptor {
     name: &'static str,
     files: Vec<PathBuf>,
     build: Build,
-    current: RwLock<(TlsAcceptor, Vec<Option<(SystemTime, u64)>>)>,
+    current: RwLock<(TlsAcceptor, Stamps)>,
 }
 
 impl ReloadingAcceptor {
@@ -80,7 +82,7 @@ impl ReloadingAcceptor {
     }
 }
 
-fn stamps(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
+fn stamps(files: &[PathBuf]) -> Stamps {
     files
         .iter()
         .map(|path| std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
