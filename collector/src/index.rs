@@ -78,6 +78,28 @@ pub struct Fields {
     message: Field,
     fields: Field,
     fields_json: Field,
+    flags: Field,
+}
+
+/// A timestamp this far after its arrival is flagged `future`.
+pub const FUTURE_SKEW_NS: i64 = 3600 * 1_000_000_000;
+/// A timestamp this far before its arrival is flagged `past`.
+pub const PAST_SKEW_NS: i64 = 7 * 24 * 3600 * 1_000_000_000;
+
+/// The searchable names of a record's flags: what the agent did to the
+/// line, and whether its timestamp is far from its arrival (the record is
+/// kept either way, with `received` beside `timestamp`).
+pub fn flag_names(flags: u8, timestamp_ns: i64, received_ns: i64) -> impl Iterator<Item = &'static str> {
+    use logvault_storage::record::{FLAG_CONTINUED, FLAG_INVALID_UTF8, FLAG_TRUNCATED};
+    [
+        (flags & FLAG_TRUNCATED != 0, "truncated"),
+        (flags & FLAG_CONTINUED != 0, "continued"),
+        (flags & FLAG_INVALID_UTF8 != 0, "invalid_utf8"),
+        (timestamp_ns > received_ns.saturating_add(FUTURE_SKEW_NS), "future"),
+        (timestamp_ns < received_ns.saturating_sub(PAST_SKEW_NS), "past"),
+    ]
+    .into_iter()
+    .filter_map(|(set, name)| set.then_some(name))
 }
 
 fn build_schema() -> (Schema, Fields) {
@@ -114,6 +136,7 @@ fn build_schema() -> (Schema, Fields) {
         ),
         fields: builder.add_json_field("fields", JsonObjectOptions::default().set_indexing_options(words)),
         fields_json: builder.add_text_field("fields_json", STORED),
+        flags: builder.add_text_field("flags", keyword(RAW)),
     };
     (builder.build(), fields)
 }
@@ -183,6 +206,10 @@ pub struct Hit {
     pub message: String,
     /// Parsed fields.
     pub fields: serde_json::Map<String, serde_json::Value>,
+    /// `truncated`, `continued`, `invalid_utf8`, `future`, `past`: see
+    /// [`flag_names`]. Left out when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
 }
 
 /// The answer to a search.
@@ -302,6 +329,7 @@ impl LogIndex {
             level: text(f.level),
             message: text(f.message),
             fields,
+            flags: doc.get_all(f.flags).filter_map(|v| v.as_str()).map(str::to_owned).collect(),
         }
     }
 
@@ -342,6 +370,9 @@ impl LogIndex {
             doc.add_u64(f.seq, this_seq);
             doc.add_text(f.level, record.level.as_str());
             doc.add_text(f.message, record.message);
+            for flag in flag_names(record.flags, record.timestamp_ns, entry.received_ns) {
+                doc.add_text(f.flags, flag);
+            }
             let mut fields = record.fields().peekable();
             if fields.peek().is_some() {
                 let mut object = BTreeMap::new();
@@ -458,5 +489,23 @@ fn index_until_stopped(
         if idle {
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_name_what_the_agent_did_and_how_far_the_clock_is() {
+        let received = 1_800_000_000_000_000_000;
+        let names = |flags, ts| flag_names(flags, ts, received).collect::<Vec<_>>();
+        assert!(names(0, received).is_empty());
+        assert_eq!(names(0b101, received), vec!["truncated", "invalid_utf8"]);
+        assert_eq!(names(0, received + FUTURE_SKEW_NS + 1), vec!["future"]);
+        assert!(names(0, received + FUTURE_SKEW_NS).is_empty());
+        assert_eq!(names(0b010, received - PAST_SKEW_NS - 1), vec!["continued", "past"]);
+        assert_eq!(names(0, i64::MIN), vec!["past"]);
+        assert_eq!(flag_names(0, i64::MAX, i64::MAX).count(), 0);
     }
 }
