@@ -68,6 +68,10 @@ pub struct JournalCheckpoint {
     pub acked_seq: u64,
     /// The journal cursor of the last acked record.
     pub cursor: Option<String>,
+    /// Hash of the last acked batch (hex): the next batch's `prev_hash`,
+    /// so the stream's chain continues across restarts.
+    #[serde(default)]
+    pub prev_hash: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

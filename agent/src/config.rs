@@ -107,7 +107,7 @@ pub struct CollectorConfig {
     /// This agent's private key.
     pub key: PathBuf,
     /// Batches sent and not yet acked, at most. When the window is full the
-    /// agent stops reading files until acks arrive. Default 32.
+    /// agent stops reading files until acks arrive. Default 32, at most 64.
     #[serde(default = "default_window")]
     pub max_in_flight: usize,
     /// Largest delay between reconnect attempts, in milliseconds. Attempts
@@ -430,6 +430,11 @@ impl AgentConfig {
         }
         if !(1..=19).contains(&self.batch.compression_level) {
             return invalid("batch.compression_level", "must be between 1 and 19");
+        }
+        if self.collector.max_in_flight > 64 {
+            // The collector checks a resent batch's chain against the last
+            // 128 batches of its stream.
+            return invalid("collector.max_in_flight", "must be at most 64");
         }
         if self.batch.queue == 0 || self.collector.max_in_flight == 0 {
             return invalid("batch.queue", "queues need room for at least one batch");

@@ -63,7 +63,7 @@ impl JournalReader {
                 Some(state) => state,
                 None => {
                     let epoch = self.checkpoints.next_epoch(JOURNAL_SOURCE);
-                    let state = JournalCheckpoint { epoch, acked_seq: 0, cursor: None };
+                    let state = JournalCheckpoint { epoch, acked_seq: 0, cursor: None, prev_hash: None };
                     self.checkpoints.set_journal(state.clone());
                     if let Err(err) = self.checkpoints.persist() {
                         tracing::error!(error = %err, "cannot save the journal epoch");
@@ -125,7 +125,8 @@ impl JournalReader {
             }
         });
         let mut seq = state.acked_seq;
-        let mut prev_hash = [0u8; 32];
+        let mut prev_hash =
+            state.prev_hash.as_deref().and_then(crate::checkpoint::unhex32).unwrap_or([0u8; 32]);
         let mut builder: Option<(BatchBuilder, String)> = None;
         let mut last_entry = Instant::now();
         let outcome = loop {

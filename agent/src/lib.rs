@@ -130,6 +130,10 @@ pub struct Stats {
     pub spool_dropped_records: AtomicU64,
     /// Damaged spool entries skipped.
     pub spool_corrupt_entries: AtomicU64,
+    /// Spooled batches the collector refused out of sequence (their
+    /// predecessor was lost to spool damage) and that were dropped, their
+    /// lines left to be read again from the file.
+    pub spool_orphans_dropped: AtomicU64,
 }
 
 /// The agent's name and batch signing key, read from its certificate.

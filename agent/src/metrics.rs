@@ -19,7 +19,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Renders every counter and gauge in the Prometheus text format.
 pub fn render(stats: &Stats) -> String {
-    let counters: [(&str, &str, u64); 16] = [
+    let counters: [(&str, &str, u64); 17] = [
         ("lines_read_total", "Records produced from files", stats.lines_read.load(Ordering::Relaxed)),
         ("bytes_read_total", "Bytes of lines read", stats.bytes_read.load(Ordering::Relaxed)),
         (
@@ -75,6 +75,11 @@ pub fn render(stats: &Stats) -> String {
             "spool_corrupt_entries_total",
             "Damaged spool entries skipped",
             stats.spool_corrupt_entries.load(Ordering::Relaxed),
+        ),
+        (
+            "spool_orphans_dropped_total",
+            "Spooled batches refused out of sequence after spool damage, dropped and read again from their file",
+            stats.spool_orphans_dropped.load(Ordering::Relaxed),
         ),
     ];
     let gauges: [(&str, &str, u64); 4] = [

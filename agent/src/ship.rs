@@ -4,11 +4,11 @@
 //! Batches are sent in order and kept in a bounded in-flight window until
 //! the collector acks them (it acks only after its WAL fsync). A lost
 //! connection is retried forever with capped exponential backoff and
-//! jitter. On reconnect the agent first asks where the window's streams
-//! stand (`Resume`); the batches at the front of the window that the
-//! collector already holds durably are acked without being sent again,
-//! and the rest are resent byte for byte (the collector still recognises
-//! any record it stored by (stream, epoch, seq)).
+//! jitter. On reconnect the agent first asks which of the window's
+//! batches the collector holds (`Resume`, by batch hash); those at the
+//! front of the window that it holds durably are acked without being sent
+//! again, and the rest are resent byte for byte (the collector still
+//! recognises any record it stored by (stream, epoch, seq)).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use logvault_storage::batch::peek_header;
 use logvault_storage::frame::{
-    AckStatus, DEFAULT_MAX_FRAME, Frame, FrameDecoder, MAX_RESUME_STREAMS, PROTOCOL_VERSION, RefuseCode,
-    write_batch_frame, write_frame,
+    AckStatus, BatchRef, DEFAULT_MAX_FRAME, Frame, FrameDecoder, MAX_RESUME_BATCHES, PROTOCOL_VERSION,
+    RefuseCode, write_batch_frame, write_frame,
 };
 use ring::rand::SecureRandom;
 use rustls::ClientConfig;
@@ -171,6 +171,7 @@ fn complete(
             epoch: batch.ack.epoch,
             acked_seq: batch.ack.seq,
             cursor: Some(cursor.clone()),
+            prev_hash: Some(crate::checkpoint::hex(&batch.hash)),
         });
     }
     batches.acked(batch);
@@ -181,36 +182,17 @@ fn complete(
     }
 }
 
-/// The distinct (source, epoch) streams of the window, in window order, at
-/// most [`MAX_RESUME_STREAMS`].
-fn resume_streams(window: &VecDeque<SignedBatch>) -> Vec<(String, u64)> {
-    let mut streams: Vec<(String, u64)> = Vec::new();
-    for batch in window {
-        let Ok(header) = peek_header(&batch.bytes) else { continue };
-        if !streams.iter().any(|(source, epoch)| *epoch == header.epoch && *source == header.source) {
-            if streams.len() == MAX_RESUME_STREAMS {
-                break;
-            }
-            streams.push((header.source, header.epoch));
-        }
-    }
-    streams
-}
-
-/// How many batches at the front of the window the collector holds: each
-/// ends at or below its stream's stored mark. Only a prefix counts, so
-/// acks (and the spool's head) still move in order.
-fn stored_prefix(window: &VecDeque<SignedBatch>, streams: &[(String, u64)], next_seqs: &[u64]) -> usize {
+/// The window's batches as `Resume` names them, front first, at most
+/// [`MAX_RESUME_BATCHES`] (the rest are resent).
+fn resume_batches(window: &VecDeque<SignedBatch>) -> Vec<BatchRef> {
     window
         .iter()
-        .take_while(|batch| {
-            let Ok(header) = peek_header(&batch.bytes) else { return false };
-            let Some(at) = streams.iter().position(|(s, e)| *e == header.epoch && *s == header.source) else {
-                return false;
-            };
-            header.count > 0 && header.end_seq() <= next_seqs[at]
+        .take(MAX_RESUME_BATCHES)
+        .map_while(|batch| {
+            let header = peek_header(&batch.bytes).ok()?;
+            Some(BatchRef { source: header.source, epoch: header.epoch, hash: batch.hash })
         })
-        .count()
+        .collect()
 }
 
 async fn connect(
@@ -263,14 +245,15 @@ async fn session(
             return SessionEnd::Retry;
         }
         if !window.is_empty() {
-            let streams = resume_streams(window);
-            if write_frame(&mut write_half, &Frame::Resume { streams: streams.clone() }).await.is_err()
+            let asked = resume_batches(window);
+            let count = asked.len();
+            if write_frame(&mut write_half, &Frame::Resume { batches: asked }).await.is_err()
                 || write_half.flush().await.is_err()
             {
                 return SessionEnd::Retry;
             }
-            let next_seqs = match tokio::time::timeout(RESUME_TIMEOUT, frames.recv()).await {
-                Ok(Some(Ok(Frame::Resumed { next_seqs }))) if next_seqs.len() == streams.len() => next_seqs,
+            let stored = match tokio::time::timeout(RESUME_TIMEOUT, frames.recv()).await {
+                Ok(Some(Ok(Frame::Resumed { stored }))) if stored.len() == count => stored,
                 Ok(Some(Ok(Frame::Refused { code, message }))) => {
                     tracing::warn!(code = ?code, reason = %message, "collector refused the resume");
                     return SessionEnd::Retry;
@@ -280,14 +263,15 @@ async fn session(
                     return SessionEnd::Retry;
                 }
             };
-            let stored = stored_prefix(window, &streams, &next_seqs);
-            for front in window.drain(..stored) {
+            // Only the stored front: acks (and the spool's head) move in order.
+            let skip = stored.iter().take_while(|s| **s).count();
+            for front in window.drain(..skip) {
                 complete(&front, AckStatus::Duplicate, checkpoints, batches, stats);
                 stats.batches_resumed.fetch_add(1, Ordering::Relaxed);
             }
             stats.unacked_batches.store(window.len() as u64, Ordering::Relaxed);
-            if stored > 0 {
-                tracing::info!(skipped = stored, resending = window.len(), "resumed after the collector's stored sequence numbers");
+            if skip > 0 {
+                tracing::info!(skipped = skip, resending = window.len(), "resumed after the batches the collector holds");
             }
         }
         for batch in window.iter() {
@@ -325,6 +309,24 @@ async fn session(
                     Some(Ok(Frame::Refused { code, message })) => {
                         if code == RefuseCode::Busy {
                             tracing::info!(reason = %message, "collector busy; backing off");
+                        } else if code == RefuseCode::Sequence
+                            && window.front().is_some_and(|front| front.spool_position.is_some())
+                        {
+                            // A spooled batch whose predecessor was lost to a
+                            // damaged spool entry: its file checkpoint stays
+                            // where it is, so its lines are read again from the
+                            // file and shipped in a fresh chain.
+                            let front = window.pop_front().expect("checked");
+                            batches.acked(&front);
+                            stats.batches_refused.fetch_add(1, Ordering::Relaxed);
+                            stats.spool_orphans_dropped.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(reason = %message, records = front.records, "collector refused a spooled batch out of sequence; dropped from the spool, its lines are read again from the file's checkpoint");
+                        } else if code == RefuseCode::Gap {
+                            stats.batches_refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(reason = %message, "collector refused a batch after a sequence gap; if this agent's spool dropped batches (when_full = \"drop_oldest\"), the collector needs ingest.accept_gaps; the batch stays queued and is retried");
+                        } else if code == RefuseCode::Sequence {
+                            stats.batches_refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(reason = %message, "collector refused a batch out of sequence; it stays queued and is retried");
                         } else if code == RefuseCode::TooLarge {
                             stats.batches_refused.fetch_add(1, Ordering::Relaxed);
                             tracing::error!(reason = %message, "collector refused a batch as too large; lower batch.max_bytes below the collector's ingest.max_frame_bytes");
@@ -409,35 +411,15 @@ mod tests {
     }
 
     #[test]
-    fn only_the_stored_front_of_the_window_is_skipped() {
-        let window: VecDeque<SignedBatch> = [
-            batch("/a", 1, 0, 10),
-            batch("/b", 1, 0, 10),
-            batch("/a", 1, 10, 10),
-            batch("/a", 2, 0, 5),
-            batch("/b", 1, 10, 10),
-        ]
-        .into();
-        let streams = resume_streams(&window);
-        assert_eq!(streams, vec![("/a".to_owned(), 1), ("/b".to_owned(), 1), ("/a".to_owned(), 2)]);
-        // /a epoch 1 stored to 20, /b to 10, /a epoch 2 nothing: the first
-        // three batches are durable, the fourth is not, so the fifth is
-        // resent even though /b would allow it.
-        assert_eq!(stored_prefix(&window, &streams, &[20, 10, 0]), 3);
-        assert_eq!(stored_prefix(&window, &streams, &[20, 20, 5]), 5);
-        // A batch only partly stored is resent (the collector stores its rest).
-        assert_eq!(stored_prefix(&window, &streams, &[15, 10, 0]), 2);
-        assert_eq!(stored_prefix(&window, &streams, &[0, 10, 0]), 0);
-    }
-
-    #[test]
-    fn at_most_the_cap_of_streams_is_asked_about() {
+    fn resume_names_the_window_front_first_by_stream_and_hash() {
         let window: VecDeque<SignedBatch> =
-            (0..MAX_RESUME_STREAMS as u64 + 5).map(|epoch| batch("/a", epoch, 0, 1)).collect();
-        let streams = resume_streams(&window);
-        assert_eq!(streams.len(), MAX_RESUME_STREAMS);
-        let all_stored = vec![1; streams.len()];
-        // Batches of streams not asked about are resent.
-        assert_eq!(stored_prefix(&window, &streams, &all_stored), MAX_RESUME_STREAMS);
+            [batch("/a", 1, 0, 10), batch("/b", 2, 0, 10), batch("/a", 1, 10, 10)].into();
+        let asked = resume_batches(&window);
+        let names: Vec<(&str, u64)> = asked.iter().map(|b| (b.source.as_str(), b.epoch)).collect();
+        assert_eq!(names, vec![("/a", 1), ("/b", 2), ("/a", 1)]);
+        assert!(asked.iter().zip(&window).all(|(asked, batch)| asked.hash == batch.hash));
+        let long: VecDeque<SignedBatch> =
+            (0..MAX_RESUME_BATCHES as u64 + 5).map(|e| batch("/a", e, 0, 1)).collect();
+        assert_eq!(resume_batches(&long).len(), MAX_RESUME_BATCHES);
     }
 }

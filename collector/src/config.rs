@@ -100,6 +100,12 @@ pub struct IngestConfig {
     /// Re-read within a second of changing, as are `ca`, `cert` and `key`.
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// Store a batch that starts past its stream's end instead of refusing
+    /// it (counted in `logvault_sequence_gaps_total` and logged). Needed
+    /// only for agents whose spool is `when_full = "drop_oldest"`.
+    /// Default false.
+    #[serde(default)]
+    pub accept_gaps: bool,
     /// Connections served at once; further ones are closed at accept.
     /// Default 1024.
     #[serde(default = "default_max_connections")]

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::CollectorConfig;
 pub use crate::metrics::IngestStats;
 use crate::metrics::Refusal;
-use crate::wal::{AppendRequest, Appended, Wal};
+use crate::wal::{AppendRequest, Appended, SequenceFault, Wal};
 
 /// How long an ack or a close may take before the peer is given up on.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -177,16 +177,16 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
         };
         let bytes = match frame {
             Ok(Some(Frame::Batch(bytes))) => bytes,
-            Ok(Some(Frame::Resume { streams })) => {
-                let asked = streams.len();
-                let answer = match ingest.wal.marks(&tenant, &identity.name, streams).await {
-                    Ok(next_seqs) => Frame::Resumed { next_seqs },
+            Ok(Some(Frame::Resume { batches })) => {
+                let asked = batches.len();
+                let answer = match ingest.wal.known(&tenant, &identity.name, batches).await {
+                    Ok(stored) => Frame::Resumed { stored },
                     Err(err) => {
                         refuse(&mut tls, ingest, Refusal::Internal, &err.to_string()).await;
                         break;
                     }
                 };
-                tracing::debug!(%peer, agent = %identity.name, streams = asked, "resume");
+                tracing::debug!(%peer, agent = %identity.name, batches = asked, "resume");
                 let sent = tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut tls, &answer)).await;
                 if !matches!(sent, Ok(Ok(()))) {
                     break;
@@ -282,6 +282,15 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
                     tracing::info!(%peer, agent = %identity.name, "ack not delivered; the agent resends");
                     break;
                 }
+            }
+            Err(crate::wal::WalError::Sequence { fault, message }) => {
+                let why = match fault {
+                    SequenceFault::Gap => Refusal::Gap,
+                    SequenceFault::Replay => Refusal::Replay,
+                    SequenceFault::Chain => Refusal::Chain,
+                };
+                refuse(&mut tls, ingest, why, &message).await;
+                break;
             }
             Err(err @ crate::wal::WalError::Full { .. }) => {
                 refuse(&mut tls, ingest, Refusal::Busy, &format!("collector busy: {err}")).await;

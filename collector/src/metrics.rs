@@ -79,9 +79,9 @@ impl Refusal {
     /// The code the agent acts on.
     pub fn code(self) -> RefuseCode {
         match self {
-            Refusal::Malformed | Refusal::SyslogFraming | Refusal::Gap | Refusal::Replay | Refusal::Chain => {
-                RefuseCode::Malformed
-            }
+            Refusal::Malformed | Refusal::SyslogFraming => RefuseCode::Malformed,
+            Refusal::Gap => RefuseCode::Gap,
+            Refusal::Replay | Refusal::Chain => RefuseCode::Sequence,
             Refusal::TooLarge => RefuseCode::TooLarge,
             Refusal::Version => RefuseCode::UnsupportedVersion,
             Refusal::ForgedAgent | Refusal::Signature | Refusal::Certificate => RefuseCode::Identity,
@@ -156,6 +156,10 @@ pub struct MetricsSource {
     pub index: std::sync::Arc<crate::index::IndexProgress>,
     /// Whether the WAL refuses new batches.
     pub wal_busy: crate::wal::WalBusy,
+    /// Gaps stored under `ingest.accept_gaps`.
+    pub gaps: std::sync::Arc<AtomicU64>,
+    /// Batches taken without a chain check (predecessor forgotten).
+    pub unverified: std::sync::Arc<AtomicU64>,
 }
 
 impl MetricsSource {
@@ -183,7 +187,19 @@ impl MetricsSource {
         }
         let durable = self.durable.load(Ordering::Acquire);
         let committed = self.index.committed.load(Ordering::Acquire);
-        let single: [(&str, &str, &str, u64); 9] = [
+        let single: [(&str, &str, &str, u64); 11] = [
+            (
+                "logvault_chain_unverified_total",
+                "counter",
+                "Batches whose predecessor was older than the links remembered per stream",
+                load(&self.unverified),
+            ),
+            (
+                "logvault_sequence_gaps_total",
+                "counter",
+                "Batches stored past a sequence gap (ingest.accept_gaps)",
+                load(&self.gaps),
+            ),
             (
                 "logvault_wal_busy",
                 "gauge",
@@ -267,6 +283,8 @@ mod tests {
             durable: std::sync::Arc::new(AtomicU64::new(500)),
             index: std::sync::Arc::new(crate::index::IndexProgress::default()),
             wal_busy: crate::wal::WalBusy::default(),
+            gaps: std::sync::Arc::new(AtomicU64::new(0)),
+            unverified: std::sync::Arc::new(AtomicU64::new(0)),
         };
         let text = source.render();
         assert!(text.contains("logvault_ingest_bytes_total{tenant=\"alpha\"} 150\n"), "{text}");

@@ -96,6 +96,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             cert: collector_cert.cert.clone(),
             key: collector_cert.key.clone(),
             crl: Some(crl),
+            accept_gaps: false,
             max_connections: 64,
             handshake_timeout_ms: 10_000,
             max_frame_bytes: logvault_storage::frame::DEFAULT_MAX_FRAME,

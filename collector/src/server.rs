@@ -104,8 +104,13 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         Verifier::from_public_pem(&config.api.jwt_public_key, &config.api.issuer, &config.api.audience)?;
 
     let wal_dir = config.data_dir.join("wal");
-    let (wal, wal_thread) =
-        Wal::open(&wal_dir, config.wal.segment_bytes, config.wal.queue, config.wal.max_bytes)?;
+    let wal_options = crate::wal::WalOptions {
+        segment_bytes: config.wal.segment_bytes,
+        queue: config.wal.queue,
+        max_bytes: config.wal.max_bytes,
+        accept_gaps: config.ingest.accept_gaps,
+    };
+    let (wal, wal_thread) = Wal::open(&wal_dir, &wal_options)?;
     let index = Arc::new(LogIndex::open(&config.data_dir.join("index"))?);
     let progress = Arc::new(IndexProgress::default());
     let indexer = {
@@ -155,6 +160,8 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         durable: ingest.wal.durable_counter(),
         index: progress.clone(),
         wal_busy: ingest.wal.busy_state(),
+        gaps: ingest.wal.gaps_counter(),
+        unverified: ingest.wal.unverified_counter(),
     };
     let state = Arc::new(ApiState { index, verifier, max_limit: config.api.max_limit, metrics });
     tokio::spawn(ingest_tls.clone().watch(cancel.clone()));

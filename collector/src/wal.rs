@@ -29,7 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use logvault_storage::batch::{BatchHeader, peek_header};
+use logvault_storage::batch::{BatchHeader, encoded_batch_hash, peek_header};
+use logvault_storage::frame::BatchRef;
 use tokio::sync::{mpsc, oneshot};
 
 const ENTRY_VERSION: u8 = 1;
@@ -40,6 +41,142 @@ const MAX_ENTRY: u32 = 64 * 1024 * 1024;
 pub const MAX_BATCH_BYTES: u32 = 32 * 1024 * 1024;
 /// Requests taken into one group commit, at most.
 const MAX_GROUP: usize = 1024;
+/// Batch links (end seq, hash) remembered per stream for the chain check.
+/// The oldest ends are forgotten first; a batch whose predecessor would
+/// be among the forgotten ones is taken unverified (and counted) rather
+/// than refused, so a stale spool replaying old batches never jams.
+const LINKS: usize = 1024;
+
+/// How a batch breaks its stream's sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequenceFault {
+    /// It starts past the stream's end: records are missing before it (or
+    /// batches arrive out of order).
+    Gap,
+    /// All its records are stored, but it is neither a resend of a stored
+    /// batch nor chained to one: an old batch played again.
+    Replay,
+    /// Its previous-batch hash is not the hash of the stored batch it
+    /// follows.
+    Chain,
+}
+
+/// What dedup and the chain check know of a stream.
+#[derive(Debug, Clone, Default)]
+struct StreamState {
+    /// One past the last stored sequence number.
+    high: u64,
+    /// Hashes of the stored batches by their end seq (several when the
+    /// agent batched a range again after a restart).
+    links: std::collections::BTreeMap<u64, Vec<[u8; 32]>>,
+    /// Links kept.
+    count: usize,
+    /// Links ending at or below this were forgotten (0: none).
+    floor: u64,
+}
+
+impl StreamState {
+    fn record(&mut self, end: u64, hash: [u8; 32]) {
+        self.high = self.high.max(end);
+        let hashes = self.links.entry(end).or_default();
+        if hashes.contains(&hash) {
+            return;
+        }
+        hashes.push(hash);
+        self.count += 1;
+        while self.count > LINKS {
+            let Some((end, hashes)) = self.links.pop_first() else { break };
+            self.count -= hashes.len();
+            self.floor = self.floor.max(end);
+        }
+    }
+
+    fn knows(&self, hash: &[u8; 32]) -> bool {
+        self.links.values().any(|hashes| hashes.contains(hash))
+    }
+
+    /// True when `prev` is a valid predecessor for a batch starting at
+    /// `first_seq`: the hash of a stored batch ending there, or zeros at
+    /// the stream's start.
+    fn links_to(&self, first_seq: u64, prev: &[u8; 32]) -> bool {
+        (first_seq == 0 && *prev == [0; 32]) || self.links.get(&first_seq).is_some_and(|h| h.contains(prev))
+    }
+
+    /// True when the predecessor of a batch starting at `first_seq` may
+    /// have been forgotten, so its chain cannot be checked.
+    fn forgot(&self, first_seq: u64) -> bool {
+        first_seq != 0 && first_seq <= self.floor
+    }
+}
+
+/// What becomes of a batch, given its stream's state.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Store {
+        skipped: u32,
+        gap: u64,
+    },
+    /// Every record is stored, but under other batch boundaries (the agent
+    /// batched again after a restart): nothing new to index, yet the
+    /// batch is written (all of it skipped) so the chain of the batches
+    /// that follow it can be checked, after a restart too.
+    Relink,
+    /// A batch stored before, byte for byte.
+    Duplicate,
+    /// Chained to a batch older than the links remembered: stored (its new
+    /// records, if any) without a chain check, and counted.
+    Unverified {
+        skipped: u32,
+    },
+    Refuse(SequenceFault, String),
+}
+
+fn judge(state: Option<&StreamState>, header: &BatchHeader, hash: &[u8; 32], accept_gaps: bool) -> Verdict {
+    let Some(state) = state else {
+        // A stream never seen (or from before this WAL): its chain starts here.
+        return Verdict::Store { skipped: 0, gap: 0 };
+    };
+    let (first, end, high) = (header.first_seq, header.end_seq(), state.high);
+    if header.count == 0 {
+        return Verdict::Duplicate;
+    }
+    if end <= high {
+        return if state.knows(hash) {
+            Verdict::Duplicate
+        } else if state.links_to(first, &header.prev_hash) {
+            Verdict::Relink
+        } else if state.forgot(first) {
+            Verdict::Unverified { skipped: header.count }
+        } else {
+            Verdict::Refuse(
+                SequenceFault::Replay,
+                format!("records {first}..{end} are stored and this batch is not a resend of them"),
+            )
+        };
+    }
+    if first > high {
+        if accept_gaps {
+            return Verdict::Store { skipped: 0, gap: first - high };
+        }
+        return Verdict::Refuse(
+            SequenceFault::Gap,
+            format!(
+                "batch starts at seq {first} but the stream ends at {high}: records {high}..{first} are missing"
+            ),
+        );
+    }
+    let skipped = (high - first) as u32;
+    if state.links_to(first, &header.prev_hash) {
+        Verdict::Store { skipped, gap: 0 }
+    } else if state.forgot(first) {
+        Verdict::Unverified { skipped }
+    } else {
+        Verdict::Refuse(
+            SequenceFault::Chain,
+            format!("batch at seq {first} names a previous batch this stream does not have there"),
+        )
+    }
+}
 
 /// Why the WAL failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -70,6 +207,14 @@ pub enum WalError {
     /// The writer is shutting down.
     #[error("wal is shutting down")]
     Closed,
+    /// The batch breaks its stream's sequence; nothing was stored.
+    #[error("{message}")]
+    Sequence {
+        /// How.
+        fault: SequenceFault,
+        /// Why, with the numbers.
+        message: String,
+    },
     /// The append would take the WAL past `wal.max_bytes`.
     #[error("wal is full: {size} bytes stored, cap {max} bytes; try again later")]
     Full {
@@ -82,6 +227,28 @@ pub enum WalError {
 
 fn io_err(path: &Path, err: std::io::Error) -> WalError {
     WalError::Io { path: path.to_owned(), message: err.to_string() }
+}
+
+/// How the WAL is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct WalOptions {
+    /// A segment is rolled past this size.
+    pub segment_bytes: u64,
+    /// Appends waiting for the writer, at most.
+    pub queue: usize,
+    /// Hard cap on the bytes on disk; 0 for none.
+    pub max_bytes: u64,
+    /// Store a batch that starts past its stream's end (counted and
+    /// logged) instead of refusing it: for agents whose spool drops the
+    /// oldest batches when full.
+    pub accept_gaps: bool,
+}
+
+impl WalOptions {
+    /// Options for tests and tools: 1 MiB segments, no cap, gaps refused.
+    pub fn small() -> WalOptions {
+        WalOptions { segment_bytes: 1 << 20, queue: 8, max_bytes: 0, accept_gaps: false }
+    }
 }
 
 /// What a batch is appended with: who sent it, as the collector knows it.
@@ -116,13 +283,13 @@ type Reply = oneshot::Sender<Result<Appended, WalError>>;
 /// What the writer thread is asked to do.
 enum Job {
     Append(AppendRequest, Reply),
-    /// Where streams stand: answered after the group it came with is
-    /// fsynced, from the durable high-water marks only.
-    Marks {
+    /// Which batches are stored: answered after the group it came with is
+    /// fsynced, from durable state only.
+    Known {
         tenant: String,
         host: String,
-        streams: Vec<(String, u64)>,
-        reply: oneshot::Sender<Vec<u64>>,
+        batches: Vec<BatchRef>,
+        reply: oneshot::Sender<Vec<bool>>,
     },
 }
 
@@ -138,6 +305,8 @@ struct StreamKey {
 /// The handle connections append through.
 #[derive(Debug, Clone)]
 pub struct Wal {
+    gaps: Arc<AtomicU64>,
+    unverified: Arc<AtomicU64>,
     tx: mpsc::Sender<Job>,
     durable: Arc<AtomicU64>,
     dir: PathBuf,
@@ -188,9 +357,12 @@ struct Writer {
     path: PathBuf,
     base: u64,
     len: u64,
-    streams: HashMap<StreamKey, u64>,
+    streams: HashMap<StreamKey, StreamState>,
     durable: Arc<AtomicU64>,
     poisoned: bool,
+    accept_gaps: bool,
+    gaps: Arc<AtomicU64>,
+    unverified: Arc<AtomicU64>,
     /// Position of the first byte still on disk.
     first_base: u64,
     max_bytes: u64,
@@ -201,30 +373,26 @@ impl Wal {
     /// Opens (recovering) the WAL in `dir` and starts its writer thread.
     /// `queue` bounds the appends waiting for the writer; when it is full,
     /// appenders wait, and so do their agents.
-    pub fn open(
-        dir: &Path,
-        segment_bytes: u64,
-        queue: usize,
-        max_bytes: u64,
-    ) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
+    pub fn open(dir: &Path, options: &WalOptions) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
+        let WalOptions { segment_bytes, queue, max_bytes, accept_gaps } = *options;
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let durable = Arc::new(AtomicU64::new(0));
-        let mut streams = HashMap::new();
+        let mut streams: HashMap<StreamKey, StreamState> = HashMap::new();
         let segments = list_segments(dir)?;
         let mut end = 0;
         for (i, (base, path)) in segments.iter().enumerate() {
             let last = i + 1 == segments.len();
             let mut valid_end = *base;
             scan_segment(path, *base, last, |entry| {
-                if let Ok(header) = peek_header(&entry.batch) {
+                if let (Ok(header), Ok(hash)) = (peek_header(&entry.batch), encoded_batch_hash(&entry.batch))
+                {
                     let key = StreamKey {
                         tenant: entry.tenant.clone(),
                         host: entry.host.clone(),
                         source: header.source.clone(),
                         epoch: header.epoch,
                     };
-                    let high = streams.entry(key).or_insert(0);
-                    *high = (*high).max(header.end_seq());
+                    streams.entry(key).or_default().record(header.end_seq(), hash);
                 }
                 valid_end = entry.next;
             })?;
@@ -249,7 +417,12 @@ impl Wal {
         durable.store(end, Ordering::Release);
         let (tx, rx) = mpsc::channel(queue);
         let busy = WalBusy::default();
+        let gaps = Arc::new(AtomicU64::new(0));
+        let unverified = Arc::new(AtomicU64::new(0));
         let writer = Writer {
+            accept_gaps,
+            gaps: gaps.clone(),
+            unverified: unverified.clone(),
             first_base: segments.first().map_or(0, |(base, _)| *base),
             max_bytes,
             full: busy.full.clone(),
@@ -267,7 +440,7 @@ impl Wal {
             .name("logvault-wal".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| io_err(dir, e))?;
-        Ok((Wal { tx, durable, dir: dir.to_owned(), busy }, handle))
+        Ok((Wal { tx, durable, dir: dir.to_owned(), busy, gaps, unverified }, handle))
     }
 
     /// Appends a batch; resolves once it is fsynced (or known duplicate).
@@ -277,17 +450,17 @@ impl Wal {
         answer.await.map_err(|_| WalError::Closed)?
     }
 
-    /// For each (source, epoch) of `host` in `tenant`, the sequence number
-    /// one past the last record durably stored (0 when none is): what an
+    /// For each batch of `host` in `tenant`, whether that very batch (by
+    /// hash, among its stream's last batches) is durably stored: what an
     /// agent may skip resending after a reconnect.
-    pub async fn marks(
+    pub async fn known(
         &self,
         tenant: &str,
         host: &str,
-        streams: Vec<(String, u64)>,
-    ) -> Result<Vec<u64>, WalError> {
+        batches: Vec<BatchRef>,
+    ) -> Result<Vec<bool>, WalError> {
         let (reply, answer) = oneshot::channel();
-        let job = Job::Marks { tenant: tenant.to_owned(), host: host.to_owned(), streams, reply };
+        let job = Job::Known { tenant: tenant.to_owned(), host: host.to_owned(), batches, reply };
         self.tx.send(job).await.map_err(|_| WalError::Closed)?;
         answer.await.map_err(|_| WalError::Closed)
     }
@@ -305,6 +478,17 @@ impl Wal {
     /// The WAL directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Sequence gaps stored because `ingest.accept_gaps` is on.
+    pub fn gaps_counter(&self) -> Arc<AtomicU64> {
+        self.gaps.clone()
+    }
+
+    /// Batches taken without a chain check: their predecessor was older
+    /// than the links remembered per stream.
+    pub fn unverified_counter(&self) -> Arc<AtomicU64> {
+        self.unverified.clone()
     }
 
     /// True while new batches should be refused as busy.
@@ -366,8 +550,8 @@ impl Writer {
             while let Some(job) = next.take() {
                 match job {
                     Job::Append(request, reply) => group.push((request, reply)),
-                    Job::Marks { tenant, host, streams, reply } => {
-                        questions.push((tenant, host, streams, reply))
+                    Job::Known { tenant, host, batches, reply } => {
+                        questions.push((tenant, host, batches, reply))
                     }
                 }
                 if group.len() + questions.len() < MAX_GROUP {
@@ -375,15 +559,20 @@ impl Writer {
                 }
             }
             self.commit_group(&mut group, &mut buffer);
-            for (tenant, host, streams, reply) in questions.drain(..) {
-                let marks = streams
+            for (tenant, host, batches, reply) in questions.drain(..) {
+                let known = batches
                     .into_iter()
-                    .map(|(source, epoch)| {
-                        let key = StreamKey { tenant: tenant.clone(), host: host.clone(), source, epoch };
-                        self.streams.get(&key).copied().unwrap_or(0)
+                    .map(|batch| {
+                        let key = StreamKey {
+                            tenant: tenant.clone(),
+                            host: host.clone(),
+                            source: batch.source,
+                            epoch: batch.epoch,
+                        };
+                        self.streams.get(&key).is_some_and(|state| state.knows(&batch.hash))
                     })
                     .collect();
-                let _ = reply.send(marks);
+                let _ = reply.send(known);
             }
         }
         let _ = self.file.sync_all();
@@ -401,7 +590,7 @@ impl Writer {
         }
         buffer.clear();
         let mut outcomes: Vec<Result<Appended, WalError>> = Vec::with_capacity(group.len());
-        let mut updates: HashMap<StreamKey, u64> = HashMap::new();
+        let mut updates: HashMap<StreamKey, StreamState> = HashMap::new();
         let size = self.base + self.len - self.first_base;
         for (request, _) in group.iter() {
             let key = StreamKey {
@@ -410,12 +599,37 @@ impl Writer {
                 source: request.header.source.clone(),
                 epoch: request.header.epoch,
             };
-            let high = updates.get(&key).or_else(|| self.streams.get(&key)).copied().unwrap_or(0);
-            let end = request.header.end_seq();
-            if end <= high && request.header.count > 0 {
-                outcomes.push(Ok(Appended::Duplicate));
+            let state = updates.get(&key).or_else(|| self.streams.get(&key));
+            let Ok(hash) = encoded_batch_hash(&request.batch) else {
+                outcomes.push(Err(WalError::Sequence {
+                    fault: SequenceFault::Chain,
+                    message: "batch header does not decode".into(),
+                }));
                 continue;
-            }
+            };
+            let (skipped, gap, outcome) = match judge(state, &request.header, &hash, self.accept_gaps) {
+                Verdict::Duplicate => {
+                    outcomes.push(Ok(Appended::Duplicate));
+                    continue;
+                }
+                Verdict::Relink => (request.header.count, 0, Appended::Duplicate),
+                Verdict::Unverified { skipped } => {
+                    self.unverified.fetch_add(1, Ordering::Relaxed);
+                    let outcome = if skipped == request.header.count {
+                        Appended::Duplicate
+                    } else {
+                        Appended::Stored { skipped }
+                    };
+                    (skipped, 0, outcome)
+                }
+                Verdict::Refuse(fault, message) => {
+                    tracing::warn!(host = %request.host, source = %request.header.source, epoch = request.header.epoch, ?fault, reason = %message, "batch refused: out of sequence");
+                    outcomes.push(Err(WalError::Sequence { fault, message }));
+                    continue;
+                }
+                Verdict::Store { skipped, gap } => (skipped, gap, Appended::Stored { skipped }),
+            };
+            let mut next = state.cloned().unwrap_or_default();
             // The cap counts the entry's header too: 64 bytes is more than it takes.
             let entry_len = (request.batch.len() + request.tenant.len() + request.host.len() + 64) as u64;
             if self.max_bytes > 0 && size + buffer.len() as u64 + entry_len > self.max_bytes {
@@ -429,13 +643,14 @@ impl Writer {
                 outcomes.push(Err(WalError::Full { size, max: self.max_bytes }));
                 continue;
             }
-            let skipped = high.saturating_sub(request.header.first_seq) as u32;
-            if request.header.first_seq > high {
-                tracing::warn!(host = %request.host, source = %request.header.source, epoch = request.header.epoch, expected = high, got = request.header.first_seq, "sequence gap");
+            if gap > 0 {
+                self.gaps.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(host = %request.host, source = %request.header.source, epoch = request.header.epoch, missing = gap, from = request.header.first_seq - gap, "sequence gap stored (ingest.accept_gaps)");
             }
             encode_entry(buffer, request, skipped);
-            updates.insert(key, end.max(high));
-            outcomes.push(Ok(Appended::Stored { skipped }));
+            next.record(request.header.end_seq(), hash);
+            updates.insert(key, next);
+            outcomes.push(Ok(outcome));
         }
         if !buffer.is_empty() {
             let written = self.file.write_all(buffer).and_then(|_| self.file.sync_data());
@@ -640,9 +855,9 @@ mod tests {
     use super::*;
     use logvault_storage::{BatchBuilder, Level, WireRecord};
 
-    fn batch(first_seq: u64, count: u32) -> (Vec<u8>, BatchHeader) {
+    fn batch(first_seq: u64, count: u32, prev: [u8; 32]) -> (Vec<u8>, BatchHeader) {
         let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[1; 32]).unwrap();
-        let mut builder = BatchBuilder::new("h", "/s", 0, first_seq, [0; 32]);
+        let mut builder = BatchBuilder::new("h", "/s", 0, first_seq, prev);
         for i in 0..count {
             builder.push(WireRecord::new(i64::from(i), Level::Info, format!("line {i}")));
         }
@@ -651,9 +866,14 @@ mod tests {
         (bytes, header)
     }
 
-    fn request(first_seq: u64, count: u32) -> AppendRequest {
-        let (batch, header) = batch(first_seq, count);
+    /// A batch of `count` records from `first_seq`, chained to `prev`.
+    fn request(first_seq: u64, count: u32, prev: [u8; 32]) -> AppendRequest {
+        let (batch, header) = batch(first_seq, count, prev);
         AppendRequest { tenant: "t".into(), host: "h".into(), received_ns: 1, batch, header }
+    }
+
+    fn hash_of(request: &AppendRequest) -> [u8; 32] {
+        encoded_batch_hash(&request.batch).unwrap()
     }
 
     #[tokio::test]
@@ -661,11 +881,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("logvault-wal-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         {
-            let (wal, _thread) = Wal::open(&dir, 1 << 20, 8, 0).unwrap();
-            assert_eq!(wal.append(request(0, 10)).await.unwrap(), Appended::Stored { skipped: 0 });
-            assert_eq!(wal.append(request(0, 10)).await.unwrap(), Appended::Duplicate);
-            assert_eq!(wal.append(request(5, 10)).await.unwrap(), Appended::Stored { skipped: 5 });
+            let (wal, _thread) = Wal::open(&dir, &WalOptions::small()).unwrap();
+            assert_eq!(wal.append(request(0, 10, [0; 32])).await.unwrap(), Appended::Stored { skipped: 0 });
+            assert_eq!(wal.append(request(0, 10, [0; 32])).await.unwrap(), Appended::Duplicate);
+            // Rebatched from the stream's start: the first 10 are stored.
+            assert_eq!(wal.append(request(0, 15, [0; 32])).await.unwrap(), Appended::Stored { skipped: 10 });
         }
+        let first = hash_of(&request(0, 10, [0; 32]));
+        let second = hash_of(&request(0, 15, [0; 32]));
         // A crash mid-write leaves half an entry behind.
         let segment = segment_path(&dir, 0);
         let good_len = std::fs::metadata(&segment).unwrap().len();
@@ -673,21 +896,28 @@ mod tests {
         file.write_all(&[0, 0, 1, 0, 9, 9]).unwrap();
         drop(file);
 
-        let (wal, _thread) = Wal::open(&dir, 1 << 20, 8, 0).unwrap();
+        let (wal, _thread) = Wal::open(&dir, &WalOptions::small()).unwrap();
         assert_eq!(wal.durable_end(), good_len);
         assert_eq!(std::fs::metadata(&segment).unwrap().len(), good_len);
-        // The high-water mark was rebuilt from the WAL: 0..15 is stored.
-        assert_eq!(wal.append(request(10, 5)).await.unwrap(), Appended::Duplicate);
-        assert_eq!(wal.append(request(15, 1)).await.unwrap(), Appended::Stored { skipped: 0 });
+        // The high-water mark and the chain were rebuilt from the WAL:
+        // 0..15 is stored, and the batches' hashes are known.
+        assert_eq!(wal.append(request(10, 5, first)).await.unwrap(), Appended::Duplicate);
+        assert_eq!(wal.append(request(15, 1, second)).await.unwrap(), Appended::Stored { skipped: 0 });
         let entries = read_range(&dir, 0, wal.durable_end(), u64::MAX).unwrap();
-        assert_eq!(entries.iter().map(|e| e.skip).collect::<Vec<_>>(), vec![0, 5, 0]);
-        // Marks are per tenant, host, source and epoch, from durable state.
-        let marks = wal
-            .marks("t", "h", vec![("/s".into(), 0), ("/s".into(), 1), ("/other".into(), 0)])
-            .await
-            .unwrap();
-        assert_eq!(marks, vec![16, 0, 0]);
-        assert_eq!(wal.marks("u", "h", vec![("/s".into(), 0)]).await.unwrap(), vec![0]);
+        // The rebatched 10..15 is written with all its records skipped: a
+        // link for the chain, nothing for the index.
+        assert_eq!(entries.iter().map(|e| e.skip).collect::<Vec<_>>(), vec![0, 10, 5, 0]);
+        // Stored batches are known by hash, per tenant, host, source and
+        // epoch, from durable state.
+        let batch = |source: &str, epoch, hash| BatchRef { source: source.into(), epoch, hash };
+        let asked = vec![
+            batch("/s", 0, first),
+            batch("/s", 0, [9; 32]),
+            batch("/s", 1, first),
+            batch("/other", 0, first),
+        ];
+        assert_eq!(wal.known("t", "h", asked).await.unwrap(), vec![true, false, false, false]);
+        assert_eq!(wal.known("u", "h", vec![batch("/s", 0, first)]).await.unwrap(), vec![false]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -695,12 +925,15 @@ mod tests {
     async fn a_full_wal_refuses_new_batches_and_keeps_what_it_stored() {
         let dir = std::env::temp_dir().join(format!("logvault-wal-full-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let one = request(0, 10).batch.len() as u64;
-        let (wal, _thread) = Wal::open(&dir, 1 << 20, 8, 3 * one + 200).unwrap();
-        let mut stored = 0;
+        let one = request(0, 10, [0; 32]).batch.len() as u64;
+        let (wal, _thread) =
+            Wal::open(&dir, &WalOptions { max_bytes: 3 * one + 200, ..WalOptions::small() }).unwrap();
+        let (mut stored, mut prev) = (0, [0; 32]);
         let refused = loop {
-            match wal.append(request(stored * 10, 10)).await {
-                Ok(Appended::Stored { .. }) => stored += 1,
+            let next = request(stored * 10, 10, prev);
+            let hash = hash_of(&next);
+            match wal.append(next).await {
+                Ok(Appended::Stored { .. }) => (stored, prev) = (stored + 1, hash),
                 Err(err) => break err,
                 Ok(other) => panic!("{other:?}"),
             }
@@ -710,13 +943,76 @@ mod tests {
         assert!(stored >= 2, "{stored}");
         assert!(wal.is_busy());
         // A resend of what is stored is still recognised while full.
-        assert_eq!(wal.append(request(0, 10)).await.unwrap(), Appended::Duplicate);
+        assert_eq!(wal.append(request(0, 10, [0; 32])).await.unwrap(), Appended::Duplicate);
         let end = wal.durable_end();
         assert!(end <= 3 * one + 200, "{end}");
         drop(wal);
-        let (wal, _thread) = Wal::open(&dir, 1 << 20, 8, 0).unwrap();
+        let (wal, _thread) = Wal::open(&dir, &WalOptions::small()).unwrap();
         assert_eq!(read_range(&dir, 0, wal.durable_end(), u64::MAX).unwrap().len() as u64, stored);
         assert!(!wal.is_busy());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn header(first_seq: u64, count: u32, prev_hash: [u8; 32]) -> BatchHeader {
+        let mut builder = BatchBuilder::new("h", "/s", 0, first_seq, prev_hash);
+        for i in 0..count {
+            builder.push(WireRecord::new(0, Level::Info, format!("line {i}")));
+        }
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[1; 32]).unwrap();
+        peek_header(&builder.sign(&key)).unwrap()
+    }
+
+    #[test]
+    fn the_chain_tells_resends_from_gaps_replays_and_forks() {
+        let (a, b, c) = ([1; 32], [2; 32], [3; 32]);
+        let mut state = StreamState::default();
+        state.record(10, a); // batch A: 0..10, hash a
+        state.record(20, b); // batch B: 10..20, hash b
+        let judge = |h: &BatchHeader, hash: &[u8; 32]| judge(Some(&state), h, hash, false);
+        // The next batch, chained to B.
+        assert_eq!(judge(&header(20, 5, b), &c), Verdict::Store { skipped: 0, gap: 0 });
+        // B sent again (its hash is known), or rebatched after a restart
+        // (chained to A, overlapping B): stored once.
+        assert_eq!(judge(&header(10, 10, a), &b), Verdict::Duplicate);
+        assert_eq!(judge(&header(10, 5, a), &c), Verdict::Relink);
+        assert_eq!(judge(&header(10, 15, a), &c), Verdict::Store { skipped: 10, gap: 0 });
+        // A gap, a replay of old records under another hash, a fork.
+        assert!(matches!(judge(&header(25, 5, c), &[4; 32]), Verdict::Refuse(SequenceFault::Gap, _)));
+        assert!(matches!(judge(&header(5, 5, c), &[4; 32]), Verdict::Refuse(SequenceFault::Replay, _)));
+        assert!(matches!(judge(&header(20, 5, a), &[4; 32]), Verdict::Refuse(SequenceFault::Chain, _)));
+        assert!(matches!(judge(&header(15, 10, b), &[4; 32]), Verdict::Refuse(SequenceFault::Chain, _)));
+        // With gaps accepted, the gap is stored and its size reported.
+        assert_eq!(judge_gaps(&state, &header(25, 5, c)), Verdict::Store { skipped: 0, gap: 5 });
+        // A stream never seen starts anywhere.
+        assert_eq!(
+            super::judge(None, &header(7, 1, c), &[4; 32], false),
+            Verdict::Store { skipped: 0, gap: 0 }
+        );
+    }
+
+    #[test]
+    fn a_forgotten_predecessor_is_taken_unverified_and_remembered_history_is_checked() {
+        let mut state = StreamState::default();
+        let hash = |i: u64| {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&i.to_be_bytes());
+            h
+        };
+        for i in 0..(LINKS as u64 + 100) {
+            state.record((i + 1) * 10, hash(i));
+        }
+        assert_eq!(state.count, LINKS);
+        assert_eq!(state.floor, 1000);
+        let judge = |h: &BatchHeader| judge(Some(&state), h, &[0xee; 32], false);
+        // A stale resend from before the remembered links: taken, unverified.
+        assert_eq!(judge(&header(500, 10, [0xab; 32])), Verdict::Unverified { skipped: 10 });
+        // Within remembered history a batch matching nothing is a replay.
+        assert!(matches!(judge(&header(5000, 10, [0xab; 32])), Verdict::Refuse(SequenceFault::Replay, _)));
+        // And a resend chained to a remembered batch is a relink.
+        assert_eq!(judge(&header(5000, 10, hash(499))), Verdict::Relink);
+    }
+
+    fn judge_gaps(state: &StreamState, h: &BatchHeader) -> Verdict {
+        judge(Some(state), h, &[9; 32], true)
     }
 }

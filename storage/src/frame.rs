@@ -31,8 +31,19 @@ const KIND_ACK: u8 = 0x03;
 const KIND_REFUSED: u8 = 0x04;
 const KIND_RESUME: u8 = 0x05;
 const KIND_RESUMED: u8 = 0x06;
-/// Most streams one `Resume` frame may ask about.
-pub const MAX_RESUME_STREAMS: usize = 1024;
+/// Most batches one `Resume` frame may ask about.
+pub const MAX_RESUME_BATCHES: usize = 1024;
+
+/// A batch named by its stream and hash, as `Resume` asks about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRef {
+    /// The stream's source.
+    pub source: String,
+    /// The stream's epoch.
+    pub epoch: u64,
+    /// The batch's hash.
+    pub hash: [u8; 32],
+}
 
 /// Why a batch or connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +62,11 @@ pub enum RefuseCode {
     Busy,
     /// The collector failed to store the batch; retry later.
     Internal,
+    /// The batch breaks its stream's chain: a replay of stored records, or
+    /// a previous-batch hash that does not match.
+    Sequence,
+    /// The batch starts past its stream's end: records before it are missing.
+    Gap,
     /// A code this build does not know.
     Other(u16),
 }
@@ -64,6 +80,8 @@ impl RefuseCode {
             RefuseCode::Identity => 4,
             RefuseCode::Busy => 5,
             RefuseCode::Internal => 6,
+            RefuseCode::Sequence => 7,
+            RefuseCode::Gap => 8,
             RefuseCode::Other(code) => code,
         }
     }
@@ -76,6 +94,8 @@ impl RefuseCode {
             4 => RefuseCode::Identity,
             5 => RefuseCode::Busy,
             6 => RefuseCode::Internal,
+            7 => RefuseCode::Sequence,
+            8 => RefuseCode::Gap,
             other => RefuseCode::Other(other),
         }
     }
@@ -119,18 +139,17 @@ pub enum Frame {
         /// Why, for the operator.
         message: String,
     },
-    /// From the agent after `Hello`, before it resends: where do these
-    /// streams stand? At most [`MAX_RESUME_STREAMS`].
+    /// From the agent after `Hello`, before it resends: which of these
+    /// unacked batches do you hold durably? At most [`MAX_RESUME_BATCHES`].
     Resume {
-        /// (source, epoch) of each stream.
-        streams: Vec<(String, u64)>,
+        /// The batches, in the order the agent would resend them.
+        batches: Vec<BatchRef>,
     },
-    /// The answer to `Resume`: for each stream asked about, in order, the
-    /// sequence number one past the last record durably stored (0 when
-    /// nothing is).
+    /// The answer to `Resume`: for each batch asked about, in order,
+    /// whether that very batch (by hash) is in the fsynced WAL.
     Resumed {
-        /// One per stream asked about.
-        next_seqs: Vec<u64>,
+        /// One per batch asked about.
+        stored: Vec<bool>,
     },
 }
 
@@ -197,26 +216,25 @@ impl Frame {
                 }
                 put_str16(&mut out, &message[..end]);
             }
-            Frame::Resume { streams } => {
+            Frame::Resume { batches } => {
                 out.push(KIND_RESUME);
-                let streams = &streams[..streams.len().min(MAX_RESUME_STREAMS)];
-                out.extend_from_slice(&(streams.len() as u16).to_be_bytes());
-                for (source, epoch) in streams {
-                    let mut end = source.len().min(u16::MAX as usize);
-                    while !source.is_char_boundary(end) {
+                let batches = &batches[..batches.len().min(MAX_RESUME_BATCHES)];
+                out.extend_from_slice(&(batches.len() as u16).to_be_bytes());
+                for batch in batches {
+                    let mut end = batch.source.len().min(u16::MAX as usize);
+                    while !batch.source.is_char_boundary(end) {
                         end -= 1;
                     }
-                    put_str16(&mut out, &source[..end]);
-                    out.extend_from_slice(&epoch.to_be_bytes());
+                    put_str16(&mut out, &batch.source[..end]);
+                    out.extend_from_slice(&batch.epoch.to_be_bytes());
+                    out.extend_from_slice(&batch.hash);
                 }
             }
-            Frame::Resumed { next_seqs } => {
+            Frame::Resumed { stored } => {
                 out.push(KIND_RESUMED);
-                let next_seqs = &next_seqs[..next_seqs.len().min(MAX_RESUME_STREAMS)];
-                out.extend_from_slice(&(next_seqs.len() as u16).to_be_bytes());
-                for seq in next_seqs {
-                    out.extend_from_slice(&seq.to_be_bytes());
-                }
+                let stored = &stored[..stored.len().min(MAX_RESUME_BATCHES)];
+                out.extend_from_slice(&(stored.len() as u16).to_be_bytes());
+                out.extend(stored.iter().map(|s| u8::from(*s)));
             }
         }
         let len = u32::try_from(out.len() - 4).expect("frames stay under 4 GiB");
@@ -254,23 +272,28 @@ impl Frame {
             }
             KIND_RESUME => {
                 let count = resume_count(&mut reader, "resume")?;
-                let mut streams = Vec::with_capacity(count);
+                let mut batches = Vec::with_capacity(count);
                 for _ in 0..count {
                     let len = reader.u16("resume")? as usize;
                     let source = std::str::from_utf8(reader.take(len, "resume")?)
                         .map_err(|_| FrameError::Malformed("resume"))?
                         .to_owned();
-                    streams.push((source, reader.u64("resume")?));
+                    let epoch = reader.u64("resume")?;
+                    batches.push(BatchRef { source, epoch, hash: reader.array("resume")? });
                 }
-                Frame::Resume { streams }
+                Frame::Resume { batches }
             }
             KIND_RESUMED => {
                 let count = resume_count(&mut reader, "resumed")?;
-                let mut next_seqs = Vec::with_capacity(count);
+                let mut stored = Vec::with_capacity(count);
                 for _ in 0..count {
-                    next_seqs.push(reader.u64("resumed")?);
+                    stored.push(match reader.u8("resumed")? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(FrameError::Malformed("resumed")),
+                    });
                 }
-                Frame::Resumed { next_seqs }
+                Frame::Resumed { stored }
             }
             other => return Err(FrameError::UnknownKind(other)),
         };
@@ -283,7 +306,7 @@ impl Frame {
 
 fn resume_count(reader: &mut Reader<'_>, what: &'static str) -> Result<usize, FrameError> {
     let count = reader.u16(what)? as usize;
-    if count > MAX_RESUME_STREAMS {
+    if count > MAX_RESUME_BATCHES {
         return Err(FrameError::Malformed(what));
     }
     Ok(count)
@@ -369,11 +392,15 @@ mod tests {
                 batch_hash,
                 status: if dup { AckStatus::Duplicate } else { AckStatus::Stored },
             }),
-            (1u16..7, ".{0,40}")
+            (1u16..9, ".{0,40}")
                 .prop_map(|(code, message)| Frame::Refused { code: RefuseCode::from_u16(code), message }),
-            proptest::collection::vec((".{0,20}", any::<u64>()), 0..8)
-                .prop_map(|streams| Frame::Resume { streams }),
-            proptest::collection::vec(any::<u64>(), 0..8).prop_map(|next_seqs| Frame::Resumed { next_seqs }),
+            proptest::collection::vec((".{0,20}", any::<u64>()), 0..8).prop_map(|batches| Frame::Resume {
+                batches: batches
+                    .into_iter()
+                    .map(|(source, epoch)| BatchRef { source, epoch, hash: [epoch as u8; 32] })
+                    .collect()
+            }),
+            proptest::collection::vec(any::<bool>(), 0..8).prop_map(|stored| Frame::Resumed { stored }),
         ]
     }
 
@@ -393,8 +420,8 @@ mod tests {
     #[test]
     fn a_resume_over_the_stream_cap_is_refused() {
         let mut body = vec![KIND_RESUMED];
-        body.extend_from_slice(&(MAX_RESUME_STREAMS as u16 + 1).to_be_bytes());
-        body.extend(std::iter::repeat_n(0u8, 8 * (MAX_RESUME_STREAMS + 1)));
+        body.extend_from_slice(&(MAX_RESUME_BATCHES as u16 + 1).to_be_bytes());
+        body.extend(std::iter::repeat_n(0u8, MAX_RESUME_BATCHES + 1));
         assert!(matches!(Frame::decode_body(body), Err(FrameError::Malformed("resumed"))));
     }
 

@@ -625,9 +625,23 @@ impl RawAgent {
         RawAgent { runtime, stream, key }
     }
 
-    /// A signed batch of `count` records `"{text} {seq}"` from `first_seq`.
+    /// A signed batch of `count` records `"{text} {seq}"` from `first_seq`,
+    /// the first of its stream (previous hash zero).
     pub fn batch(&self, agent_id: &str, source: &str, first_seq: u64, count: u32, text: &str) -> Vec<u8> {
-        let mut builder = logvault_storage::BatchBuilder::new(agent_id, source, 0, first_seq, [0; 32]);
+        self.batch_after(agent_id, source, first_seq, count, text, [0; 32])
+    }
+
+    /// Like [`RawAgent::batch`], chained to the batch whose hash is `prev`.
+    pub fn batch_after(
+        &self,
+        agent_id: &str,
+        source: &str,
+        first_seq: u64,
+        count: u32,
+        text: &str,
+        prev: [u8; 32],
+    ) -> Vec<u8> {
+        let mut builder = logvault_storage::BatchBuilder::new(agent_id, source, 0, first_seq, prev);
         for i in 0..count {
             let seq = first_seq + u64::from(i);
             builder.push(logvault_storage::WireRecord::new(

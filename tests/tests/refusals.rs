@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use logvault_certs::{Pki, Role as CertRole};
 use logvault_collector::auth::Role;
 use logvault_e2e::*;
-use logvault_storage::Frame;
 use logvault_storage::frame::RefuseCode;
+use logvault_storage::{AckStatus, Frame};
 
 /// Connects with `tls`, sends a hello, and returns the first error seen
 /// (handshake, write or read), or `None` if the collector answered nothing
@@ -284,4 +284,61 @@ mod base64_free {
         }
         out
     }
+}
+
+/// A gap, batches out of order, a replay of stored records under another
+/// hash, and a batch chained to the wrong predecessor: each refused with
+/// its reason and counted, and nothing of them stored.
+#[test]
+fn sequence_faults_are_refused_with_their_reason_and_counted() {
+    use logvault_storage::batch::encoded_batch_hash;
+    let setup = Setup::new("sequence");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    let token = setup.token(&["default"], Role::Reader);
+    let source = "/var/log/chain.log";
+    let connect = || RawAgent::connect(&setup, "chain-1", collector.ingest);
+    let stored = |answer: Option<Frame>| matches!(answer, Some(Frame::Ack { status: AckStatus::Stored, .. }));
+    let refused = |answer: Option<Frame>, want: &str| match answer {
+        Some(Frame::Refused { code, message }) => {
+            let expected = if want == "missing" { RefuseCode::Gap } else { RefuseCode::Sequence };
+            assert_eq!(code, expected, "{message}");
+            assert!(message.contains(want), "{message:?} lacks {want:?}")
+        }
+        other => panic!("expected a sequence refusal ({want}), got {other:?}"),
+    };
+    let mut raw = connect();
+    let b1 = raw.batch("chain-1", source, 0, 10, "chain");
+    let h1 = encoded_batch_hash(&b1).unwrap();
+    assert!(stored(raw.send_batch(b1)));
+    let b2 = raw.batch_after("chain-1", source, 10, 10, "chain", h1);
+    let h2 = encoded_batch_hash(&b2).unwrap();
+    assert!(stored(raw.send_batch(b2)));
+
+    // A gap: 20..30 never sent.
+    refused(raw.send_batch(raw.batch_after("chain-1", source, 30, 10, "chain", [5; 32])), "missing");
+    // Out of order: the batch after next arrives first.
+    let mut raw = connect();
+    let b3 = raw.batch_after("chain-1", source, 20, 10, "chain", h2);
+    let h3 = encoded_batch_hash(&b3).unwrap();
+    let b4 = raw.batch_after("chain-1", source, 30, 10, "chain", h3);
+    refused(raw.send_batch(b4.clone()), "missing");
+    let mut raw = connect();
+    assert!(stored(raw.send_batch(b3)));
+    assert!(stored(raw.send_batch(b4)));
+    // A replay: stored records under a batch that is not a resend of them.
+    refused(raw.send_batch(raw.batch_after("chain-1", source, 5, 5, "replayed", [7; 32])), "not a resend");
+    // A fork: the next records, chained to the wrong batch.
+    let mut raw = connect();
+    refused(raw.send_batch(raw.batch_after("chain-1", source, 40, 5, "forked", h1)), "previous batch");
+
+    collector.wait_total(&token, "chain", 40, Duration::from_secs(30));
+    assert_eq!(collector.total(&token, "replayed OR forked"), 0);
+    let count =
+        |reason: &str| collector.metric(&setup, &format!("logvault_refusals_total{{reason=\"{reason}\"}}"));
+    assert_eq!(count("gap"), 2, "the gap and the reordering");
+    assert_eq!(count("replay"), 1);
+    assert_eq!(count("chain"), 1);
+    let log = collector.process.log_text();
+    assert!(log.contains("out of sequence"), "refusals are logged:\n{}", tail(&log, 20));
+    collector.process.stop();
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use logvault_collector::auth::Role;
 use logvault_e2e::*;
+use logvault_storage::frame::BatchRef;
 use logvault_storage::{AckStatus, Frame};
 
 #[test]
@@ -102,26 +103,43 @@ fn collector_kill9_mid_stream_loses_and_repeats_nothing() {
     let options = CollectorOptions { ingest_listen: Some(ingest.to_string()), ..CollectorOptions::default() };
     let second = Collector::start(&setup, &options);
     let mut raw = RawAgent::connect(&setup, "raw-1", ingest);
-    // Resume by sequence number: the collector says what it holds durably,
+    // Resume: the collector says which batches it holds durably, by hash,
     // per stream of this agent, after the crash.
-    let resume = |streams: &[(&str, u64)]| Frame::Resume {
-        streams: streams.iter().map(|(s, e)| (s.to_string(), *e)).collect(),
+    let before_hash = logvault_storage::batch::encoded_batch_hash(&before).unwrap();
+    let resume = |batches: &[(&str, u64, [u8; 32])]| Frame::Resume {
+        batches: batches
+            .iter()
+            .map(|(source, epoch, hash)| BatchRef { source: source.to_string(), epoch: *epoch, hash: *hash })
+            .collect(),
     };
     assert_eq!(
-        raw.send_frame(&resume(&[("/raw.log", 0), ("/raw.log", 1), ("/never.log", 0)])),
-        Some(Frame::Resumed { next_seqs: vec![10, 0, 0] })
+        raw.send_frame(&resume(&[
+            ("/raw.log", 0, before_hash),
+            ("/raw.log", 0, [7; 32]),
+            ("/raw.log", 1, before_hash),
+            ("/never.log", 0, before_hash)
+        ])),
+        Some(Frame::Resumed { stored: vec![true, false, false, false] })
     );
     assert!(
         matches!(raw.send_batch(before), Some(Frame::Ack { status: AckStatus::Duplicate, .. })),
         "a batch stored before the crash is recognised after it"
     );
-    // Rebatched differently: 5 records already stored, 5 new.
-    let overlapping = raw.batch("raw-1", "/raw.log", 5, 10, "resent");
+    // Rebatched differently from the stream's start: 10 records already
+    // stored, 5 new.
+    let overlapping = raw.batch("raw-1", "/raw.log", 0, 15, "resent");
+    let overlapping_hash = logvault_storage::batch::encoded_batch_hash(&overlapping).unwrap();
     assert!(matches!(raw.send_batch(overlapping), Some(Frame::Ack { status: AckStatus::Stored, .. })));
-    assert_eq!(raw.send_frame(&resume(&[("/raw.log", 0)])), Some(Frame::Resumed { next_seqs: vec![15] }));
+    assert_eq!(
+        raw.send_frame(&resume(&[("/raw.log", 0, overlapping_hash)])),
+        Some(Frame::Resumed { stored: vec![true] })
+    );
     // Another agent's streams are its own: raw-2 has stored nothing.
     let mut other = RawAgent::connect(&setup, "raw-2", ingest);
-    assert_eq!(other.send_frame(&resume(&[("/raw.log", 0)])), Some(Frame::Resumed { next_seqs: vec![0] }));
+    assert_eq!(
+        other.send_frame(&resume(&[("/raw.log", 0, before_hash)])),
+        Some(Frame::Resumed { stored: vec![false] })
+    );
     second.wait_total(&token, "source:\"/raw.log\"", 15, Duration::from_secs(30));
     second.wait_total(&token, "*", 4015, Duration::from_secs(60));
     for name in names {

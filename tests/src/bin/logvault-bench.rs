@@ -308,9 +308,9 @@ async fn ack_batches(
                 .await
                 .map_err(|e| e.to_string())?;
             records.fetch_add(u64::from(header.count), Ordering::Relaxed);
-        } else if let Frame::Resume { streams } = frame {
+        } else if let Frame::Resume { batches } = frame {
             // Nothing is kept, so nothing may be skipped.
-            let answer = Frame::Resumed { next_seqs: vec![0; streams.len()] };
+            let answer = Frame::Resumed { stored: vec![false; batches.len()] };
             write_frame(&mut tls, &answer).await.map_err(|e| e.to_string())?;
         }
     }
