@@ -186,3 +186,43 @@ fn a_collector_down_for_sixty_seconds_loses_nothing() {
     agent.stop();
     second.process.stop();
 }
+
+/// SIGTERM while an agent ships: the collector stops accepting, answers
+/// what it has, commits the index and exits 0 quickly; the next start has
+/// nothing to re-index and the agent loses nothing.
+#[test]
+fn a_graceful_shutdown_drains_commits_and_exits_quickly() {
+    let setup = Setup::new("graceful");
+    let first = Collector::start(&setup, &CollectorOptions::default());
+    let ingest = first.ingest;
+    let logs = setup.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let lines = sample_lines("Hadoop_2k.log");
+    append_lines(&logs.join("a.log"), &lines[..1000]);
+    let config = agent_config(
+        &setup,
+        "graceful-1",
+        ingest,
+        &[logs.join("*.log").to_string_lossy().into_owned()],
+        &AgentOptions { max_records: 100, ..AgentOptions::default() },
+    );
+    let agent = start_agent(&setup, "graceful-1", &config);
+    let token = setup.token(&["default"], Role::Reader);
+    first.wait_total(&token, "*", 1000, Duration::from_secs(30));
+    append_lines(&logs.join("a.log"), &lines[1000..]);
+    std::thread::sleep(Duration::from_millis(100));
+    let stopping = std::time::Instant::now();
+    first.process.stop();
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+
+    let options = CollectorOptions { ingest_listen: Some(ingest.to_string()), ..CollectorOptions::default() };
+    let second = Collector::start(&setup, &options);
+    second.wait_total(&token, "*", 2000, Duration::from_secs(60));
+    let log = second.process.log_text();
+    let catching_up = log.lines().find(|l| l.contains("indexer catching up from the wal")).unwrap();
+    let position = |key: &str| catching_up.split(key).nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
+    assert_eq!(position("from="), position("to="), "the index was committed at shutdown: {catching_up}");
+    agent.stop();
+    second.process.stop();
+}
