@@ -106,6 +106,15 @@ pub struct IngestConfig {
     /// Default false.
     #[serde(default)]
     pub accept_gaps: bool,
+    /// Bytes per second one agent (or syslog sender) may store, with a
+    /// one-second burst; a sender over it is slowed, never refused. 0 (the
+    /// default) for no limit.
+    #[serde(default)]
+    pub agent_rate_bytes: u64,
+    /// Connections one agent may hold open at once (both listeners).
+    /// Default 4; 0 for no cap.
+    #[serde(default = "default_connections_per_agent")]
+    pub max_connections_per_agent: usize,
     /// Connections served at once; further ones are closed at accept.
     /// Default 1024.
     #[serde(default = "default_max_connections")]
@@ -141,6 +150,10 @@ pub struct SyslogConfig {
     /// milliseconds. Default 300000.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+}
+
+fn default_connections_per_agent() -> usize {
+    4
 }
 
 fn default_syslog_max_message() -> u32 {

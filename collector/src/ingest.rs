@@ -39,6 +39,24 @@ pub struct Ingest {
     pub stats: Arc<IngestStats>,
     /// The key syslog batches are signed with, when the syslog listener is on.
     pub syslog_key: Option<ring::signature::Ed25519KeyPair>,
+    /// Bytes per second per sender.
+    pub rates: crate::limits::RateLimiter,
+    /// Connections per sender.
+    pub per_sender: crate::limits::ConnectionCounts,
+}
+
+impl Ingest {
+    /// Waits while `sender` is over its byte rate (or until `cancel`).
+    pub(crate) async fn pace(&self, sender: &str, bytes: usize, cancel: &CancellationToken) {
+        let wait = self.rates.delay(sender, bytes);
+        if !wait.is_zero() {
+            self.stats.rate_limited_ms.fetch_add(wait.as_millis() as u64, Ordering::Relaxed);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
 }
 
 /// What a listener speaks after the TLS handshake.
@@ -139,6 +157,11 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
         }
     };
     let tenant = ingest.config.tenant_of(&identity.name).to_owned();
+    let Some(_slot) = ingest.per_sender.enter(&identity.name) else {
+        tracing::warn!(%peer, agent = %identity.name, "too many connections from one agent; closing the new one");
+        refuse(&mut tls, ingest, Refusal::ConnectionLimit, "too many connections from this agent").await;
+        return;
+    };
     let decoder = FrameDecoder::new(ingest.config.ingest.max_frame_bytes);
     match tokio::time::timeout(limit, decoder.read(&mut tls)).await {
         Ok(Ok(Some(Frame::Hello { version }))) if version == PROTOCOL_VERSION => {}
@@ -256,6 +279,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
         }
         let (header, hash) = (batch.header, batch.hash);
         let (size, count) = (bytes.len(), header.count);
+        ingest.pace(&identity.name, size, &cancel).await;
         let request = AppendRequest {
             tenant: tenant.clone(),
             host: identity.name.clone(),

@@ -26,6 +26,7 @@ pub mod client;
 pub mod config;
 pub mod index;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod reload;
 pub mod server;

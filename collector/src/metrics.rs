@@ -115,6 +115,8 @@ pub struct IngestStats {
     pub connections: AtomicU64,
     /// Syslog messages received.
     pub syslog_messages: AtomicU64,
+    /// Milliseconds senders were held back by their rate limit.
+    pub rate_limited_ms: AtomicU64,
     refusals: [AtomicU64; Refusal::ALL.len()],
     tenants: Mutex<BTreeMap<String, TenantCounters>>,
 }
@@ -187,7 +189,13 @@ impl MetricsSource {
         }
         let durable = self.durable.load(Ordering::Acquire);
         let committed = self.index.committed.load(Ordering::Acquire);
-        let single: [(&str, &str, &str, u64); 11] = [
+        let single: [(&str, &str, &str, u64); 12] = [
+            (
+                "logvault_rate_limited_milliseconds_total",
+                "counter",
+                "Time senders were held back by ingest.agent_rate_bytes",
+                load(&self.ingest.rate_limited_ms),
+            ),
             (
                 "logvault_chain_unverified_total",
                 "counter",

@@ -97,6 +97,8 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             key: collector_cert.key.clone(),
             crl: Some(crl),
             accept_gaps: false,
+            agent_rate_bytes: 0,
+            max_connections_per_agent: 4,
             max_connections: 64,
             handshake_timeout_ms: 10_000,
             max_frame_bytes: logvault_storage::frame::DEFAULT_MAX_FRAME,

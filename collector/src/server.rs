@@ -153,6 +153,8 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         wal,
         stats: Arc::new(IngestStats::default()),
         syslog_key,
+        rates: crate::limits::RateLimiter::new(config.ingest.agent_rate_bytes),
+        per_sender: crate::limits::ConnectionCounts::new(config.ingest.max_connections_per_agent),
     });
     let metrics = crate::metrics::MetricsSource {
         ingest: ingest.stats.clone(),

@@ -176,6 +176,11 @@ pub(crate) async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest
         return;
     };
     let tenant = ingest.config.tenant_of(&name).to_owned();
+    let Some(_slot) = ingest.per_sender.enter(&name) else {
+        tracing::warn!(%peer, sender = %name, "too many connections from one sender; closing the new one");
+        ingest.stats.refused(crate::metrics::Refusal::ConnectionLimit);
+        return;
+    };
     tracing::info!(%peer, sender = %name, %tenant, "syslog sender connected");
     let parser =
         Parser::new(ParserKind::Syslog, None, None, None).expect("the syslog parser needs no settings");
@@ -215,11 +220,11 @@ pub(crate) async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest
         let full =
             stream.batch.as_ref().is_some_and(|b| b.len() >= BATCH_RECORDS || b.body_bytes() >= BATCH_BYTES);
         // Batch while more is already waiting; store as soon as it is not.
-        if (full || reader.buffer().is_empty()) && !stream.flush().await {
+        if (full || reader.buffer().is_empty()) && !stream.flush(&cancel).await {
             break;
         }
     }
-    stream.flush().await;
+    stream.flush(&cancel).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), reader.get_mut().shutdown()).await;
 }
 
@@ -255,9 +260,10 @@ impl Stream<'_> {
     /// Stores the batch in hand; false when the WAL refused it (the
     /// connection is then closed, and the sender reconnects and resends
     /// what its own queue still holds).
-    async fn flush(&mut self) -> bool {
+    async fn flush(&mut self, cancel: &CancellationToken) -> bool {
         let Some(batch) = self.batch.take() else { return true };
         let bytes = batch.sign(self.key);
+        self.ingest.pace(&self.name, bytes.len(), cancel).await;
         let (Ok(header), Ok(hash)) = (peek_header(&bytes), encoded_batch_hash(&bytes)) else {
             return false;
         };

@@ -265,6 +265,8 @@ pub struct CollectorOptions {
     pub handshake_timeout_ms: Option<u64>,
     /// `ingest.crl`.
     pub crl: Option<PathBuf>,
+    /// TOML appended inside `[ingest]`.
+    pub ingest_toml: String,
 }
 
 pub struct Collector {
@@ -291,6 +293,7 @@ key = "{key}"
 max_frame_bytes = {max_frame}
 handshake_timeout_ms = {handshake}
 {crl}
+{ingest_toml}
 
 [api]
 listen = "127.0.0.1:0"
@@ -313,6 +316,7 @@ commit_interval_ms = 300
                 .map(|p| format!("crl = {:?}", p.display().to_string()))
                 .unwrap_or_default(),
             jwt = setup.jwt_public.display(),
+            ingest_toml = options.ingest_toml,
             extra = options.extra_toml,
         );
         std::fs::write(&config, toml).unwrap();

@@ -221,7 +221,8 @@ fn a_graceful_shutdown_drains_commits_and_exits_quickly() {
     second.wait_total(&token, "*", 2000, Duration::from_secs(60));
     let log = second.process.log_text();
     let catching_up = log.lines().find(|l| l.contains("indexer catching up from the wal")).unwrap();
-    let position = |key: &str| catching_up.split(key).nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
+    let position =
+        |key: &str| catching_up.split(key).nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
     assert_eq!(position("from="), position("to="), "the index was committed at shutdown: {catching_up}");
     agent.stop();
     second.process.stop();
