@@ -68,6 +68,25 @@ pub fn peer_name(der: &[u8]) -> Result<String, IdentityError> {
     cert_name(&cert)
 }
 
+/// Key identifiers of a DER certificate: (authority, subject). A client
+/// certificate's authority key identifier names the CA that issued it, as
+/// that CA's subject key identifier.
+pub fn key_ids(der: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    use x509_parser::extensions::ParsedExtension;
+    let Ok((_, cert)) = X509Certificate::from_der(der) else { return (None, None) };
+    let (mut authority, mut subject) = (None, None);
+    for extension in cert.extensions() {
+        match extension.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                authority = aki.key_identifier.as_ref().map(|k| k.0.to_vec());
+            }
+            ParsedExtension::SubjectKeyIdentifier(ski) => subject = Some(ski.0.to_vec()),
+            _ => {}
+        }
+    }
+    (authority, subject)
+}
+
 fn cert_name(cert: &X509Certificate<'_>) -> Result<String, IdentityError> {
     {
         let sans = cert.subject_alternative_name().map_err(|e| IdentityError::Unparsable(e.to_string()))?;

@@ -31,7 +31,7 @@ mod identity;
 mod pki;
 mod tls;
 
-pub use identity::{IdentityError, PeerIdentity, peer_name, validate_name};
+pub use identity::{IdentityError, PeerIdentity, key_ids, peer_name, validate_name};
 pub use pki::{Issued, Pki, PkiError, Role, write_private_file};
 pub use tls::{
     TlsError, TlsFiles, api_server_config, client_config, https_client_config, load_certs, load_key,

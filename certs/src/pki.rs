@@ -399,6 +399,14 @@ mod tests {
         let listed: Vec<Vec<u8>> =
             parsed.iter_revoked_certificates().map(|r| r.raw_serial().to_vec()).collect();
         assert_eq!(listed, vec![serial]);
+        // Issued certificates name their CA by key identifier.
+        let ca = crate::tls::load_certs(&pki.ca_cert()).unwrap();
+        let again = pki.issue(Role::Sender, "web-2", &[]).unwrap();
+        let issued = crate::tls::load_certs(&again.cert).unwrap();
+        let (_, ca_subject) = crate::identity::key_ids(&ca[0]);
+        let (authority, _) = crate::identity::key_ids(&issued[0]);
+        assert!(ca_subject.is_some());
+        assert_eq!(authority, ca_subject);
         // The name can be issued again; a name never issued cannot be revoked.
         pki.issue(Role::Agent, "web-1", &[]).unwrap();
         assert!(matches!(pki.revoke("nobody"), Err(PkiError::NotIssued(_))));

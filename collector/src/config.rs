@@ -186,7 +186,8 @@ pub struct ApiConfig {
 }
 
 /// Tenant assignment: the first mapping whose pattern matches the agent's
-/// certificate name wins; otherwise `default`.
+/// certificate name, or whose CA issued its certificate, wins; otherwise
+/// `default`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -204,14 +205,21 @@ impl Default for TenantConfig {
     }
 }
 
-/// Agents whose names match `agents` belong to `tenant`.
+/// Agents whose names match `agents`, or whose certificates `ca` issued,
+/// belong to `tenant`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantMapping {
     /// The tenant.
     pub tenant: String,
     /// Name patterns; `*` matches any run of characters.
+    #[serde(default)]
     pub agents: Vec<String>,
+    /// A CA certificate (PEM): every client certificate it issued belongs
+    /// to `tenant`, whatever its name. The CA must also be in `ingest.ca`
+    /// (a file may hold several CA certificates).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 /// WAL settings.
@@ -344,6 +352,12 @@ impl CollectorConfig {
         if self.index.commit_interval_ms == 0 || self.index.commit_interval_ms > 60_000 {
             return invalid("index.commit_interval_ms", "must be between 1 and 60000");
         }
+        if let Some(empty) = self.tenants.map.iter().find(|m| m.agents.is_empty() && m.ca.is_none()) {
+            return invalid(
+                "tenants.map",
+                &format!("the mapping for {:?} names neither agents nor a ca", empty.tenant),
+            );
+        }
         for tenant in std::iter::once(&self.tenants.default).chain(self.tenants.map.iter().map(|m| &m.tenant))
         {
             if logvault_certs::validate_name(tenant).is_err() {
@@ -352,14 +366,54 @@ impl CollectorConfig {
         }
         Ok(())
     }
+}
 
-    /// The tenant of an agent.
-    pub fn tenant_of(&self, agent: &str) -> &str {
-        self.tenants
-            .map
+/// Tenant mappings with their CAs loaded: what the listeners resolve each
+/// connection's tenant with.
+#[derive(Debug, Clone)]
+pub struct TenantResolver {
+    default: String,
+    /// (tenant, name patterns, the CA's subject key identifier).
+    map: Vec<(String, Vec<String>, Option<Vec<u8>>)>,
+}
+
+impl TenantResolver {
+    /// Loads the CA of every mapping that names one.
+    pub fn new(tenants: &TenantConfig) -> Result<TenantResolver, ConfigError> {
+        let mut map = Vec::new();
+        for mapping in &tenants.map {
+            let ca_key = match &mapping.ca {
+                None => None,
+                Some(path) => {
+                    let certs = logvault_certs::load_certs(path).map_err(|e| ConfigError::Invalid {
+                        key: "tenants.map.ca",
+                        message: e.to_string(),
+                    })?;
+                    let (_, subject) = logvault_certs::key_ids(&certs[0]);
+                    Some(subject.ok_or_else(|| ConfigError::Invalid {
+                        key: "tenants.map.ca",
+                        message: format!(
+                            "{}: the CA certificate has no subject key identifier",
+                            path.display()
+                        ),
+                    })?)
+                }
+            };
+            map.push((mapping.tenant.clone(), mapping.agents.clone(), ca_key));
+        }
+        Ok(TenantResolver { default: tenants.default.clone(), map })
+    }
+
+    /// The tenant of the agent `name` whose certificate names its issuer
+    /// by `authority_key` (its authority key identifier).
+    pub fn resolve(&self, name: &str, authority_key: Option<&[u8]>) -> &str {
+        self.map
             .iter()
-            .find(|m| m.agents.iter().any(|pattern| wildcard_match(pattern, agent)))
-            .map_or(self.tenants.default.as_str(), |m| m.tenant.as_str())
+            .find(|(_, patterns, ca)| {
+                patterns.iter().any(|pattern| wildcard_match(pattern, name))
+                    || ca.as_deref().is_some_and(|ca| authority_key == Some(ca))
+            })
+            .map_or(self.default.as_str(), |(tenant, _, _)| tenant.as_str())
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Ingest {
     pub stats: Arc<IngestStats>,
     /// The key syslog batches are signed with, when the syslog listener is on.
     pub syslog_key: Option<ring::signature::Ed25519KeyPair>,
+    /// Which tenant each sender belongs to.
+    pub tenants: crate::config::TenantResolver,
     /// Bytes per second per sender.
     pub rates: crate::limits::RateLimiter,
     /// Connections per sender.
@@ -113,6 +115,12 @@ pub async fn serve(
     tracker.wait().await;
 }
 
+/// The authority key identifier of the peer's certificate: which CA issued it.
+pub(crate) fn authority_key(tls: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<Vec<u8>> {
+    let cert = tls.get_ref().1.peer_certificates()?.first()?;
+    logvault_certs::key_ids(cert).0
+}
+
 /// The TLS handshake, within the handshake timeout; `None` (logged and
 /// counted) when it fails.
 pub(crate) async fn handshake(
@@ -156,7 +164,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             return;
         }
     };
-    let tenant = ingest.config.tenant_of(&identity.name).to_owned();
+    let tenant = ingest.tenants.resolve(&identity.name, authority_key(&tls).as_deref()).to_owned();
     let Some(_slot) = ingest.per_sender.enter(&identity.name) else {
         tracing::warn!(%peer, agent = %identity.name, "too many connections from one agent; closing the new one");
         refuse(&mut tls, ingest, Refusal::ConnectionLimit, "too many connections from this agent").await;

@@ -153,6 +153,7 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         wal,
         stats: Arc::new(IngestStats::default()),
         syslog_key,
+        tenants: crate::config::TenantResolver::new(&config.tenants)?,
         rates: crate::limits::RateLimiter::new(config.ingest.agent_rate_bytes),
         per_sender: crate::limits::ConnectionCounts::new(config.ingest.max_connections_per_agent),
     });

@@ -175,7 +175,7 @@ pub(crate) async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest
     let (Some(settings), Some(key)) = (ingest.config.syslog.as_ref(), ingest.syslog_key.as_ref()) else {
         return;
     };
-    let tenant = ingest.config.tenant_of(&name).to_owned();
+    let tenant = ingest.tenants.resolve(&name, crate::ingest::authority_key(&tls).as_deref()).to_owned();
     let Some(_slot) = ingest.per_sender.enter(&name) else {
         tracing::warn!(%peer, sender = %name, "too many connections from one sender; closing the new one");
         ingest.stats.refused(crate::metrics::Refusal::ConnectionLimit);

@@ -267,6 +267,8 @@ pub struct CollectorOptions {
     pub crl: Option<PathBuf>,
     /// TOML appended inside `[ingest]`.
     pub ingest_toml: String,
+    /// `ingest.ca`; default the setup's CA.
+    pub ingest_ca: Option<PathBuf>,
 }
 
 pub struct Collector {
@@ -305,7 +307,7 @@ commit_interval_ms = 300
 "#,
             data = setup.path().join("collector-data").display(),
             listen = options.ingest_listen.as_deref().unwrap_or("127.0.0.1:0"),
-            ca = setup.pki.ca_cert().display(),
+            ca = options.ingest_ca.clone().unwrap_or_else(|| setup.pki.ca_cert()).display(),
             cert = collector.cert.display(),
             key = collector.key.display(),
             max_frame = options.max_frame_bytes.unwrap_or(16 * 1024 * 1024),

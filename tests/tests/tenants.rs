@@ -73,3 +73,59 @@ agents = ["beta-*"]
     beta_agent.stop();
     collector.process.stop();
 }
+
+/// A mapping by CA: every certificate another CA issued belongs to its
+/// tenant, whatever the agent's name says.
+#[test]
+fn an_agent_certificate_maps_to_its_tenant_by_its_issuing_ca() {
+    let setup = Setup::new("tenant-ca");
+    let gamma_pki = logvault_certs::Pki::init(setup.path().join("gamma-pki")).unwrap();
+    let bundle = setup.path().join("cas.crt");
+    let mut cas = std::fs::read(setup.pki.ca_cert()).unwrap();
+    cas.extend(std::fs::read(gamma_pki.ca_cert()).unwrap());
+    std::fs::write(&bundle, cas).unwrap();
+    let tenants = format!(
+        "[tenants]\n[[tenants.map]]\ntenant = \"gamma\"\nca = {:?}\n[[tenants.map]]\ntenant = \"beta\"\nagents = [\"beta-*\"]\n",
+        gamma_pki.ca_cert().display().to_string()
+    );
+    let options = CollectorOptions { extra_toml: tenants, ingest_ca: Some(bundle), ..Default::default() };
+    let collector = Collector::start(&setup, &options);
+    let logs = setup.path().join("logs");
+    copy_samples(&logs, &["HDFS_2k.log", "OpenSSH_2k.log"]);
+    // beta-7's certificate comes from the gamma CA: gamma, not beta.
+    let config = agent_config(
+        &setup,
+        "beta-7",
+        collector.ingest,
+        &[logs.join("HDFS_2k.log").to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
+    let own = setup.agent_cert("beta-7");
+    let gamma = gamma_pki.issue(logvault_certs::Role::Agent, "beta-7", &[]).unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&own.cert.display().to_string(), &gamma.cert.display().to_string())
+        .replace(&own.key.display().to_string(), &gamma.key.display().to_string());
+    std::fs::write(&config, text).unwrap();
+    let gamma_agent = start_agent(&setup, "beta-7", &config);
+    // beta-1 from the collector's own CA: beta, by its name.
+    let beta_config = agent_config(
+        &setup,
+        "beta-1",
+        collector.ingest,
+        &[logs.join("OpenSSH_2k.log").to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
+    let beta_agent = start_agent(&setup, "beta-1", &beta_config);
+
+    let gamma_token = setup.token(&["gamma"], Role::Reader);
+    let beta_token = setup.token(&["beta"], Role::Reader);
+    collector.wait_total(&gamma_token, "*", 2000, Duration::from_secs(60));
+    collector.wait_total(&beta_token, "*", 2000, Duration::from_secs(60));
+    assert_eq!(collector.total(&gamma_token, "host:\"beta-7\""), 2000);
+    assert_eq!(collector.total(&beta_token, "host:\"beta-7\""), 0);
+    assert_eq!(collector.total(&gamma_token, "sshd"), 0);
+    gamma_agent.stop();
+    beta_agent.stop();
+    collector.process.stop();
+}
