@@ -60,8 +60,14 @@ pub fn lines_with_term(lines: &[String], word: &str) -> u64 {
 }
 
 /// A built binary of the workspace, next to the test executable's target dir.
+/// Found beside the running binary (a tool in `target/release`) or one
+/// directory up (a test in `target/debug/deps`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
+    let beside = exe.with_file_name(name);
+    if beside.exists() {
+        return beside;
+    }
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let path = dir.join(name);
     assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
@@ -160,6 +166,11 @@ impl Process {
 
     pub fn signal(&self, signal: &str) {
         let _ = Command::new("kill").arg(format!("-{signal}")).arg(self.pid.to_string()).status();
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// SIGTERM, then waits for a clean exit.
@@ -269,6 +280,8 @@ pub struct CollectorOptions {
     pub ingest_toml: String,
     /// `ingest.ca`; default the setup's CA.
     pub ingest_ca: Option<PathBuf>,
+    /// `index.commit_interval_ms`; default 300.
+    pub commit_interval_ms: Option<u64>,
 }
 
 pub struct Collector {
@@ -302,7 +315,7 @@ listen = "127.0.0.1:0"
 jwt_public_key = "{jwt}"
 
 [index]
-commit_interval_ms = 300
+commit_interval_ms = {commit}
 {extra}
 "#,
             data = setup.path().join("collector-data").display(),
@@ -319,6 +332,7 @@ commit_interval_ms = 300
                 .unwrap_or_default(),
             jwt = setup.jwt_public.display(),
             ingest_toml = options.ingest_toml,
+            commit = options.commit_interval_ms.unwrap_or(300),
             extra = options.extra_toml,
         );
         std::fs::write(&config, toml).unwrap();

@@ -1,5 +1,12 @@
 //! `logvault-bench`: measured runs of the real binaries beside their peers.
 //!
+//! `logvault-bench collector` sends the same input, as signed zstd batches
+//! over mutual TLS from three connections, to a real `logvault serve` and
+//! waits until every record is searchable; beside it, in the same run, it
+//! indexes the same lines with bare tantivy (default tokenizer, positions,
+//! stored) and appends the same batches to a bare WAL. Each figure is input
+//! MB per CPU second of the process doing the work.
+//!
 //! `logvault-bench agent` ships the eight loghub samples, repeated to
 //! `--bytes`, twice over mutual TLS to a receiver in this process that only
 //! terminates TLS and acknowledges: once with `logvault-agent` (tail, parse,
@@ -22,31 +29,46 @@ use logvault_storage::{AckStatus, batch};
 use tokio::io::AsyncReadExt as _;
 
 const USAGE: &str = "usage: logvault-bench agent [--bytes N[K|M|G]] [--dir DIR] [--parser auto|none] \
-[--compression zstd|none] [--no-rsyslog] [--out FILE]";
+[--compression zstd|none] [--no-rsyslog] [--out FILE]
+       logvault-bench collector [--bytes N[K|M|G]] [--dir DIR] [--out FILE]";
 
-struct Options {
-    bytes: u64,
-    dir: PathBuf,
+mod collector_bench;
+
+pub(crate) struct Options {
+    pub(crate) bytes: u64,
+    pub(crate) dir: PathBuf,
     parser: String,
     compression: String,
     rsyslog: bool,
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) != Some("agent") {
+    let command = args.first().map(String::as_str);
+    if !matches!(command, Some("agent" | "collector")) {
         eprintln!("{USAGE}");
         std::process::exit(2);
     }
-    let options = match parse_options(&args[1..]) {
+    let mut options = match parse_options(&args[1..]) {
         Ok(options) => options,
         Err(message) => {
             eprintln!("{message}\n{USAGE}");
             std::process::exit(2);
         }
     };
-    if let Err(message) = run_agent_bench(&options) {
+    let outcome = if command == Some("collector") {
+        if !args.iter().any(|a| a == "--dir") {
+            options.dir = PathBuf::from("target/bench/collector");
+        }
+        if !args.iter().any(|a| a == "--bytes") {
+            options.bytes = 200 << 20;
+        }
+        collector_bench::run(&options)
+    } else {
+        run_agent_bench(&options)
+    };
+    if let Err(message) = outcome {
         eprintln!("logvault-bench: {message}");
         std::process::exit(1);
     }
@@ -123,7 +145,7 @@ impl Measured {
     }
 }
 
-fn round(x: f64) -> f64 {
+pub(crate) fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -195,7 +217,7 @@ fn report(name: &str, m: &Measured, input_bytes: u64) {
     );
 }
 
-fn machine(cores: usize) -> String {
+pub(crate) fn machine(cores: usize) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -211,7 +233,7 @@ fn machine(cores: usize) -> String {
 
 /// Writes the eight samples, each repeated to an eighth of `total`, unless
 /// files of that size are there already. Returns bytes and lines.
-fn make_input(dir: &Path, total: u64) -> Result<(u64, u64), String> {
+pub(crate) fn make_input(dir: &Path, total: u64) -> Result<(u64, u64), String> {
     let loghub = logvault_e2e::loghub_dir();
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let (mut bytes, mut lines) = (0, 0);
@@ -371,7 +393,7 @@ fn proc_status(pid: u32, key: &str) -> Option<u64> {
 }
 
 /// User plus system time of every thread of `pid`.
-fn cpu_time(pid: u32) -> Option<Duration> {
+pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses.
     let rest = &stat[stat.rfind(')')? + 2..];
