@@ -800,24 +800,8 @@ mod tests {
         }
     }
 
-    /// A version-2 batch with `codec` and `raw_len` as given and `body`
-    /// as its stored section, hashed and signed like a real one.
     fn forge_compressed(body: &[u8], raw_len: u32, codec: u8) -> Vec<u8> {
-        let mut out = MAGIC_V2.to_vec();
-        put_str16(&mut out, "a");
-        put_str16(&mut out, "s");
-        out.extend_from_slice(&0u64.to_be_bytes());
-        out.extend_from_slice(&0u64.to_be_bytes());
-        out.extend_from_slice(&1u32.to_be_bytes());
-        out.push(codec);
-        out.extend_from_slice(&raw_len.to_be_bytes());
-        out.extend_from_slice(&[0; 32]);
-        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        out.extend_from_slice(digest::digest(&digest::SHA256, body).as_ref());
-        let signature = key().sign(&out);
-        out.extend_from_slice(signature.as_ref());
-        out.extend_from_slice(body);
-        out
+        crate::testing::forge_batch(&key(), "a", "s", codec, raw_len, body)
     }
 
     fn one_record_body(message: &str) -> Vec<u8> {

@@ -33,6 +33,8 @@ pub mod batch;
 pub mod frame;
 pub mod io;
 pub mod record;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod wire;
 
 pub use batch::{

@@ -677,25 +677,14 @@ impl RawAgent {
     /// with the given codec byte and declared decoded length, hashed and
     /// signed like a real one: for compressed input that lies.
     pub fn forge_batch(&self, agent_id: &str, codec: u8, raw_len: u32, stored: &[u8]) -> Vec<u8> {
-        let str16 = |out: &mut Vec<u8>, s: &str| {
-            out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-            out.extend_from_slice(s.as_bytes());
-        };
-        let mut out = logvault_storage::batch::MAGIC_V2.to_vec();
-        str16(&mut out, agent_id);
-        str16(&mut out, "/var/log/forged-codec.log");
-        out.extend_from_slice(&0u64.to_be_bytes());
-        out.extend_from_slice(&0u64.to_be_bytes());
-        out.extend_from_slice(&1u32.to_be_bytes());
-        out.push(codec);
-        out.extend_from_slice(&raw_len.to_be_bytes());
-        out.extend_from_slice(&[0; 32]);
-        out.extend_from_slice(&(stored.len() as u32).to_be_bytes());
-        out.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, stored).as_ref());
-        let signature = self.key.sign(&out);
-        out.extend_from_slice(signature.as_ref());
-        out.extend_from_slice(stored);
-        out
+        logvault_storage::testing::forge_batch(
+            &self.key,
+            agent_id,
+            "/var/log/forged-codec.log",
+            codec,
+            raw_len,
+            stored,
+        )
     }
 
     /// Sends raw bytes and reads the answer frame (`None` when closed).
