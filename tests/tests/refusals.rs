@@ -158,12 +158,14 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
         }
         other => panic!("malformed batch: {other:?}"),
     }
-    // A decompression bomb: 64 MiB of zeros in a few hundred bytes, signed
-    // by the right key. Declared honestly it is over the cap and never
-    // inflated; declared small, zstd stops at the declared size.
-    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+    // A decompression bomb: 1 GiB of zeros in a few tens of kilobytes,
+    // signed by the right key. Declared honestly it is over the cap and
+    // never inflated; declared small, zstd stops at the declared size.
+    let rss_before = peak_rss_mib(collector.process.pid());
+    let bomb = zstd::bulk::compress(&vec![0u8; 1 << 30], 3).unwrap();
+    assert!(bomb.len() < 60 * 1024, "{}", bomb.len());
     let mut bomber = RawAgent::connect(&setup, "probe-1", collector.ingest);
-    let honest = bomber.forge_batch("probe-1", 1, 64 << 20, &bomb);
+    let honest = bomber.forge_batch("probe-1", 1, 1 << 30, &bomb);
     match bomber.send_batch(honest) {
         Some(Frame::Refused { code: RefuseCode::TooLarge, message }) => {
             assert!(
@@ -182,6 +184,10 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
         other => panic!("lying bomb: {other:?}"),
     }
     write_more(200);
+    // Neither bomb moved the collector's memory past the caps: the peak
+    // grew by less than the 32 MiB decoded-size cap.
+    let rss_after = peak_rss_mib(collector.process.pid());
+    assert!(rss_after < rss_before + 32, "peak RSS went from {rss_before} to {rss_after} MiB");
 
     // Nothing from the bad peers was stored; every good line was.
     collector.wait_total(&token, "*", written as u64, Duration::from_secs(30));
@@ -210,6 +216,16 @@ fn every_bad_input_is_refused_while_a_good_agent_keeps_shipping() {
     assert_eq!(collector.metrics_raw(&token).0, 403, "a reader token");
     good.stop();
     collector.process.stop();
+}
+
+/// The highest resident memory `pid` has used, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:")?.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kib / 1024
 }
 
 #[test]
