@@ -79,3 +79,57 @@ fn a_revoked_agent_is_refused_at_its_next_connection_and_the_others_go_on() {
     keep.stop();
     collector.process.stop();
 }
+
+/// A renewed server certificate is served to the next handshake while a
+/// live agent connection goes on untouched.
+#[test]
+fn a_renewed_server_certificate_is_picked_up_without_dropping_live_connections() {
+    let setup = Setup::new("cert-reload");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    let token = setup.token(&["default"], Role::Reader);
+    let logs = setup.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let log = logs.join("live.log");
+    append_lines(&log, &(0..100).map(|i| format!("liveword {i}")).collect::<Vec<_>>());
+    let config = agent_config(
+        &setup,
+        "live-1",
+        collector.ingest,
+        &[log.to_string_lossy().into_owned()],
+        &AgentOptions { metrics: true, ..AgentOptions::default() },
+    );
+    let agent = start_agent(&setup, "live-1", &config);
+    collector.wait_total(&token, "liveword", 100, Duration::from_secs(30));
+    let fingerprint = || {
+        let tls = client_tls(&setup.pki.ca_cert(), None, &[&rustls::version::TLS13]);
+        let runtime = runtime();
+        runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(collector.api).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
+            stream.get_ref().1.peer_certificates().unwrap()[0].as_ref().to_vec()
+        })
+    };
+    let before = fingerprint();
+
+    // Renew: a new key and certificate under the same paths.
+    let paths = setup.pki.paths(logvault_certs::Role::Collector, "collector");
+    std::fs::remove_file(&paths.cert).unwrap();
+    std::fs::remove_file(&paths.key).unwrap();
+    setup
+        .pki
+        .issue(logvault_certs::Role::Collector, "collector", &["localhost".into(), "127.0.0.1".into()])
+        .unwrap();
+    wait_for(Duration::from_secs(10), "the collector to load the renewed certificate", || {
+        (collector.process.log_text().matches("tls files changed").count() >= 2).then_some(())
+    });
+    assert_ne!(fingerprint(), before, "new handshakes see the renewed certificate");
+
+    // The agent's connection made before the renewal carries on.
+    append_lines(&log, &(100..200).map(|i| format!("liveword {i}")).collect::<Vec<_>>());
+    collector.wait_total(&token, "liveword", 200, Duration::from_secs(30));
+    let connects = metric(&http_get(metrics_addr(&agent), "/metrics").1, "logvault_agent_connects_total");
+    assert_eq!(connects, Some(1), "the live connection was not dropped");
+    agent.stop();
+    collector.process.stop();
+}
