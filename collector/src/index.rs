@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use logvault_storage::batch::{BatchView, Inflater, Limits};
 use serde::Serialize;
 use tantivy::collector::{Count, TopDocs};
+use tantivy::indexer::UserOperation;
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
 use tantivy::schema::{
     DateOptions, DateTimePrecision, FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions, OwnedValue,
@@ -333,7 +334,17 @@ impl LogIndex {
         }
     }
 
-    fn documents(&self, entry: &wal::Entry, inflater: &mut Inflater, out: &mut Vec<TantivyDocument>) {
+    /// A writer on this index, as the indexer thread uses (one indexing
+    /// thread, 64 MiB): for tools that index outside a running collector.
+    pub fn writer(&self) -> Result<IndexWriter, IndexError> {
+        self.index
+            .writer_with_num_threads(1, WRITER_MEMORY)
+            .map_err(|source| IndexError::Tantivy { path: self.path.clone(), source })
+    }
+
+    /// The documents of one WAL entry: a record each, minus those an
+    /// earlier entry stored.
+    pub fn documents(&self, entry: &wal::Entry, inflater: &mut Inflater, out: &mut Vec<TantivyDocument>) {
         let f = &self.fields;
         // Checked against the real limits when it arrived.
         let limits = Limits::TRUSTED;
@@ -463,9 +474,9 @@ fn index_until_stopped(
         let idle = entries.is_empty();
         for entry in entries {
             index.documents(&entry, &mut inflater, &mut docs);
-            for doc in docs.drain(..) {
-                writer.add_document(doc).map_err(tantivy_err)?;
-            }
+            // One hand-over per batch, not per record: the indexing thread
+            // takes the whole batch at once.
+            writer.run(docs.drain(..).map(UserOperation::Add)).map_err(tantivy_err)?;
             position = entry.next;
             pending = true;
         }
