@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use logvault_storage::batch::{BatchView, Inflater, Limits};
 use serde::Serialize;
 use tantivy::collector::{Count, TopDocs};
-use tantivy::indexer::UserOperation;
 use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
 use tantivy::schema::{
     DateOptions, DateTimePrecision, FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions, OwnedValue,
@@ -474,9 +473,12 @@ fn index_until_stopped(
         let idle = entries.is_empty();
         for entry in entries {
             index.documents(&entry, &mut inflater, &mut docs);
-            // One hand-over per batch, not per record: the indexing thread
-            // takes the whole batch at once.
-            writer.run(docs.drain(..).map(UserOperation::Add)).map_err(tantivy_err)?;
+            // One document per hand-over: tantivy bounds its queue by
+            // hand-overs, so this keeps the indexer's memory bounded
+            // (whole batches per hand-over let it queue the WAL in RAM).
+            for doc in docs.drain(..) {
+                writer.add_document(doc).map_err(tantivy_err)?;
+            }
             position = entry.next;
             pending = true;
         }

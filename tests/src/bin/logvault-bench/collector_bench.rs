@@ -236,9 +236,9 @@ fn indexer_alone(path: &Path, senders: &[(String, RawAgent, Stream)]) -> Result<
                 batch: batch.clone(),
             };
             index.documents(&entry, &mut inflater, &mut docs);
-            writer
-                .run(docs.drain(..).map(tantivy::indexer::UserOperation::Add))
-                .map_err(|e| e.to_string())?;
+            for doc in docs.drain(..) {
+                writer.add_document(doc).map_err(|e| e.to_string())?;
+            }
         }
     }
     writer.commit().map_err(|e| e.to_string())?;
