@@ -309,13 +309,15 @@ async fn session(
                     Some(Ok(Frame::Refused { code, message })) => {
                         if code == RefuseCode::Busy {
                             tracing::info!(reason = %message, "collector busy; backing off");
-                        } else if code == RefuseCode::Sequence
+                        } else if (code == RefuseCode::Sequence
+                            || (code == RefuseCode::Gap && stats.spool_corrupt_entries.load(Ordering::Relaxed) > 0))
                             && window.front().is_some_and(|front| front.spool_position.is_some())
                         {
                             // A spooled batch whose predecessor was lost to a
-                            // damaged spool entry: its file checkpoint stays
-                            // where it is, so its lines are read again from the
-                            // file and shipped in a fresh chain.
+                            // damaged spool entry (a broken chain, or a gap
+                            // where the lost batch was never delivered): its
+                            // file checkpoint stays where it is, so its lines
+                            // are read again from the file in a fresh chain.
                             let front = window.pop_front().expect("checked");
                             batches.acked(&front);
                             stats.batches_refused.fetch_add(1, Ordering::Relaxed);
