@@ -164,6 +164,17 @@ impl Spool {
                 Some((id.parse().ok()?, offset.parse().ok()?))
             })
             .unwrap_or_else(|| segments.front().map_or((0, 0), |s| (s.id, 0)));
+        // The saved head can be older than the segments: a segment acked
+        // and removed after the head was last saved, or cut shorter above.
+        // Reading must start on an entry boundary that exists, and a new
+        // segment must never reuse the id of the one the head names, or the
+        // head's offset would land inside the new segment's entries.
+        let head = match segments.iter().find(|s| s.id == head.0) {
+            Some(segment) => (head.0, head.1.min(segment.len)),
+            // Offset 0 is a boundary in any segment of that id.
+            None if head.1 == 0 => head,
+            None => segments.iter().find(|s| s.id > head.0).map_or((head.0 + 1, 0), |s| (s.id, 0)),
+        };
         let spool = Spool {
             dir: dir.to_owned(),
             config,
@@ -524,6 +535,28 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("logvault-spool-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    /// A kill after a segment was acked and removed but before the head
+    /// was saved again: the stale head names the removed segment at some
+    /// offset. New entries go to a segment of a new id, and all of them are
+    /// read; none is taken for damage.
+    #[test]
+    fn a_stale_head_naming_a_removed_segment_loses_nothing_appended_later() {
+        let dir = temp("stale-head");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("head"), "2:60860").unwrap();
+        let stats = Arc::new(Stats::default());
+        let config = SpoolConfig { max_bytes: 1 << 20, when_full: WhenFull::Block };
+        let spool = Spool::open(&dir, config.clone(), stats.clone()).unwrap();
+        for n in 0..3 {
+            assert!(spool.append(&batch(n), &|| false).unwrap());
+        }
+        let read: Vec<u8> = std::iter::from_fn(|| spool.next().batch()).map(|b| b.bytes[0]).collect();
+        assert_eq!(read, vec![0, 1, 2]);
+        assert_eq!(stats.spool_corrupt_entries.load(Ordering::Relaxed), 0);
+        assert!(!segment_path(&dir, 2).exists(), "the removed segment's id was reused");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
