@@ -172,8 +172,14 @@ pub struct ApiConfig {
     /// Server key. Default: the ingest key.
     #[serde(default)]
     pub key: Option<PathBuf>,
-    /// The Ed25519 public key (PEM) tokens must be signed with.
-    pub jwt_public_key: PathBuf,
+    /// An Ed25519 public key (SPKI PEM) tokens may be signed with.
+    #[serde(default)]
+    pub jwt_public_key: Option<PathBuf>,
+    /// A directory whose `*.pub` files are all trusted token keys, read
+    /// again when they change: put the new key's `.pub` here, sign with
+    /// it, and remove the old one once its tokens have expired.
+    #[serde(default)]
+    pub jwt_keys_dir: Option<PathBuf>,
     /// Required `iss` claim. Default "logvault".
     #[serde(default = "default_issuer")]
     pub issuer: String,
@@ -183,6 +189,22 @@ pub struct ApiConfig {
     /// Largest `limit` a search may ask for. Default 1000.
     #[serde(default = "default_max_limit")]
     pub max_limit: usize,
+    /// A query running longer is stopped and answered 503. Default 10000.
+    #[serde(default = "default_query_timeout_ms")]
+    pub query_timeout_ms: u64,
+    /// Queries one token holder (`iss` and `sub`) may start per second,
+    /// with a burst of as many; over it the answer is 429 with
+    /// Retry-After. Default 50; 0 turns the limit off.
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: u64,
+    /// Queries run at once; the next waits for a slot until its timeout,
+    /// then gets 503. Default: the number of cores.
+    #[serde(default = "default_max_concurrent_queries")]
+    pub max_concurrent_queries: usize,
+    /// Live tails open at once across all callers; one more gets 429.
+    /// Default 64.
+    #[serde(default = "default_max_tails")]
+    pub max_tails: usize,
 }
 
 /// Tenant assignment: the first mapping whose pattern matches the agent's
@@ -293,6 +315,18 @@ fn default_issuer() -> String {
 fn default_max_limit() -> usize {
     1000
 }
+fn default_query_timeout_ms() -> u64 {
+    10_000
+}
+fn default_requests_per_second() -> u64 {
+    50
+}
+fn default_max_concurrent_queries() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+fn default_max_tails() -> usize {
+    64
+}
 fn default_tenant() -> String {
     "default".into()
 }
@@ -320,6 +354,15 @@ impl CollectorConfig {
     /// Checks ranges that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        if self.api.jwt_public_key.is_none() && self.api.jwt_keys_dir.is_none() {
+            return invalid("api.jwt_public_key", "give jwt_public_key, jwt_keys_dir or both");
+        }
+        if self.api.max_concurrent_queries == 0 {
+            return invalid("api.max_concurrent_queries", "must be at least 1");
+        }
+        if self.api.query_timeout_ms == 0 {
+            return invalid("api.query_timeout_ms", "must be at least 1");
+        }
         if self.ingest.max_connections == 0 {
             return invalid("ingest.max_connections", "must be at least 1");
         }

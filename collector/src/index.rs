@@ -6,26 +6,31 @@
 //! second or so of its ack). After a crash it simply resumes from the last
 //! commit: the WAL is the source of truth, the index a view of it.
 //!
-//! `message` is tokenised so that every maximal run of letters and digits
-//! is a term, lower-cased, with positions (phrases work) and no length cap.
+//! Every record gets an `id`: its rank in the WAL, counted by the indexer
+//! and kept in the commit payload beside the WAL position, so the same
+//! record gets the same id after a crash. Hits sort by (timestamp, id),
+//! which makes cursors exact; the live tail follows ids.
+//!
+//! The schema keeps the indexing cost down: a hit is one stored blob (its
+//! JSON), the timestamp and id are fast columns only, and each searchable
+//! field is indexed once. `message` is tokenised so that every maximal run
+//! of letters and digits is a term, lower-cased, with positions (phrases
+//! work) and no length cap.
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use logvault_storage::batch::{BatchView, Inflater, Limits};
-use serde::Serialize;
-use tantivy::collector::{Count, TopDocs};
-use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser, RangeQuery, TermQuery};
+use serde::{Deserialize, Serialize};
 use tantivy::schema::{
-    DateOptions, DateTimePrecision, FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions, OwnedValue,
-    STORED, Schema, TextFieldIndexing, TextOptions, Value,
+    DateOptions, DateTimePrecision, FAST, Field, IndexRecordOption, JsonObjectOptions, OwnedValue, STORED,
+    Schema, TextFieldIndexing, TextOptions,
 };
 use tantivy::tokenizer::{LowerCaser, RawTokenizer, SimpleTokenizer, TextAnalyzer};
-use tantivy::{DateTime, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term};
+use tantivy::{DateTime, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument};
 use tokio_util::sync::CancellationToken;
 
 use crate::wal;
@@ -34,8 +39,8 @@ use crate::wal;
 const WORDS: &str = "logvault_words";
 /// Tokenizer of `level`: the whole value, lower-cased.
 const KEYWORD: &str = "logvault_keyword";
-/// Tokenizer of exact-match fields (host, source, tenant).
-const RAW: &str = "raw";
+/// Tokenizer of exact-match fields (host, source, tenant, flags).
+pub(crate) const RAW: &str = "raw";
 const WRITER_MEMORY: usize = 64 * 1024 * 1024;
 
 /// Why the index failed.
@@ -52,33 +57,19 @@ pub enum IndexError {
     },
 }
 
-/// Why a search failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SearchError {
-    /// The query does not parse or names an unknown field.
-    #[error("{0}")]
-    BadQuery(String),
-    /// The search itself failed.
-    #[error("search failed: {0}")]
-    Internal(String),
-}
-
 /// The schema's fields.
 #[derive(Debug, Clone, Copy)]
-pub struct Fields {
-    timestamp: Field,
-    received: Field,
-    tenant: Field,
-    host: Field,
-    source: Field,
-    epoch: Field,
-    seq: Field,
-    level: Field,
-    message: Field,
-    fields: Field,
-    fields_json: Field,
-    flags: Field,
+pub(crate) struct Fields {
+    pub(crate) timestamp: Field,
+    pub(crate) id: Field,
+    pub(crate) tenant: Field,
+    pub(crate) host: Field,
+    pub(crate) source: Field,
+    pub(crate) level: Field,
+    pub(crate) message: Field,
+    pub(crate) fields: Field,
+    pub(crate) flags: Field,
+    pub(crate) hit: Field,
 }
 
 /// A timestamp this far after its arrival is flagged `future`.
@@ -104,48 +95,42 @@ pub fn flag_names(flags: u8, timestamp_ns: i64, received_ns: i64) -> impl Iterat
 
 fn build_schema() -> (Schema, Fields) {
     let mut builder = Schema::builder();
-    let date = DateOptions::from(INDEXED | STORED | FAST).set_precision(DateTimePrecision::Microseconds);
-    let keyword = |tokenizer: &str| {
-        TextOptions::default()
-            .set_indexing_options(
-                TextFieldIndexing::default()
-                    .set_tokenizer(tokenizer)
-                    .set_index_option(IndexRecordOption::Basic),
-            )
-            .set_stored()
-            .set_fast(tokenizer)
+    let keyword = |tokenizer: &str, fast: bool| {
+        let options = TextOptions::default().set_indexing_options(
+            TextFieldIndexing::default().set_tokenizer(tokenizer).set_index_option(IndexRecordOption::Basic),
+        );
+        if fast { options.set_fast(tokenizer) } else { options }
     };
     let words = TextFieldIndexing::default()
         .set_tokenizer(WORDS)
         .set_index_option(IndexRecordOption::WithFreqsAndPositions);
     let fields = Fields {
-        timestamp: builder.add_date_field("timestamp", date.clone()),
-        received: builder.add_date_field(
-            "received",
-            DateOptions::from(STORED).set_precision(DateTimePrecision::Microseconds),
+        // Fast only: range filters and sorting read the column.
+        timestamp: builder.add_date_field(
+            "timestamp",
+            DateOptions::from(FAST).set_precision(DateTimePrecision::Microseconds),
         ),
-        tenant: builder.add_text_field("tenant", keyword(RAW)),
-        host: builder.add_text_field("host", keyword(RAW)),
-        source: builder.add_text_field("source", keyword(RAW)),
-        epoch: builder.add_u64_field("epoch", STORED),
-        seq: builder.add_u64_field("seq", STORED | FAST),
-        level: builder.add_text_field("level", keyword(KEYWORD)),
-        message: builder.add_text_field(
-            "message",
-            TextOptions::default().set_indexing_options(words.clone()).set_stored(),
-        ),
-        fields: builder.add_json_field("fields", JsonObjectOptions::default().set_indexing_options(words)),
-        fields_json: builder.add_text_field("fields_json", STORED),
-        flags: builder.add_text_field("flags", keyword(RAW)),
+        id: builder.add_u64_field("id", FAST),
+        tenant: builder.add_text_field("tenant", keyword(RAW, false)),
+        host: builder.add_text_field("host", keyword(RAW, true)),
+        source: builder.add_text_field("source", keyword(RAW, true)),
+        level: builder.add_text_field("level", keyword(KEYWORD, true)),
+        message: builder
+            .add_text_field("message", TextOptions::default().set_indexing_options(words.clone())),
+        // Words for search, and whole values in the column for top terms.
+        fields: builder
+            .add_json_field("fields", JsonObjectOptions::default().set_indexing_options(words).set_fast(RAW)),
+        flags: builder.add_text_field("flags", keyword(RAW, false)),
+        hit: builder.add_bytes_field("hit", STORED),
     };
     (builder.build(), fields)
 }
 
 /// An open index.
 pub struct LogIndex {
-    index: Index,
-    reader: IndexReader,
-    fields: Fields,
+    pub(crate) index: Index,
+    pub(crate) reader: IndexReader,
+    pub(crate) fields: Fields,
     path: PathBuf,
 }
 
@@ -155,37 +140,12 @@ impl std::fmt::Debug for LogIndex {
     }
 }
 
-/// Newest or oldest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SortOrder {
-    /// Newest first (the default).
-    #[default]
-    Desc,
-    /// Oldest first.
-    Asc,
-}
-
-/// A search, as the API hands it over after authentication.
-#[derive(Debug, Clone)]
-pub struct SearchRequest {
-    /// Tenants the caller may see; never empty.
-    pub tenants: Vec<String>,
-    /// The query text; empty or `*` matches all.
-    pub query: String,
-    /// Inclusive lower bound, ns since the epoch.
-    pub from_ns: Option<i64>,
-    /// Exclusive upper bound, ns since the epoch.
-    pub to_ns: Option<i64>,
-    /// Hits to return.
-    pub limit: usize,
-    /// Sort order by timestamp.
-    pub order: SortOrder,
-}
-
-/// One record as the API returns it.
-#[derive(Debug, Clone, Serialize)]
+/// One record as the API returns it; the index stores it as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Hit {
+    /// The record's id: its rank in the collector's WAL (a decimal string,
+    /// since it can pass 2^53).
+    pub id: String,
     /// RFC 3339.
     pub timestamp: String,
     /// RFC 3339, when the collector received it.
@@ -205,34 +165,62 @@ pub struct Hit {
     /// The original line.
     pub message: String,
     /// Parsed fields.
+    #[serde(default)]
     pub fields: serde_json::Map<String, serde_json::Value>,
     /// `truncated`, `continued`, `invalid_utf8`, `future`, `past`: see
     /// [`flag_names`]. Left out when empty.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub flags: Vec<String>,
 }
 
-/// The answer to a search.
-#[derive(Debug, Clone, Serialize)]
-pub struct SearchResponse {
-    /// Exact number of matching records.
-    pub total: u64,
-    /// The first `limit` of them in the asked order.
-    pub hits: Vec<Hit>,
+/// Where the indexer stands: the WAL position the index covers and the id
+/// the next record gets. Kept as the commit payload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexedUpTo {
+    /// WAL position after the last indexed entry.
+    pub position: u64,
+    /// Id of the next record.
+    pub next_id: u64,
+}
+
+impl IndexedUpTo {
+    fn payload(&self) -> String {
+        format!("{} {}", self.position, self.next_id)
+    }
+
+    fn parse(payload: &str) -> Option<IndexedUpTo> {
+        let (position, next_id) = payload.split_once(' ')?;
+        Some(IndexedUpTo { position: position.parse().ok()?, next_id: next_id.parse().ok()? })
+    }
 }
 
 impl LogIndex {
-    /// Opens the index in `dir`, creating it when missing.
+    /// Opens the index in `dir`, creating it when missing. An index built
+    /// with another schema is removed and rebuilt from the WAL.
     pub fn open(dir: &Path) -> Result<LogIndex, IndexError> {
         let tantivy_err = |source| IndexError::Tantivy { path: dir.to_owned(), source };
-        std::fs::create_dir_all(dir).map_err(|e| {
+        let io_err = |e: std::io::Error| {
             tantivy_err(tantivy::TantivyError::from(
                 tantivy::directory::error::OpenDirectoryError::wrap_io_error(e, dir.to_owned()),
             ))
-        })?;
+        };
+        std::fs::create_dir_all(dir).map_err(io_err)?;
         let (schema, fields) = build_schema();
-        let directory = tantivy::directory::MmapDirectory::open(dir).map_err(|e| tantivy_err(e.into()))?;
-        let index = Index::open_or_create(directory, schema).map_err(tantivy_err)?;
+        let open = || {
+            let directory =
+                tantivy::directory::MmapDirectory::open(dir).map_err(|e| tantivy_err(e.into()))?;
+            Index::open_or_create(directory, schema.clone()).map_err(tantivy_err)
+        };
+        let index = match open() {
+            Ok(index) => index,
+            Err(IndexError::Tantivy { source: tantivy::TantivyError::SchemaError(message), .. }) => {
+                tracing::warn!(dir = %dir.display(), %message, "index has another schema; rebuilding it from the wal");
+                std::fs::remove_dir_all(dir).map_err(io_err)?;
+                std::fs::create_dir_all(dir).map_err(io_err)?;
+                open()?
+            }
+            Err(err) => return Err(err),
+        };
         let tokenizers = index.tokenizers();
         tokenizers
             .register(WORDS, TextAnalyzer::builder(SimpleTokenizer::default()).filter(LowerCaser).build());
@@ -246,91 +234,19 @@ impl LogIndex {
         Ok(LogIndex { index, reader, fields, path: dir.to_owned() })
     }
 
-    /// The WAL position the last commit covers.
-    pub fn committed_position(&self) -> u64 {
+    /// Where the last commit left the indexer.
+    pub fn indexed_up_to(&self) -> IndexedUpTo {
         self.index
             .load_metas()
             .ok()
             .and_then(|metas| metas.payload)
-            .and_then(|payload| payload.parse().ok())
-            .unwrap_or(0)
+            .and_then(|payload| IndexedUpTo::parse(&payload))
+            .unwrap_or_default()
     }
 
-    /// Runs a search. Blocking: call from `spawn_blocking`.
-    pub fn search(&self, request: &SearchRequest) -> Result<SearchResponse, SearchError> {
-        let f = &self.fields;
-        let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
-        let text = request.query.trim();
-        if !text.is_empty() && text != "*" {
-            let mut parser = QueryParser::for_index(&self.index, vec![f.message]);
-            parser.set_conjunction_by_default();
-            let parsed = parser.parse_query(text).map_err(|e| SearchError::BadQuery(e.to_string()))?;
-            clauses.push((Occur::Must, parsed));
-        } else {
-            clauses.push((Occur::Must, Box::new(AllQuery)));
-        }
-        // The tenant filter is added here, in code, never spliced into text.
-        let tenants: Vec<(Occur, Box<dyn Query>)> = request
-            .tenants
-            .iter()
-            .map(|tenant| {
-                let term = Term::from_field_text(f.tenant, tenant);
-                (Occur::Should, Box::new(TermQuery::new(term, IndexRecordOption::Basic)) as Box<dyn Query>)
-            })
-            .collect();
-        if tenants.is_empty() {
-            return Err(SearchError::Internal("no tenant to search".into()));
-        }
-        clauses.push((Occur::Must, Box::new(BooleanQuery::new(tenants))));
-        if request.from_ns.is_some() || request.to_ns.is_some() {
-            let bound = |ns: i64| Term::from_field_date(f.timestamp, DateTime::from_timestamp_nanos(ns));
-            let lower = request.from_ns.map_or(Bound::Unbounded, |ns| Bound::Included(bound(ns)));
-            let upper = request.to_ns.map_or(Bound::Unbounded, |ns| Bound::Excluded(bound(ns)));
-            clauses.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
-        }
-        let query = BooleanQuery::new(clauses);
-        let searcher = self.reader.searcher();
-        let order = match request.order {
-            SortOrder::Desc => Order::Desc,
-            SortOrder::Asc => Order::Asc,
-        };
-        let top =
-            TopDocs::with_limit(request.limit.max(1)).order_by_fast_field::<DateTime>("timestamp", order);
-        let (total, top) =
-            searcher.search(&query, &(Count, top)).map_err(|e| SearchError::Internal(e.to_string()))?;
-        let mut hits = Vec::with_capacity(top.len().min(request.limit));
-        for (_, address) in top.into_iter().take(request.limit) {
-            let doc: TantivyDocument =
-                searcher.doc(address).map_err(|e| SearchError::Internal(e.to_string()))?;
-            hits.push(self.hit(&doc));
-        }
-        Ok(SearchResponse { total: total as u64, hits })
-    }
-
-    fn hit(&self, doc: &TantivyDocument) -> Hit {
-        let f = &self.fields;
-        let text = |field| doc.get_first(field).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-        let number = |field| doc.get_first(field).and_then(|v| v.as_u64()).unwrap_or_default();
-        let date = |field| {
-            doc.get_first(field)
-                .and_then(|v| v.as_datetime())
-                .map(|d| crate::time::format_ns(d.into_timestamp_nanos()))
-                .unwrap_or_default()
-        };
-        let fields = serde_json::from_str(&text(f.fields_json)).unwrap_or_default();
-        Hit {
-            timestamp: date(f.timestamp),
-            received: date(f.received),
-            tenant: text(f.tenant),
-            host: text(f.host),
-            source: text(f.source),
-            epoch: number(f.epoch),
-            seq: number(f.seq),
-            level: text(f.level),
-            message: text(f.message),
-            fields,
-            flags: doc.get_all(f.flags).filter_map(|v| v.as_str()).map(str::to_owned).collect(),
-        }
+    /// The WAL position the last commit covers.
+    pub fn committed_position(&self) -> u64 {
+        self.indexed_up_to().position
     }
 
     /// A writer on this index, as the indexer thread uses (one indexing
@@ -341,9 +257,25 @@ impl LogIndex {
             .map_err(|source| IndexError::Tantivy { path: self.path.clone(), source })
     }
 
+    /// Commits what `writer` holds as covering the WAL up to `up_to`, and
+    /// makes it searchable.
+    pub fn commit(&self, writer: &mut IndexWriter, up_to: IndexedUpTo) -> Result<(), IndexError> {
+        let tantivy_err = |source| IndexError::Tantivy { path: self.path.clone(), source };
+        let mut commit = writer.prepare_commit().map_err(tantivy_err)?;
+        commit.set_payload(&up_to.payload());
+        commit.commit().map_err(tantivy_err)?;
+        self.reader.reload().map_err(tantivy_err)
+    }
+
     /// The documents of one WAL entry: a record each, minus those an
-    /// earlier entry stored.
-    pub fn documents(&self, entry: &wal::Entry, inflater: &mut Inflater, out: &mut Vec<TantivyDocument>) {
+    /// earlier entry stored. Each gets the id `*next_id`, which moves on.
+    pub fn documents(
+        &self,
+        entry: &wal::Entry,
+        inflater: &mut Inflater,
+        next_id: &mut u64,
+        out: &mut Vec<TantivyDocument>,
+    ) {
         let f = &self.fields;
         // Checked against the real limits when it arrived.
         let limits = Limits::TRUSTED;
@@ -361,39 +293,65 @@ impl LogIndex {
                 return;
             }
         };
-        let received = DateTime::from_timestamp_nanos(entry.received_ns);
+        let received = crate::time::format_ns(entry.received_ns);
         let header = &batch.header;
         let mut seq = header.first_seq;
+        let mut hit = Hit {
+            id: String::new(),
+            timestamp: String::new(),
+            received,
+            tenant: entry.tenant.clone(),
+            host: entry.host.clone(),
+            source: header.source.to_string(),
+            epoch: header.epoch,
+            seq: 0,
+            level: String::new(),
+            message: String::new(),
+            fields: serde_json::Map::new(),
+            flags: Vec::new(),
+        };
+        let mut blob = Vec::with_capacity(512);
         let walked = records.for_each(&limits, |record| {
             let this_seq = seq;
             seq += 1;
             if this_seq < header.first_seq + u64::from(entry.skip) {
                 return; // stored by an earlier entry
             }
+            let id = *next_id;
+            *next_id += 1;
             let mut doc = TantivyDocument::new();
             doc.add_date(f.timestamp, DateTime::from_timestamp_nanos(record.timestamp_ns));
-            doc.add_date(f.received, received);
+            doc.add_u64(f.id, id);
             doc.add_text(f.tenant, &entry.tenant);
             doc.add_text(f.host, &entry.host);
             doc.add_text(f.source, &header.source);
-            doc.add_u64(f.epoch, header.epoch);
-            doc.add_u64(f.seq, this_seq);
             doc.add_text(f.level, record.level.as_str());
             doc.add_text(f.message, record.message);
+            hit.flags.clear();
             for flag in flag_names(record.flags, record.timestamp_ns, entry.received_ns) {
                 doc.add_text(f.flags, flag);
+                hit.flags.push(flag.to_owned());
             }
+            hit.fields.clear();
             let mut fields = record.fields().peekable();
             if fields.peek().is_some() {
                 let mut object = BTreeMap::new();
-                let mut json = serde_json::Map::new();
                 for (name, value) in fields {
                     object.insert(name.to_owned(), OwnedValue::Str(value.to_owned()));
-                    json.insert(name.to_owned(), serde_json::Value::String(value.to_owned()));
+                    hit.fields.insert(name.to_owned(), serde_json::Value::String(value.to_owned()));
                 }
                 doc.add_object(f.fields, object);
-                doc.add_text(f.fields_json, serde_json::Value::Object(json).to_string());
             }
+            hit.id = id.to_string();
+            hit.timestamp = crate::time::format_ns(record.timestamp_ns);
+            hit.seq = this_seq;
+            hit.level.clear();
+            hit.level.push_str(record.level.as_str());
+            hit.message.clear();
+            hit.message.push_str(record.message);
+            blob.clear();
+            serde_json::to_writer(&mut blob, &hit).expect("a hit always serialises");
+            doc.add_bytes(f.hit, &blob);
             out.push(doc);
         });
         if let Err(err) = walked {
@@ -450,19 +408,22 @@ fn index_until_stopped(
     cancel: &CancellationToken,
 ) -> Result<(), IndexError> {
     let tantivy_err = |source| IndexError::Tantivy { path: index.path.clone(), source };
-    let mut writer: IndexWriter =
-        index.index.writer_with_num_threads(1, WRITER_MEMORY).map_err(tantivy_err)?;
-    let mut position = index.committed_position();
-    progress.committed.store(position, Ordering::Release);
+    let mut writer = index.writer()?;
+    let mut up_to = index.indexed_up_to();
+    progress.committed.store(up_to.position, Ordering::Release);
     let mut pending = false;
     let mut last_commit = Instant::now();
     let mut docs = Vec::new();
     let mut inflater = Inflater::new();
-    tracing::info!(from = position, to = durable.load(Ordering::Acquire), "indexer catching up from the wal");
+    tracing::info!(
+        from = up_to.position,
+        to = durable.load(Ordering::Acquire),
+        "indexer catching up from the wal"
+    );
     loop {
         let stopping = cancel.is_cancelled();
         let until = durable.load(Ordering::Acquire);
-        let entries = match wal::read_range(wal_dir, position, until, 8 * 1024 * 1024) {
+        let entries = match wal::read_range(wal_dir, up_to.position, until, 8 * 1024 * 1024) {
             Ok(entries) => entries,
             Err(err) => {
                 tracing::error!(error = %err, "indexer cannot read the wal");
@@ -472,14 +433,14 @@ fn index_until_stopped(
         };
         let idle = entries.is_empty();
         for entry in entries {
-            index.documents(&entry, &mut inflater, &mut docs);
+            index.documents(&entry, &mut inflater, &mut up_to.next_id, &mut docs);
             // One document per hand-over: tantivy bounds its queue by
             // hand-overs, so this keeps the indexer's memory bounded
             // (whole batches per hand-over let it queue the WAL in RAM).
             for doc in docs.drain(..) {
                 writer.add_document(doc).map_err(tantivy_err)?;
             }
-            position = entry.next;
+            up_to.position = entry.next;
             pending = true;
         }
         if pending
@@ -487,11 +448,8 @@ fn index_until_stopped(
                 || last_commit.elapsed() >= commit_interval
                 || (idle && last_commit.elapsed() >= commit_interval / 4))
         {
-            let mut commit = writer.prepare_commit().map_err(tantivy_err)?;
-            commit.set_payload(&position.to_string());
-            commit.commit().map_err(tantivy_err)?;
-            index.reader.reload().map_err(tantivy_err)?;
-            progress.committed.store(position, Ordering::Release);
+            index.commit(&mut writer, up_to)?;
+            progress.committed.store(up_to.position, Ordering::Release);
             pending = false;
             last_commit = Instant::now();
         }
@@ -520,5 +478,13 @@ mod tests {
         assert_eq!(names(0b010, received - PAST_SKEW_NS - 1), vec!["continued", "past"]);
         assert_eq!(names(0, i64::MIN), vec!["past"]);
         assert_eq!(flag_names(0, i64::MAX, i64::MAX).count(), 0);
+    }
+
+    #[test]
+    fn the_commit_payload_round_trips() {
+        let up_to = IndexedUpTo { position: 123_456, next_id: 789 };
+        assert_eq!(IndexedUpTo::parse(&up_to.payload()), Some(up_to));
+        assert_eq!(IndexedUpTo::parse("123"), None);
+        assert_eq!(IndexedUpTo::parse("1 x"), None);
     }
 }

@@ -20,6 +20,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod aggregate;
 pub mod api;
 pub mod auth;
 pub mod client;
@@ -29,7 +30,9 @@ pub mod ingest;
 pub mod limits;
 pub mod metrics;
 pub mod reload;
+pub mod search;
 pub mod server;
 pub mod syslog;
 pub mod time;
 pub mod wal;
+pub mod web;

@@ -32,6 +32,26 @@ impl RateLimiter {
         self.delay_at(sender, bytes, Instant::now())
     }
 
+    /// Takes `cost` for `sender` when its bucket holds that much; when it
+    /// does not, takes nothing and says how long until it will.
+    pub fn try_take(&self, sender: &str, cost: usize) -> Result<(), Duration> {
+        if self.bytes_per_second <= 0.0 {
+            return Ok(());
+        }
+        let (rate, now) = (self.bytes_per_second, Instant::now());
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = buckets.entry(sender.to_owned()).or_insert((rate, now));
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(rate);
+        *last = now;
+        let cost = cost as f64;
+        if *tokens >= cost {
+            *tokens -= cost;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((cost - *tokens) / rate))
+        }
+    }
+
     fn delay_at(&self, sender: &str, bytes: usize, now: Instant) -> Duration {
         if self.bytes_per_second <= 0.0 {
             return Duration::ZERO;
@@ -107,6 +127,17 @@ mod tests {
         let later = start + Duration::from_secs(2);
         assert_eq!(limiter.delay_at("noisy", 1000, later), Duration::ZERO);
         assert_eq!(RateLimiter::new(0).delay("any", usize::MAX), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_query_over_its_rate_is_refused_without_using_the_bucket() {
+        let limiter = RateLimiter::new(2);
+        assert!(limiter.try_take("alice", 1).is_ok());
+        assert!(limiter.try_take("alice", 1).is_ok());
+        let wait = limiter.try_take("alice", 1).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(limiter.try_take("bob", 1).is_ok());
+        assert!(RateLimiter::new(0).try_take("any", usize::MAX).is_ok());
     }
 
     #[test]

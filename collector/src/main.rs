@@ -129,7 +129,8 @@ struct SearchArgs {
     /// CA certificate that signed the API's certificate.
     #[arg(long, env = "LOGVAULT_CA")]
     ca: PathBuf,
-    /// The query (tantivy syntax; `*` for all).
+    /// The query (tantivy syntax over message, level, host, source, flags
+    /// and fields.NAME; `*` for all).
     query: String,
     /// Start: RFC 3339 or relative such as -15m.
     #[arg(long)]
@@ -146,6 +147,16 @@ struct SearchArgs {
     /// Print NDJSON, one record a line.
     #[arg(long)]
     json: bool,
+    /// After the newest records, keep printing new ones as they arrive
+    /// (live tail) until interrupted.
+    #[arg(long, conflicts_with_all = ["count", "histogram", "oldest_first"])]
+    follow: bool,
+    /// Print only the number of matching records.
+    #[arg(long, conflicts_with = "histogram")]
+    count: bool,
+    /// Print the matches per time bucket: auto, or an interval such as 1m.
+    #[arg(long, num_args = 0..=1, default_missing_value = "auto", value_name = "INTERVAL")]
+    histogram: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -292,48 +303,34 @@ fn escape_control(text: &str) -> String {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            // Controls, and the bidirectional overrides that can make a
+            // line read differently from what it holds.
+            c if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') => {
+                out.push_str(&format!("\\u{{{:04x}}}", c as u32))
+            }
             c => out.push(c),
         }
     }
     out
 }
 
-async fn search(args: SearchArgs) -> anyhow::Result<std::process::ExitCode> {
-    let mut url = format!(
-        "{}/api/v1/search?q={}&limit={}&order={}",
-        args.url.trim_end_matches('/'),
-        client::encode_component(&args.query),
-        args.limit,
-        if args.oldest_first { "asc" } else { "desc" }
-    );
-    for (name, value) in [("from", &args.from), ("to", &args.to)] {
-        if let Some(value) = value {
-            url.push_str(&format!("&{name}={}", client::encode_component(value)));
-        }
-    }
-    let answer = client::request("GET", &url, &args.ca, Some(&args.token), None).await?;
-    let body: serde_json::Value = serde_json::from_slice(&answer.body)
-        .with_context(|| format!("answer with status {} is not JSON", answer.status))?;
-    if answer.status != 200 {
-        let message = body["error"]["message"].as_str().unwrap_or("no message");
-        eprintln!("logvault: search failed ({}): {}", answer.status, escape_control(message));
-        return Ok(std::process::ExitCode::FAILURE);
-    }
-    let stdout = std::io::stdout();
-    let colour = stdout.is_terminal();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let hits = body["hits"].as_array().cloned().unwrap_or_default();
-    for hit in &hits {
-        if args.json {
-            writeln!(out, "{hit}")?;
-            continue;
+/// Prints records as readable lines (coloured levels on a terminal) or
+/// NDJSON; control characters in records never reach the terminal raw.
+struct Printer {
+    json: bool,
+    colour: bool,
+}
+
+impl Printer {
+    fn print(&self, out: &mut impl Write, hit: &serde_json::Value) -> std::io::Result<()> {
+        if self.json {
+            return writeln!(out, "{hit}");
         }
         let field = |name: &str| escape_control(hit[name].as_str().unwrap_or_default());
         let level = field("level");
-        let level = if colour {
+        let level = if self.colour {
             let code = match level.as_str() {
-                "error" | "fatal" => "31",
+                "error" | "fatal" | "critical" => "31",
                 "warn" => "33",
                 "debug" | "trace" => "2",
                 _ => "32",
@@ -349,11 +346,128 @@ async fn search(args: SearchArgs) -> anyhow::Result<std::process::ExitCode> {
             field("host"),
             field("source"),
             field("message")
-        )?;
+        )
     }
-    out.flush()?;
-    if !args.json {
-        eprintln!("{} of {} records", hits.len(), body["total"]);
+}
+
+/// The API's answer as JSON, or the error it gave.
+fn api_answer(answer: client::Answer) -> anyhow::Result<serde_json::Value> {
+    let body: serde_json::Value = serde_json::from_slice(&answer.body)
+        .with_context(|| format!("answer with status {} is not JSON", answer.status))?;
+    if answer.status != 200 {
+        let message = body["error"]["message"].as_str().unwrap_or("no message");
+        bail!("the collector answered {}: {}", answer.status, escape_control(message));
+    }
+    Ok(body)
+}
+
+async fn search(args: SearchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let base = args.url.trim_end_matches('/').to_owned();
+    let stdout = std::io::stdout();
+    let printer = Printer { json: args.json, colour: stdout.is_terminal() };
+    if args.count || args.histogram.is_some() {
+        let mut request = serde_json::json!({ "q": args.query, "from": args.from, "to": args.to });
+        if let Some(interval) = &args.histogram {
+            request["histogram"] = serde_json::json!({ "interval": interval });
+        }
+        let answer = client::request(
+            "POST",
+            &format!("{base}/api/v1/aggregate"),
+            &args.ca,
+            Some(&args.token),
+            Some(serde_json::to_vec(&request)?),
+        )
+        .await?;
+        let body = api_answer(answer)?;
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        if args.json {
+            writeln!(out, "{body}")?;
+        } else if args.count {
+            writeln!(out, "{}", body["total"])?;
+        } else {
+            let buckets = body["histogram"]["buckets"].as_array().cloned().unwrap_or_default();
+            let most = buckets.iter().filter_map(|b| b["count"].as_u64()).max().unwrap_or(0).max(1);
+            for bucket in &buckets {
+                let count = bucket["count"].as_u64().unwrap_or(0);
+                let bar = "#".repeat(((count * 50).div_ceil(most)) as usize);
+                writeln!(out, "{} {count:>10} {bar}", bucket["start"].as_str().unwrap_or_default())?;
+            }
+            writeln!(
+                out,
+                "total {} in {} buckets of {} ms",
+                body["total"],
+                buckets.len(),
+                body["histogram"]["interval_ms"]
+            )?;
+        }
+        out.flush()?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let mut url = format!(
+        "{base}/api/v1/search?q={}&limit={}&order={}",
+        client::encode_component(&args.query),
+        args.limit,
+        if args.oldest_first { "asc" } else { "desc" }
+    );
+    for (name, value) in [("from", &args.from), ("to", &args.to)] {
+        if let Some(value) = value {
+            url.push_str(&format!("&{name}={}", client::encode_component(value)));
+        }
+    }
+    let body = api_answer(client::request("GET", &url, &args.ca, Some(&args.token), None).await?)?;
+    let mut hits = body["hits"].as_array().cloned().unwrap_or_default();
+    if args.follow {
+        // Oldest first, so the live records follow on.
+        hits.reverse();
+    }
+    {
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        for hit in &hits {
+            printer.print(&mut out, hit)?;
+        }
+        out.flush()?;
+    }
+    if !args.follow {
+        if !args.json {
+            eprintln!("{} of {} records", hits.len(), body["total"]);
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let url = format!("{base}/api/v1/tail?q={}", client::encode_component(&args.query));
+    let mut pending = Vec::new();
+    let mut failure = None;
+    let answer = client::stream(&url, &args.ca, Some(&args.token), |chunk| {
+        pending.extend_from_slice(chunk);
+        let mut out = std::io::stdout().lock();
+        // Events end with a blank line.
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event);
+            let (mut name, mut data) = ("message", String::new());
+            for line in text.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = if value == "hit" { "hit" } else { "error" };
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data.push_str(value);
+                }
+            }
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&data) else { continue };
+            if name == "error" {
+                failure = Some(value["error"]["message"].as_str().unwrap_or("live tail ended").to_owned());
+                return false;
+            }
+            if printer.print(&mut out, &value).and_then(|()| out.flush()).is_err() {
+                return false;
+            }
+        }
+        true
+    })
+    .await?;
+    if answer.status != 200 {
+        api_answer(answer)?;
+    }
+    if let Some(message) = failure {
+        bail!("live tail ended: {}", escape_control(&message));
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -365,6 +479,7 @@ mod tests {
     #[test]
     fn control_characters_are_escaped() {
         assert_eq!(escape_control("a\u{1b}[31mb\nc"), "a\\u{001b}[31mb\\nc");
+        assert_eq!(escape_control("x\u{202e}y"), "x\\u{202e}y");
     }
 
     #[test]

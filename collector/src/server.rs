@@ -100,8 +100,11 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
     let api_tls = ReloadingAcceptor::new("api", vec![api_cert.clone(), api_key.clone()], move || {
         logvault_certs::api_server_config(&api_cert, &api_key)
     })?;
-    let verifier =
-        Verifier::from_public_pem(&config.api.jwt_public_key, &config.api.issuer, &config.api.audience)?;
+    let key_sources = crate::auth::KeySources {
+        files: config.api.jwt_public_key.iter().cloned().collect(),
+        dir: config.api.jwt_keys_dir.clone(),
+    };
+    let verifier = Arc::new(Verifier::new(key_sources, &config.api.issuer, &config.api.audience)?);
 
     let wal_dir = config.data_dir.join("wal");
     let wal_options = crate::wal::WalOptions {
@@ -166,7 +169,19 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         gaps: ingest.wal.gaps_counter(),
         unverified: ingest.wal.unverified_counter(),
     };
-    let state = Arc::new(ApiState { index, verifier, max_limit: config.api.max_limit, metrics });
+    tokio::spawn(verifier.clone().watch(cancel.clone()));
+    let state = Arc::new(ApiState {
+        index,
+        verifier,
+        max_limit: config.api.max_limit,
+        metrics,
+        query_timeout: Duration::from_millis(config.api.query_timeout_ms),
+        rates: crate::limits::RateLimiter::new(config.api.requests_per_second),
+        queries: Arc::new(tokio::sync::Semaphore::new(config.api.max_concurrent_queries)),
+        tails: std::sync::atomic::AtomicUsize::new(0),
+        max_tails: config.api.max_tails,
+        cancel: cancel.clone(),
+    });
     tokio::spawn(ingest_tls.clone().watch(cancel.clone()));
     tokio::spawn(api_tls.clone().watch(cancel.clone()));
     tokio::spawn(Wal::watch_disk(

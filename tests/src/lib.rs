@@ -282,6 +282,8 @@ pub struct CollectorOptions {
     pub ingest_ca: Option<PathBuf>,
     /// `index.commit_interval_ms`; default 300.
     pub commit_interval_ms: Option<u64>,
+    /// TOML appended inside `[api]`.
+    pub api_toml: String,
 }
 
 pub struct Collector {
@@ -313,6 +315,7 @@ handshake_timeout_ms = {handshake}
 [api]
 listen = "127.0.0.1:0"
 jwt_public_key = "{jwt}"
+{api_toml}
 
 [index]
 commit_interval_ms = {commit}
@@ -332,6 +335,12 @@ commit_interval_ms = {commit}
                 .unwrap_or_default(),
             jwt = setup.jwt_public.display(),
             ingest_toml = options.ingest_toml,
+            // Tests poll the API hard; the rate limit has a test of its own.
+            api_toml = if options.api_toml.contains("requests_per_second") {
+                options.api_toml.clone()
+            } else {
+                format!("requests_per_second = 100000\n{}", options.api_toml)
+            },
             commit = options.commit_interval_ms.unwrap_or(300),
             extra = options.extra_toml,
         );
@@ -386,6 +395,28 @@ commit_interval_ms = {commit}
             .unwrap();
         let body = serde_json::from_slice(&answer.body).unwrap_or(serde_json::Value::Null);
         (answer.status, body)
+    }
+
+    /// A request to the API with `token`; returns (status, JSON body or
+    /// Null).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("{}{path}", self.api_url());
+        let body = body.map(|b| serde_json::to_vec(&b).unwrap());
+        let answer = runtime()
+            .block_on(logvault_collector::client::request(method, &url, &self.ca, token, body))
+            .unwrap();
+        (answer.status, serde_json::from_slice(&answer.body).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// POST /api/v1/aggregate; returns (status, body).
+    pub fn aggregate(&self, token: &str, request: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call("POST", "/api/v1/aggregate", Some(token), Some(request))
     }
 
     /// The exact total of a query; panics on a non-200 answer.
@@ -539,6 +570,129 @@ pub fn start_agent(setup: &Setup, name: &str, config: &Path) -> Process {
         log,
     )
 }
+
+/// The agent's `[[sources]]` for the loghub samples in `files` (by file
+/// name), each with the parser an operator would configure for it.
+pub fn loghub_sources_toml(files: &HashMap<String, PathBuf>) -> String {
+    let regex = |pattern: &str, format: &str| {
+        format!("parser = \"regex\"\npattern = '{pattern}'\ntimestamp_format = \"{format}\"\n")
+    };
+    let millis = "[year]-[month]-[day] [hour]:[minute]:[second],[subsecond]";
+    let parsers = [
+        (
+            "HDFS_2k.log",
+            regex(
+                r"^(?P<timestamp>\d{6} \d{6}) (?P<pid>\d+) (?P<level>\w+) (?P<component>[^:]+): ",
+                "[year repr:last_two][month][day] [hour][minute][second]",
+            ),
+        ),
+        (
+            "Hadoop_2k.log",
+            regex(
+                r"^(?P<timestamp>\S+ \S+) (?P<level>\w+) \[(?P<process>[^\]]*)\] (?P<component>\S+): ",
+                millis,
+            ),
+        ),
+        (
+            "Spark_2k.log",
+            regex(
+                r"^(?P<timestamp>\S+ \S+) (?P<level>\w+) (?P<component>[^:]+): ",
+                "[year repr:last_two]/[month]/[day] [hour]:[minute]:[second]",
+            ),
+        ),
+        (
+            "Zookeeper_2k.log",
+            regex(
+                r"^(?P<timestamp>\S+ \S+) - (?P<level>\w+)\s+\[(?P<node>[^:]*):(?P<component>[^@]*)@(?P<id>\d+)\] - ",
+                millis,
+            ),
+        ),
+        (
+            "BGL_2k.log",
+            regex(
+                r"^(?P<label>\S+) (?P<epoch>\d+) (?P<date>\S+) (?P<node>\S+) (?P<timestamp>\S+) \S+ (?P<type>\S+) (?P<component>\S+) (?P<level>\S+) ",
+                "[year]-[month]-[day]-[hour].[minute].[second].[subsecond]",
+            ),
+        ),
+        (
+            "Apache_2k.log",
+            regex(
+                r"^\[(?P<timestamp>[^\]]+)\] \[(?P<level>\w+)\] ",
+                "[weekday repr:short] [month repr:short] [day] [hour]:[minute]:[second] [year]",
+            ),
+        ),
+        ("Linux_2k.log", "parser = \"syslog\"\n".to_owned()),
+        ("OpenSSH_2k.log", "parser = \"syslog\"\n".to_owned()),
+    ];
+    let mut toml = String::new();
+    for (name, parser) in parsers {
+        if let Some(path) = files.get(name) {
+            toml.push_str(&format!(
+                "\n[[sources]]\ninclude = [{:?}]\nread_from = \"beginning\"\n{parser}",
+                path.display().to_string()
+            ));
+        }
+    }
+    toml
+}
+
+/// An agent configuration for `name` whose sources are the loghub samples
+/// in `files`, parsed (see [`loghub_sources_toml`]).
+pub fn loghub_agent_config(
+    setup: &Setup,
+    name: &str,
+    collector: SocketAddr,
+    files: &HashMap<String, PathBuf>,
+) -> PathBuf {
+    let config = agent_config(setup, name, collector, &[], &AgentOptions::default());
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace("[[sources]]\ninclude = []\nread_from = \"beginning\"\n", "");
+    std::fs::write(&config, format!("{text}{}", loghub_sources_toml(files))).unwrap();
+    config
+}
+
+/// A loghub sample's structured CSV as maps from column name to value
+/// (RFC 4180 quoting).
+pub fn loghub_ground_truth(sample: &str) -> Vec<HashMap<String, String>> {
+    let text = std::fs::read_to_string(loghub_dir().join(format!("{sample}_structured.csv"))).unwrap();
+    let mut rows = Vec::new();
+    let (mut field, mut row, mut quoted) = (String::new(), Vec::new(), false);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => row.push(std::mem::take(&mut field)),
+            ('\n', false) => {
+                row.push(std::mem::take(&mut field));
+                rows.push(std::mem::take(&mut row));
+            }
+            ('\r', false) => {}
+            (c, _) => field.push(c),
+        }
+    }
+    if !field.is_empty() || !row.is_empty() {
+        row.push(field);
+        rows.push(row);
+    }
+    let header = rows.remove(0);
+    rows.into_iter().map(|r| header.iter().cloned().zip(r).collect()).collect()
+}
+
+/// The eight loghub samples.
+pub const LOGHUB_SAMPLES: [&str; 8] = [
+    "Apache_2k.log",
+    "BGL_2k.log",
+    "HDFS_2k.log",
+    "Hadoop_2k.log",
+    "Linux_2k.log",
+    "OpenSSH_2k.log",
+    "Spark_2k.log",
+    "Zookeeper_2k.log",
+];
 
 /// Copies samples into `dir`, returning their new paths by name.
 pub fn copy_samples(dir: &Path, names: &[&str]) -> HashMap<String, PathBuf> {
@@ -708,5 +862,51 @@ impl RawAgent {
     /// Sends a batch frame and reads the answer.
     pub fn send_batch(&mut self, batch: Vec<u8>) -> Option<logvault_storage::Frame> {
         self.send_raw(&logvault_storage::Frame::Batch(batch).encode())
+    }
+}
+
+/// A live tail (`/api/v1/tail`) read on a thread of its own; its `hit`
+/// events arrive on a channel. The thread ends when the stream does.
+pub struct LiveTail {
+    hits: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl LiveTail {
+    pub fn open(collector: &Collector, token: &str, query: &str) -> LiveTail {
+        let url = format!(
+            "{}/api/v1/tail?q={}",
+            collector.api_url(),
+            logvault_collector::client::encode_component(query)
+        );
+        let (ca, token) = (collector.ca.clone(), token.to_owned());
+        let (sender, hits) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut pending = Vec::new();
+            let streamed =
+                runtime().block_on(logvault_collector::client::stream(&url, &ca, Some(&token), |chunk| {
+                    pending.extend_from_slice(chunk);
+                    while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                        let event: Vec<u8> = pending.drain(..end + 2).collect();
+                        let text = String::from_utf8_lossy(&event);
+                        if !text.starts_with("event: hit\n") {
+                            continue;
+                        }
+                        let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or_default();
+                        if sender.send(serde_json::from_str(data).unwrap()).is_err() {
+                            return false;
+                        }
+                    }
+                    true
+                }));
+            if let Ok(answer) = streamed {
+                assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+            }
+        });
+        LiveTail { hits }
+    }
+
+    /// The next hit, if one comes within `limit`.
+    pub fn next_hit(&self, limit: Duration) -> Option<serde_json::Value> {
+        self.hits.recv_timeout(limit).ok()
     }
 }

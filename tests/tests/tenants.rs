@@ -54,11 +54,52 @@ agents = ["beta-*"]
     assert_eq!(collector.total(&alpha, "sshd"), 0);
     assert_eq!(collector.total(&beta, "PacketResponder"), 0);
     assert!(collector.total(&both, "sshd") > 0 && collector.total(&both, "PacketResponder") > 0);
-    // Naming the other tenant or host in the query text changes nothing:
-    // the tenant filter is applied in code, outside the query.
-    assert_eq!(collector.total(&alpha, "tenant:beta"), 0);
+    // Naming another tenant in the query text is refused; naming the other
+    // tenant's host finds nothing: the tenant filter is applied in code,
+    // outside the query.
+    for query in ["tenant:beta", "* OR tenant:beta", "tenant:alpha OR tenant:beta"] {
+        let (status, body) = collector.search_raw(Some(&alpha), &[("q", query)]);
+        assert_eq!(status, 403, "{query}: {body}");
+        assert_eq!(body["error"]["code"], "forbidden");
+    }
+    assert_eq!(collector.total(&alpha, "tenant:alpha"), 2000);
+    assert_eq!(collector.total(&both, "tenant:beta"), 2000);
     assert_eq!(collector.total(&alpha, "host:\"beta-1\""), 0);
-    assert_eq!(collector.total(&alpha, "* OR tenant:beta"), 2000);
+
+    // Aggregations count only the token's tenants.
+    let (status, body) = collector.aggregate(
+        &alpha,
+        serde_json::json!({ "histogram": {}, "terms": [{ "field": "host" }, { "field": "source" }] }),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total"], 2000);
+    assert_eq!(body["terms"][0]["buckets"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(body["terms"][0]["buckets"][0]["value"], "alpha-1");
+    let (status, _) = collector.aggregate(&alpha, serde_json::json!({ "q": "tenant:beta" }));
+    assert_eq!(status, 403);
+
+    // Context of the other tenant's record is not found; of one's own, it is.
+    let (_, beta_hits) = collector.search_raw(Some(&beta), &[("q", "*"), ("limit", "1")]);
+    let beta_id = beta_hits["hits"][0]["id"].as_str().unwrap().to_owned();
+    let (status, _) = collector.call("GET", &format!("/api/v1/context?id={beta_id}"), Some(&alpha), None);
+    assert_eq!(status, 404, "alpha reads around beta's record");
+    let (status, context) =
+        collector.call("GET", &format!("/api/v1/context?id={beta_id}"), Some(&beta), None);
+    assert_eq!(status, 200);
+    assert!(context["after"].as_array().unwrap().iter().all(|hit| hit["tenant"] == "beta"));
+
+    // A live tail shows only the token's tenants: beta writes, alpha's
+    // tail stays empty while beta's shows the line.
+    let alpha_tail = LiveTail::open(&collector, &alpha, "tailmarker");
+    let beta_tail = LiveTail::open(&collector, &beta, "tailmarker");
+    std::thread::sleep(Duration::from_secs(1));
+    append_lines(
+        &beta_logs.join("OpenSSH_2k.log"),
+        &["Dec 10 11:11:11 LabSZ sshd[1]: tailmarker for beta".into()],
+    );
+    let seen = beta_tail.next_hit(Duration::from_secs(20)).expect("beta's tail shows beta's line");
+    assert_eq!(seen["tenant"], "beta");
+    assert!(alpha_tail.next_hit(Duration::from_secs(2)).is_none(), "alpha's tail showed beta's line");
     let (status, body) = collector.search_raw(Some(&alpha), &[("q", "*"), ("limit", "1000")]);
     assert_eq!(status, 200);
     assert!(

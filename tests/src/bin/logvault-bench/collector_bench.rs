@@ -224,6 +224,7 @@ fn indexer_alone(path: &Path, senders: &[(String, RawAgent, Stream)]) -> Result<
     let mut writer = index.writer().map_err(|e| e.to_string())?;
     let mut inflater = logvault_storage::batch::Inflater::new();
     let mut docs = Vec::new();
+    let mut next_id = 0;
     for (name, _, stream) in senders {
         for batch in stream {
             let entry = logvault_collector::wal::Entry {
@@ -235,7 +236,7 @@ fn indexer_alone(path: &Path, senders: &[(String, RawAgent, Stream)]) -> Result<
                 skip: 0,
                 batch: batch.clone(),
             };
-            index.documents(&entry, &mut inflater, &mut docs);
+            index.documents(&entry, &mut inflater, &mut next_id, &mut docs);
             for doc in docs.drain(..) {
                 writer.add_document(doc).map_err(|e| e.to_string())?;
             }
