@@ -309,3 +309,62 @@ pub fn ensure_key_pair(key_path: &Path) -> Result<std::path::PathBuf, AuthError>
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims() -> Claims {
+        let now = now_secs();
+        Claims {
+            sub: "t".into(),
+            iss: "logvault".into(),
+            aud: "logvault".into(),
+            exp: now + 60,
+            nbf: now,
+            iat: now,
+            tenant: Some("acme".into()),
+            tenants: None,
+            role: Role::Reader,
+        }
+    }
+
+    #[test]
+    fn the_kid_picks_the_key_and_a_token_without_one_needs_a_single_key() {
+        let dir = std::env::temp_dir().join(format!("logvault-auth-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("keys")).unwrap();
+        let (a, b) = (dir.join("a.key"), dir.join("b.key"));
+        let a_pub = ensure_key_pair(&a).unwrap();
+        let b_pub = ensure_key_pair(&b).unwrap();
+        std::fs::copy(&a_pub, dir.join("keys/a.pub")).unwrap();
+        let sources = KeySources { files: Vec::new(), dir: Some(dir.join("keys")) };
+        let verifier = Verifier::new(sources, "logvault", "logvault").unwrap();
+        let token_a = mint(&a, &claims()).unwrap();
+        let token_b = mint(&b, &claims()).unwrap();
+        assert_eq!(verifier.verify(&token_a).unwrap().sub, "t");
+        assert!(verifier.verify(&token_b).unwrap_err().to_string().contains("unknown key id"));
+
+        // A token without a kid, signed by the only key: accepted.
+        let pem = std::fs::read(&a).unwrap();
+        let key = EncodingKey::from_ed_pem(&pem).unwrap();
+        let bare = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims(), &key).unwrap();
+        assert!(verifier.verify(&bare).is_ok());
+
+        std::fs::copy(&b_pub, dir.join("keys/b.pub")).unwrap();
+        verifier.reload_if_changed();
+        assert_eq!(verifier.key_ids().len(), 2);
+        assert!(verifier.verify(&token_b).is_ok());
+        // With two keys trusted, a token must say which.
+        assert!(verifier.verify(&bare).unwrap_err().to_string().contains("no key id"));
+        // Another algorithm is refused before any key is looked at.
+        let hs = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims(),
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap();
+        assert!(verifier.verify(&hs).unwrap_err().to_string().contains("not accepted"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -16,8 +16,14 @@
 //! [api]
 //! listen = "127.0.0.1:8443"
 //! jwt_public_key = "/etc/logvault/jwt.pub" # Ed25519 public key, PEM
+//! jwt_keys_dir = "/etc/logvault/jwt-keys"   # every *.pub in it, reloaded on change
 //! issuer = "logvault"
 //! audience = "logvault"
+//! max_limit = 1000
+//! query_timeout_ms = 10000
+//! requests_per_second = 50                 # per token holder (iss, sub)
+//! max_concurrent_queries = 2               # default: the number of cores
+//! max_tails = 64
 //!
 //! [tenants]
 //! default = "default"

@@ -6,6 +6,8 @@
 //! server behind for long.
 #![allow(missing_docs, unreachable_pub)]
 
+pub mod generator;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;

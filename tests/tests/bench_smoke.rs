@@ -28,3 +28,34 @@ fn the_agent_benchmark_runs_beside_rsyslog_and_reports_every_figure() {
     }
     assert!(report["machine"].as_str().unwrap().contains("cores"), "{report}");
 }
+
+/// `logvault-bench search` builds an index of generated records and times
+/// every query kind; on 20,000 records in CI, on 10 million in the README.
+#[test]
+fn the_search_benchmark_builds_its_index_and_reports_every_figure() {
+    let dir = TempDir::new("bench-search");
+    let out = dir.path().join("search.json");
+    let status = std::process::Command::new(bin("logvault-bench"))
+        .args(["search", "--records", "20000", "--dir"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "logvault-bench failed: {status}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(report["records"], 20_000);
+    assert_eq!(report["histogram_total"], 20_000, "{report}");
+    for key in [
+        "search_term_p50_ms",
+        "search_term_p99_ms",
+        "histogram_day_ms",
+        "phrase_p50_ms",
+        "terms_top10_p50_ms",
+    ] {
+        let value = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {report}"));
+        assert!(value.is_finite() && value > 0.0, "{key} = {value}");
+    }
+    let totals = report["term_totals"].as_object().unwrap();
+    assert!(totals.values().all(|total| total.as_u64().unwrap() > 0), "{report}");
+}

@@ -30,9 +30,11 @@ use tokio::io::AsyncReadExt as _;
 
 const USAGE: &str = "usage: logvault-bench agent [--bytes N[K|M|G]] [--dir DIR] [--parser auto|none] \
 [--compression zstd|none] [--no-rsyslog] [--out FILE]
-       logvault-bench collector [--bytes N[K|M|G]] [--dir DIR] [--out FILE]";
+       logvault-bench collector [--bytes N[K|M|G]] [--dir DIR] [--out FILE]
+       logvault-bench search [--records N] [--dir DIR] [--out FILE]";
 
 mod collector_bench;
+mod search_bench;
 
 pub(crate) struct Options {
     pub(crate) bytes: u64,
@@ -46,9 +48,38 @@ pub(crate) struct Options {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = args.first().map(String::as_str);
-    if !matches!(command, Some("agent" | "collector")) {
+    if !matches!(command, Some("agent" | "collector" | "search")) {
         eprintln!("{USAGE}");
         std::process::exit(2);
+    }
+    if command == Some("search") {
+        let mut options = search_bench::SearchOptions {
+            records: 10_000_000,
+            dir: PathBuf::from("target/bench/search"),
+            out: None,
+        };
+        let mut rest = args[1..].iter();
+        while let Some(arg) = rest.next() {
+            let value = rest.next().cloned().unwrap_or_default();
+            match arg.as_str() {
+                "--records" => options.records = value.parse().unwrap_or(0),
+                "--dir" => options.dir = PathBuf::from(value),
+                "--out" => options.out = Some(PathBuf::from(value)),
+                other => {
+                    eprintln!("unknown argument {other:?}\n{USAGE}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        if options.records == 0 {
+            eprintln!("--records needs a positive number\n{USAGE}");
+            std::process::exit(2);
+        }
+        if let Err(message) = search_bench::run(&options) {
+            eprintln!("logvault-bench: {message}");
+            std::process::exit(1);
+        }
+        return;
     }
     let mut options = match parse_options(&args[1..]) {
         Ok(options) => options,
