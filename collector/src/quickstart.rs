@@ -200,6 +200,15 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         "  cargo run --release --bin logvault -- search --url {api_url} --ca {} --token \"$LOGVAULT_TOKEN\" PacketResponder",
         ca_file.display()
     );
+    println!(
+        "  cargo run --release --bin logvault -- search --url {api_url} --ca {} --token \"$LOGVAULT_TOKEN\" --follow '*'",
+        ca_file.display()
+    );
+    println!();
+    println!(
+        "The web page: open {api_url}/ (trust {} or accept the certificate) and paste the token.",
+        ca_file.display()
+    );
     println!();
     println!("The same details for scripts: {}", json_path.display());
     println!("Ctrl-C stops.");

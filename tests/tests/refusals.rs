@@ -255,7 +255,15 @@ fn bad_tokens_get_401_and_bad_queries_400_never_500() {
     logvault_collector::auth::ensure_key_pair(&other_key).unwrap();
     let wrong_key =
         logvault_collector::auth::mint(&other_key, &setup.claims(&["default"], Role::Reader, now)).unwrap();
-    expect(Some(&wrong_key), &q, 401, "unauthorized", "InvalidSignature");
+    expect(Some(&wrong_key), &q, 401, "unauthorized", "unknown key id");
+    // Another key's signature under the trusted key's id.
+    let good_kid = jsonwebtoken::decode_header(&setup.token(&["default"], Role::Reader)).unwrap().kid;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = good_kid;
+    let other = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(&other_key).unwrap()).unwrap();
+    let forged =
+        jsonwebtoken::encode(&header, &setup.claims(&["default"], Role::Reader, now), &other).unwrap();
+    expect(Some(&forged), &q, 401, "unauthorized", "InvalidSignature");
 
     let mut audience = setup.claims(&["default"], Role::Reader, now);
     audience.aud = "someone-else".into();
