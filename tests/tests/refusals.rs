@@ -257,7 +257,7 @@ fn bad_tokens_get_401_and_bad_queries_400_never_500() {
         logvault_collector::auth::mint(&other_key, &setup.claims(&["default"], Role::Reader, now)).unwrap();
     expect(Some(&wrong_key), &q, 401, "unauthorized", "unknown key id");
     // Another key's signature under the trusted key's id.
-    let good_kid = jsonwebtoken::decode_header(&setup.token(&["default"], Role::Reader)).unwrap().kid;
+    let good_kid = jsonwebtoken::decode_header(setup.token(&["default"], Role::Reader)).unwrap().kid;
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
     header.kid = good_kid;
     let other = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(&other_key).unwrap()).unwrap();
