@@ -87,7 +87,7 @@ pub fn key_id(raw_public_key: &[u8]) -> String {
 }
 
 /// The raw 32 bytes of an Ed25519 public key in SPKI PEM.
-fn raw_public_key(pem_text: &[u8]) -> Result<Vec<u8>, String> {
+pub fn raw_public_key(pem_text: &[u8]) -> Result<Vec<u8>, String> {
     let block = pem::parse(pem_text).map_err(|e| e.to_string())?;
     let der = block.contents();
     // SPKI for Ed25519: a fixed 12-byte prefix and the 32-byte key.

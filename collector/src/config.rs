@@ -88,6 +88,66 @@ pub struct CollectorConfig {
     /// The syslog-over-TLS listener (RFC 5425); off when absent.
     #[serde(default)]
     pub syslog: Option<SyslogConfig>,
+    /// Sealing and archiving; off when absent.
+    #[serde(default)]
+    pub archive: Option<ArchiveConfig>,
+}
+
+/// Sealed, encrypted segments in object storage, and signed checkpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// `file:///DIR`, a path, or `s3://BUCKET/PREFIX?endpoint=...&region=...`.
+    pub uri: String,
+    /// The key-encryption key new segments' data keys are wrapped under
+    /// (`logvault archive keygen`).
+    pub kek_file: PathBuf,
+    /// The Ed25519 key checkpoints are signed with (PKCS#8 PEM); created,
+    /// with its `.pub`, when missing.
+    pub checkpoint_key: PathBuf,
+    /// This collector's name in checkpoints and their keys. Default
+    /// "collector".
+    #[serde(default = "default_collector_id")]
+    pub collector_id: String,
+    /// A segment is sealed once this much WAL waits (per run; one segment
+    /// per tenant and host). Default 64 MiB.
+    #[serde(default = "default_archive_segment_bytes")]
+    pub segment_bytes: u64,
+    /// ... or once the oldest unsealed entry is this old, in ms. Default
+    /// 300000 (5 minutes).
+    #[serde(default = "default_seal_interval_ms")]
+    pub seal_interval_ms: u64,
+    /// A checkpoint is written this often, in ms, also when nothing
+    /// arrived. Default 60000.
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
+    /// zstd level of the segments. Default 3.
+    #[serde(default = "default_archive_zstd_level")]
+    pub zstd_level: i32,
+    /// When more WAL than this waits to be archived (the object store is
+    /// down), new batches are refused as busy, so agents keep their data.
+    /// Default 1 GiB.
+    #[serde(default = "default_max_pending_bytes")]
+    pub max_pending_bytes: u64,
+}
+
+fn default_collector_id() -> String {
+    "collector".into()
+}
+fn default_archive_segment_bytes() -> u64 {
+    64 << 20
+}
+fn default_seal_interval_ms() -> u64 {
+    300_000
+}
+fn default_checkpoint_interval_ms() -> u64 {
+    60_000
+}
+fn default_archive_zstd_level() -> i32 {
+    3
+}
+fn default_max_pending_bytes() -> u64 {
+    1 << 30
 }
 
 /// The mutual-TLS listener agents ship to.
@@ -362,6 +422,20 @@ impl CollectorConfig {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if self.api.jwt_public_key.is_none() && self.api.jwt_keys_dir.is_none() {
             return invalid("api.jwt_public_key", "give jwt_public_key, jwt_keys_dir or both");
+        }
+        if let Some(archive) = &self.archive {
+            if !logvault_storage::archive::valid_part(&archive.collector_id) {
+                return invalid("archive.collector_id", "use 1 to 128 of A-Z a-z 0-9 . -");
+            }
+            if archive.segment_bytes < 4096 || archive.segment_bytes > 1 << 30 {
+                return invalid("archive.segment_bytes", "must be between 4096 and 1 GiB");
+            }
+            if archive.checkpoint_interval_ms == 0 || archive.seal_interval_ms == 0 {
+                return invalid("archive.checkpoint_interval_ms", "intervals must be at least 1 ms");
+            }
+            if !(1..=19).contains(&archive.zstd_level) {
+                return invalid("archive.zstd_level", "must be 1 to 19");
+            }
         }
         if self.api.max_concurrent_queries == 0 {
             return invalid("api.max_concurrent_queries", "must be at least 1");

@@ -294,6 +294,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
             received_ns: crate::time::now_ns(),
             header,
             batch: bytes,
+            signer: identity.signing_key.to_vec(),
         };
         match ingest.wal.append(request).await {
             Ok(appended) => {

@@ -30,6 +30,8 @@ pub mod ingest;
 pub mod limits;
 pub mod metrics;
 pub mod reload;
+pub mod restore;
+pub mod seal;
 pub mod search;
 pub mod server;
 pub mod syslog;

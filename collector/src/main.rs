@@ -45,6 +45,84 @@ enum Command {
     },
     /// Search records through the query API.
     Search(SearchArgs),
+    /// Prove an archive whole: checkpoint signatures and chain, every
+    /// segment's hash and inclusion, objects no checkpoint names; with
+    /// --key-file also every batch's agent signature, hash chain and
+    /// sequence. Exit 0 only when everything verifies.
+    Audit(AuditArgs),
+    /// Archive keys and replay.
+    #[command(subcommand)]
+    Archive(ArchiveCommand),
+}
+
+#[derive(Debug, Args)]
+struct AuditArgs {
+    /// The archive: file:///DIR, a path, or s3://BUCKET/PREFIX?endpoint=...
+    #[arg(long)]
+    archive: String,
+    /// The collectors' checkpoint public key (the `.pub` beside
+    /// `archive.checkpoint_key`).
+    #[arg(long)]
+    checkpoint_key: PathBuf,
+    /// Key-encryption keys: decrypt and check every batch too. Repeat for
+    /// several.
+    #[arg(long)]
+    key_file: Vec<PathBuf>,
+    /// Only segments with records from this time (RFC 3339 or -7d).
+    #[arg(long)]
+    from: Option<String>,
+    /// Only segments with records before this time.
+    #[arg(long)]
+    to: Option<String>,
+    /// Print the findings and the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ArchiveCommand {
+    /// Create a key-encryption key file (0600).
+    Keygen {
+        /// The key's id, written into every segment it wraps.
+        #[arg(long)]
+        id: String,
+        /// Where to write it; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Wrap every segment's data key under a new key-encryption key. The
+    /// data and the segments' hashes do not change, so audits stay clean;
+    /// afterwards the old key can be retired.
+    RotateKey {
+        /// The archive.
+        #[arg(long)]
+        archive: String,
+        /// The keys the segments are wrapped under now; repeat for several.
+        #[arg(long, required = true)]
+        key_file: Vec<PathBuf>,
+        /// The new key.
+        #[arg(long)]
+        new_key: PathBuf,
+    },
+    /// Replay archived segments into a fresh WAL and index under DIR, which
+    /// `logvault serve` (data_dir = DIR) then serves.
+    Restore {
+        /// The archive.
+        #[arg(long)]
+        archive: String,
+        /// Key-encryption keys; repeat for several.
+        #[arg(long, required = true)]
+        key_file: Vec<PathBuf>,
+        /// Only segments with records from this time.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only segments with records before this time.
+        #[arg(long)]
+        to: Option<String>,
+        /// The new data directory.
+        #[arg(long)]
+        into: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,6 +330,35 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Token(args) => println!("{}", mint_token(args)?),
         Command::Keygen { out } => println!("{}", auth::ensure_key_pair(&out)?.display()),
         Command::Search(args) => return runtime()?.block_on(search(args)),
+        Command::Audit(args) => return runtime()?.block_on(audit(args)),
+        Command::Archive(ArchiveCommand::Keygen { id, out }) => {
+            logvault_storage::keyring::Kek::generate(&id)?.write(&out)?;
+            println!("{}", out.display());
+        }
+        Command::Archive(ArchiveCommand::RotateKey { archive, key_file, new_key }) => {
+            return runtime()?.block_on(rotate_key(&archive, &key_file, &new_key));
+        }
+        Command::Archive(ArchiveCommand::Restore { archive, key_file, from, to, into }) => {
+            let now = logvault_collector::time::now_ns();
+            let time = |t: &Option<String>| {
+                t.as_deref()
+                    .map(|t| logvault_collector::time::parse_time(t, now))
+                    .transpose()
+                    .map_err(anyhow::Error::msg)
+            };
+            let (from, to) = (time(&from)?, time(&to)?);
+            let keyring = logvault_storage::keyring::Keyring::load(&key_file)?;
+            let archive = logvault_storage::archive::Archive::open(&archive)?;
+            let restored = runtime()?
+                .block_on(logvault_collector::restore::restore(&archive, &keyring, from, to, &into))?;
+            println!(
+                "restored {} segments, {} batches, {} records into {}",
+                restored.segments,
+                restored.batches,
+                restored.records,
+                into.display()
+            );
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -291,6 +398,108 @@ fn mint_token(args: TokenArgs) -> anyhow::Result<String> {
         role: args.role,
     };
     Ok(auth::mint(&args.key, &claims)?)
+}
+
+async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
+    use logvault_storage::audit::{AuditOptions, audit};
+    let now = logvault_collector::time::now_ns();
+    let time = |t: &Option<String>| {
+        t.as_deref()
+            .map(|t| logvault_collector::time::parse_time(t, now))
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    };
+    let public_key = logvault_collector::seal::read_public_key(&args.checkpoint_key)?;
+    let keyring = if args.key_file.is_empty() {
+        None
+    } else {
+        Some(logvault_storage::keyring::Keyring::load(&args.key_file)?)
+    };
+    let options = AuditOptions { keyring, from_ns: time(&args.from)?, to_ns: time(&args.to)? };
+    let archive = logvault_storage::archive::Archive::open(&args.archive)?;
+    let started = std::time::Instant::now();
+    let mut last_shown = std::time::Instant::now();
+    let report = audit(&archive, &public_key, &options, |done, total| {
+        if last_shown.elapsed() >= std::time::Duration::from_secs(2) {
+            eprintln!("audit: {done} of {total} segments checked");
+            last_shown = std::time::Instant::now();
+        }
+    })
+    .await?;
+    let summary = &report.summary;
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        let findings: Vec<serde_json::Value> = report
+            .findings
+            .iter()
+            .map(|f| serde_json::json!({ "kind": f.kind.as_str(), "object": f.object, "detail": f.detail }))
+            .collect();
+        let body = serde_json::json!({
+            "ok": report.findings.is_empty(),
+            "findings": findings,
+            "checkpoints": summary.checkpoints,
+            "segments": summary.segments,
+            "bytes": summary.bytes,
+            "batches": summary.batches,
+            "records": summary.records,
+            "pending": summary.pending,
+            "seconds": seconds,
+        });
+        println!("{body}");
+    } else {
+        for finding in &report.findings {
+            println!(
+                "{} {} {}",
+                finding.kind.as_str(),
+                escape_control(&finding.object),
+                escape_control(&finding.detail)
+            );
+        }
+        println!(
+            "audit: {} checkpoints, {} segments ({:.1} MB), {} batches, {} records verified, {} pending; {} findings in {seconds:.1} s",
+            summary.checkpoints,
+            summary.segments,
+            summary.bytes as f64 / 1e6,
+            summary.batches,
+            summary.records,
+            summary.pending,
+            report.findings.len()
+        );
+    }
+    Ok(if report.findings.is_empty() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
+async fn rotate_key(
+    uri: &str,
+    key_files: &[PathBuf],
+    new_key: &std::path::Path,
+) -> anyhow::Result<std::process::ExitCode> {
+    use logvault_storage::segment::SegmentView;
+    let mut keyring = logvault_storage::keyring::Keyring::load(key_files)?;
+    let new = logvault_storage::keyring::Kek::load(new_key)?;
+    keyring.insert(new.clone());
+    let archive = logvault_storage::archive::Archive::open(uri)?;
+    let (mut rewrapped, mut already) = (0u64, 0u64);
+    for (key, _) in archive.list("").await? {
+        if key.starts_with(logvault_storage::archive::CHECKPOINT_PREFIX) {
+            continue;
+        }
+        let bytes = archive.get(&key).await?;
+        let view = SegmentView::parse(&bytes).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        if view.kek_id == new.id() {
+            already += 1;
+            continue;
+        }
+        let updated = view.rewrap(&keyring, &new).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        archive.put_verified(&key, &updated).await?;
+        rewrapped += 1;
+    }
+    println!("rewrapped {rewrapped} segments under {}; {already} already were", new.id());
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Escapes control characters so a log line can never move the cursor,

@@ -69,6 +69,20 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
     let crl = pki.write_crl()?;
     let jwt_key = data.join("jwt.key");
     let jwt_public = auth::ensure_key_pair(&jwt_key)?;
+    // The archive: a key-encryption key and a checkpoint signing key,
+    // kept across runs like the rest.
+    let keys = data.join("keys");
+    std::fs::create_dir_all(&keys)?;
+    let kek_file = keys.join("archive.kek");
+    if !kek_file.exists() {
+        logvault_storage::keyring::Kek::generate("quickstart-1")?.write(&kek_file)?;
+    }
+    let checkpoint_key = keys.join("checkpoint.key");
+    logvault_collector::seal::load_or_create_archive_key(&checkpoint_key)?;
+    let checkpoint_public = checkpoint_key.with_extension("pub");
+    let archive_dir = data.join("archive");
+    std::fs::create_dir_all(&archive_dir)?;
+    let archive_uri = format!("file://{}", archive_dir.display());
 
     let logs = if options.logs.is_empty() {
         let samples = data.join("samples");
@@ -121,6 +135,17 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         tenants: TenantConfig::default(),
         wal: WalConfig::default(),
         index: IndexConfig::default(),
+        archive: Some(logvault_collector::config::ArchiveConfig {
+            uri: archive_uri.clone(),
+            kek_file: kek_file.clone(),
+            checkpoint_key: checkpoint_key.clone(),
+            collector_id: "quickstart".into(),
+            segment_bytes: 64 << 20,
+            seal_interval_ms: 10_000,
+            checkpoint_interval_ms: 30_000,
+            zstd_level: 3,
+            max_pending_bytes: 1 << 30,
+        }),
         syslog: Some(SyslogConfig {
             listen: options.syslog_listen.clone(),
             max_message_bytes: 64 * 1024,
@@ -173,6 +198,9 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         "syslog_addr": running.syslog_addr.map(|a| a.to_string()),
         "certs_dir": certs_dir,
         "jwt_key": jwt_key,
+        "archive_uri": archive_uri,
+        "checkpoint_key": checkpoint_public,
+        "kek_file": kek_file,
         "agent": agent,
         "logs": logs,
     });

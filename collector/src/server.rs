@@ -36,6 +36,9 @@ pub enum ServerError {
     /// The index could not be opened or written.
     #[error(transparent)]
     Index(#[from] crate::index::IndexError),
+    /// The archive could not be set up.
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
     /// A key file could not be read or created.
     #[error("key {path}: {source}")]
     Key {
@@ -170,6 +173,23 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         unverified: ingest.wal.unverified_counter(),
     };
     tokio::spawn(verifier.clone().watch(cancel.clone()));
+    // The sealer stops after the WAL has taken its last batch, so its last
+    // run archives everything acked.
+    let seal_cancel = CancellationToken::new();
+    let seal_progress = Arc::new(crate::seal::SealProgress::default());
+    let sealer = match &config.archive {
+        Some(archive) => {
+            let sealer = crate::seal::Sealer::new(
+                archive,
+                &config.data_dir,
+                ingest.wal.durable_counter(),
+                ingest.wal.busy_state(),
+                seal_progress.clone(),
+            )?;
+            Some(tokio::spawn(sealer.run(seal_cancel.clone())))
+        }
+        None => None,
+    };
     let state = Arc::new(ApiState {
         index,
         verifier,
@@ -211,6 +231,10 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         // what it was handed, fsyncs and exits.
         drop(ingest);
         let _ = tokio::task::spawn_blocking(move || wal_thread.join()).await;
+        seal_cancel.cancel();
+        if let Some(sealer) = sealer {
+            let _ = sealer.await;
+        }
         let indexed = tokio::task::spawn_blocking(move || indexer.join()).await;
         match indexed {
             Ok(Ok(result)) => result?,

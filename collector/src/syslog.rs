@@ -275,6 +275,7 @@ impl Stream<'_> {
             received_ns: crate::time::now_ns(),
             header,
             batch: bytes,
+            signer: ring::signature::KeyPair::public_key(self.key).as_ref().to_vec(),
         };
         // Busy: wait, not reading, so the sender's TCP window fills and
         // it queues on its side.

@@ -8,14 +8,17 @@
 //! stored once, whichever connection it arrives on.
 //!
 //! Files are `wal/<base-position>.wal`, rolled at `segment_bytes`. Entry
-//! layout (version 1, big-endian):
+//! layout (version 2, big-endian):
 //!
 //! ```text
 //! len u32 | crc32 u32 (of payload) | payload:
-//!   version u8 = 1 | received_ns i64 | tenant u16+UTF-8 | host u16+UTF-8
+//!   version u8 = 2 | received_ns i64 | tenant u16+UTF-8 | host u16+UTF-8
 //!   | skip u32 (leading records already stored by an earlier batch)
+//!   | signer u8+bytes (the Ed25519 public key the batch verified under)
 //!   | the agent's signed batch, byte for byte
 //! ```
+//!
+//! Version 1 entries (no signer) are still read, with an empty signer.
 //!
 //! On open the last segment's torn tail (a crash mid-write) is cut off at
 //! the last whole entry; everything before it was fsynced.
@@ -33,7 +36,7 @@ use logvault_storage::batch::{BatchHeader, encoded_batch_hash, peek_header};
 use logvault_storage::frame::BatchRef;
 use tokio::sync::{mpsc, oneshot};
 
-const ENTRY_VERSION: u8 = 1;
+const ENTRY_VERSION: u8 = 2;
 /// Largest entry accepted when reading back, a guard against a corrupt length.
 const MAX_ENTRY: u32 = 64 * 1024 * 1024;
 /// Largest batch the WAL takes: an entry's tenant, host and header fit in
@@ -264,6 +267,10 @@ pub struct AppendRequest {
     pub batch: Vec<u8>,
     /// Its decoded header.
     pub header: BatchHeader,
+    /// The Ed25519 public key the batch's signature verified under (the
+    /// agent certificate's, or the collector's syslog key), kept so the
+    /// archive can prove the signature later.
+    pub signer: Vec<u8>,
 }
 
 /// What became of an append.
@@ -321,13 +328,24 @@ pub struct WalBusy {
     /// Set by the disk monitor while the WAL's file system is past its
     /// high watermark.
     disk: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the sealer while more than `archive.max_pending_bytes` of
+    /// the WAL waits to be archived (the object store is down or slow).
+    archive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WalBusy {
     /// True while new batches should be refused as busy: the WAL is at
-    /// its cap, or its disk past the high watermark.
+    /// its cap, its disk past the high watermark, or the archive too far
+    /// behind.
     pub fn is_busy(&self) -> bool {
-        self.full.load(Ordering::Acquire) || self.disk.load(Ordering::Acquire)
+        self.full.load(Ordering::Acquire)
+            || self.disk.load(Ordering::Acquire)
+            || self.archive.load(Ordering::Acquire)
+    }
+
+    /// Says whether the archive is too far behind; returns the old value.
+    pub fn set_archive_behind(&self, behind: bool) -> bool {
+        self.archive.swap(behind, Ordering::AcqRel)
     }
 }
 
@@ -346,6 +364,8 @@ pub struct Entry {
     pub host: String,
     /// Leading records to skip (already stored by an earlier entry).
     pub skip: u32,
+    /// The public key the batch verified under (empty in version 1 entries).
+    pub signer: Vec<u8>,
     /// The signed batch.
     pub batch: Vec<u8>,
 }
@@ -706,6 +726,9 @@ fn encode_entry(out: &mut Vec<u8>, request: &AppendRequest, skip: u32) {
         out.extend_from_slice(text.as_bytes());
     }
     out.extend_from_slice(&skip.to_be_bytes());
+    let signer = &request.signer[..request.signer.len().min(255)];
+    out.push(signer.len() as u8);
+    out.extend_from_slice(signer);
     out.extend_from_slice(&request.batch);
     let payload = &out[start + 8..];
     let len = payload.len() as u32;
@@ -714,12 +737,22 @@ fn encode_entry(out: &mut Vec<u8>, request: &AppendRequest, skip: u32) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
 }
 
-fn decode_payload(payload: &[u8]) -> Option<(i64, String, String, u32, Vec<u8>)> {
+/// What an entry's payload holds.
+struct Payload {
+    received_ns: i64,
+    tenant: String,
+    host: String,
+    skip: u32,
+    signer: Vec<u8>,
+    batch: Vec<u8>,
+}
+
+fn decode_payload(payload: &[u8]) -> Option<Payload> {
     let (&version, rest) = payload.split_first()?;
-    if version != ENTRY_VERSION {
+    if version != 1 && version != ENTRY_VERSION {
         return None;
     }
-    let received = i64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let received_ns = i64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
     let mut rest = &rest[8..];
     let mut text = || -> Option<String> {
         let len = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
@@ -730,7 +763,16 @@ fn decode_payload(payload: &[u8]) -> Option<(i64, String, String, u32, Vec<u8>)>
     let tenant = text()?;
     let host = text()?;
     let skip = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-    Some((received, tenant, host, skip, rest[4..].to_vec()))
+    rest = &rest[4..];
+    let signer = if version >= 2 {
+        let len = *rest.first()? as usize;
+        let signer = rest.get(1..1 + len)?.to_vec();
+        rest = &rest[1 + len..];
+        signer
+    } else {
+        Vec::new()
+    };
+    Some(Payload { received_ns, tenant, host, skip, signer, batch: rest.to_vec() })
 }
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -780,12 +822,13 @@ fn scan_segment(path: &Path, base: u64, is_last: bool, mut each: impl FnMut(Entr
         if crc32fast::hash(&payload) != crc {
             return torn(path, offset, is_last, "checksum mismatch");
         }
-        let Some((received_ns, tenant, host, skip, batch)) = decode_payload(&payload) else {
+        let Some(Payload { received_ns, tenant, host, skip, signer, batch }) = decode_payload(&payload)
+        else {
             return torn(path, offset, is_last, "undecodable entry");
         };
         let position = base + offset;
         offset += 8 + u64::from(len);
-        each(Entry { position, next: base + offset, received_ns, tenant, host, skip, batch });
+        each(Entry { position, next: base + offset, received_ns, tenant, host, skip, signer, batch });
     }
 }
 
@@ -836,12 +879,12 @@ pub fn read_range(dir: &Path, from: u64, until: u64, max_bytes: u64) -> Result<V
             if crc32fast::hash(&payload) != crc {
                 return Err(corrupt("checksum mismatch"));
             }
-            let (received_ns, tenant, host, skip, batch) =
+            let Payload { received_ns, tenant, host, skip, signer, batch } =
                 decode_payload(&payload).ok_or_else(|| corrupt("undecodable entry"))?;
             let position = base + offset;
             offset += 8 + u64::from(len);
             taken += 8 + u64::from(len);
-            out.push(Entry { position, next: base + offset, received_ns, tenant, host, skip, batch });
+            out.push(Entry { position, next: base + offset, received_ns, tenant, host, skip, signer, batch });
         }
         if taken >= max_bytes {
             break;
@@ -869,7 +912,14 @@ mod tests {
     /// A batch of `count` records from `first_seq`, chained to `prev`.
     fn request(first_seq: u64, count: u32, prev: [u8; 32]) -> AppendRequest {
         let (batch, header) = batch(first_seq, count, prev);
-        AppendRequest { tenant: "t".into(), host: "h".into(), received_ns: 1, batch, header }
+        AppendRequest {
+            tenant: "t".into(),
+            host: "h".into(),
+            received_ns: 1,
+            batch,
+            header,
+            signer: vec![9; 32],
+        }
     }
 
     fn hash_of(request: &AppendRequest) -> [u8; 32] {

@@ -7,6 +7,12 @@
 //! - [`frame`]: the length-delimited frames of the native protocol
 //!   ([`Frame`], [`FrameDecoder`]), whose size cap is checked before any
 //!   allocation.
+//! - [`segment`]: archive segments (zstd, then AES-256-GCM in chunks under
+//!   a data key wrapped by a [`keyring`] key-encryption key).
+//! - [`checkpoint`]: signed checkpoints over the archived segments, with
+//!   [`merkle`] roots (RFC 6962 hashing).
+//! - [`archive`]: segments and checkpoints in object storage (OpenDAL), and
+//!   [`audit`], which proves them whole.
 //!
 //! Every decoder here takes its limits up front and refuses input over them
 //! with an error naming the limit; none of them panics on any input (see the
@@ -29,10 +35,16 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod archive;
+pub mod audit;
 pub mod batch;
+pub mod checkpoint;
 pub mod frame;
 pub mod io;
+pub mod keyring;
+pub mod merkle;
 pub mod record;
+pub mod segment;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod wire;

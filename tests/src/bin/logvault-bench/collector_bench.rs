@@ -234,6 +234,7 @@ fn indexer_alone(path: &Path, senders: &[(String, RawAgent, Stream)]) -> Result<
                 tenant: "default".into(),
                 host: name.clone(),
                 skip: 0,
+                signer: Vec::new(),
                 batch: batch.clone(),
             };
             index.documents(&entry, &mut inflater, &mut next_id, &mut docs);
@@ -270,6 +271,7 @@ fn bare_wal(dir: &Path, streams: &[(String, Stream)]) -> Result<Duration, String
                         received_ns: 0,
                         header,
                         batch,
+                        signer: Vec::new(),
                     };
                     wal.append(request).await.map_err(|e| e.to_string())?;
                 }

@@ -160,6 +160,7 @@ fn build_index(dir: &Path, records: u64) -> Result<Duration, String> {
             tenant: "default".into(),
             host,
             skip: 0,
+            signer: Vec::new(),
             batch: builder.sign(&key),
         };
         index.documents(&entry, &mut inflater, &mut next_id, &mut docs);

@@ -1,0 +1,266 @@
+//! The archive: segments and checkpoints in object storage, through
+//! OpenDAL.
+//!
+//! Object keys are built here only, from validated parts:
+//! `TENANT/YYYY/MM/DD/HOST/SEGMENT-ID` for segments and
+//! `_checkpoints/COLLECTOR/SEQ` for checkpoints (`_` cannot start a tenant
+//! name, so the two never meet). Archive URIs are `file:///dir` (or a
+//! plain path) and `s3://bucket/prefix`, with `endpoint`, `region` and
+//! `path_style` as query parameters and credentials from the usual
+//! `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` environment.
+
+use std::time::Duration;
+
+use opendal::layers::RetryLayer;
+use opendal::{ErrorKind, Operator};
+
+/// Where checkpoints live.
+pub const CHECKPOINT_PREFIX: &str = "_checkpoints/";
+/// The largest object a reader fetches.
+pub const MAX_OBJECT: u64 = 1 << 30;
+
+/// Why the archive failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArchiveError {
+    /// The URI is not one this build understands.
+    #[error("bad archive uri {uri:?}: {message}")]
+    BadUri {
+        /// The URI.
+        uri: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A part of an object key is not allowed.
+    #[error("bad {what} {value:?} for an object key")]
+    BadKeyPart {
+        /// Which part.
+        what: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// The object store failed (after retries).
+    #[error("{key}: {source}")]
+    Store {
+        /// The object.
+        key: String,
+        /// The error.
+        source: opendal::Error,
+    },
+    /// An object is over [`MAX_OBJECT`].
+    #[error("{key} is {size} bytes, over the cap of {MAX_OBJECT}")]
+    TooLarge {
+        /// The object.
+        key: String,
+        /// Its size.
+        size: u64,
+    },
+    /// What was read back after an upload is not what was written.
+    #[error("{key}: the uploaded object does not read back the same")]
+    NotVerified {
+        /// The object.
+        key: String,
+    },
+}
+
+/// Whether `part` may be one component of an object key: 1 to 128 of
+/// `[A-Za-z0-9.-]`, not starting with a dot.
+pub fn valid_part(part: &str) -> bool {
+    (1..=128).contains(&part.len())
+        && !part.starts_with('.')
+        && part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+}
+
+fn part<'a>(what: &'static str, value: &'a str) -> Result<&'a str, ArchiveError> {
+    if valid_part(value) {
+        Ok(value)
+    } else {
+        Err(ArchiveError::BadKeyPart { what, value: value.to_owned() })
+    }
+}
+
+/// The object key of a segment: `TENANT/YYYY/MM/DD/HOST/SEGMENT-ID`, the
+/// date being the segment's first record's (UTC).
+pub fn segment_key(
+    tenant: &str,
+    host: &str,
+    first_ns: i64,
+    segment_id: &str,
+) -> Result<String, ArchiveError> {
+    let days = first_ns.div_euclid(86_400_000_000_000);
+    let (year, month, day) = civil_from_days(days);
+    Ok(format!(
+        "{}/{year:04}/{month:02}/{day:02}/{}/{}",
+        part("tenant", tenant)?,
+        part("host", host)?,
+        part("segment id", segment_id)?
+    ))
+}
+
+/// The object key of checkpoint `seq` of `collector`.
+pub fn checkpoint_key(collector: &str, seq: u64) -> Result<String, ArchiveError> {
+    Ok(format!("{CHECKPOINT_PREFIX}{}/{seq:020}", part("collector", collector)?))
+}
+
+/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's
+/// algorithm), so keys need no calendar crate.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// An archive: an OpenDAL operator with retries.
+#[derive(Debug, Clone)]
+pub struct Archive {
+    operator: Operator,
+    uri: String,
+}
+
+fn store_err(key: &str) -> impl FnOnce(opendal::Error) -> ArchiveError + '_ {
+    move |source| ArchiveError::Store { key: key.to_owned(), source }
+}
+
+impl Archive {
+    /// Opens the archive at `uri` (see the module page).
+    pub fn open(uri: &str) -> Result<Archive, ArchiveError> {
+        let bad = |message: &str| ArchiveError::BadUri { uri: uri.to_owned(), message: message.to_owned() };
+        let operator = if let Some(rest) = uri.strip_prefix("s3://") {
+            let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+            if bucket.is_empty() {
+                return Err(bad("no bucket"));
+            }
+            let mut builder = opendal::services::S3::default().bucket(bucket).root(&format!("/{prefix}"));
+            let mut region = "us-east-1".to_owned();
+            let mut virtual_host = false;
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                match name {
+                    "endpoint" => builder = builder.endpoint(value),
+                    "region" => region = value.to_owned(),
+                    "path_style" => virtual_host = value == "false",
+                    _ => return Err(bad(&format!("unknown parameter {name:?}"))),
+                }
+            }
+            builder = builder.region(&region).disable_ec2_metadata();
+            if virtual_host {
+                builder = builder.enable_virtual_host_style();
+            }
+            Operator::new(builder).map_err(|e| bad(&e.to_string()))?.finish()
+        } else {
+            let path = uri.strip_prefix("file://").unwrap_or(uri);
+            if path.is_empty() || path.contains("://") {
+                return Err(bad("expected file:///DIR, a path, or s3://BUCKET/PREFIX"));
+            }
+            std::fs::create_dir_all(path).map_err(|e| bad(&e.to_string()))?;
+            let root = std::fs::canonicalize(path).map_err(|e| bad(&e.to_string()))?;
+            let builder = opendal::services::Fs::default().root(&root.to_string_lossy());
+            Operator::new(builder).map_err(|e| bad(&e.to_string()))?.finish()
+        };
+        let operator = operator.layer(
+            RetryLayer::new().with_max_times(5).with_min_delay(Duration::from_millis(100)).with_jitter(),
+        );
+        Ok(Archive { operator, uri: uri.to_owned() })
+    }
+
+    /// The URI it was opened with.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Writes `bytes` to `key`, then reads the object back and compares
+    /// its SHA-256: only a verified upload returns Ok.
+    pub async fn put_verified(&self, key: &str, bytes: &[u8]) -> Result<(), ArchiveError> {
+        self.operator.write(key, bytes.to_vec()).await.map_err(store_err(key))?;
+        let back = self.get(key).await?;
+        let digest = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
+        if back.len() != bytes.len() || digest(&back).as_ref() != digest(bytes).as_ref() {
+            return Err(ArchiveError::NotVerified { key: key.to_owned() });
+        }
+        Ok(())
+    }
+
+    /// Reads `key` whole; None when it does not exist.
+    pub async fn get_opt(&self, key: &str) -> Result<Option<Vec<u8>>, ArchiveError> {
+        let size = match self.operator.stat(key).await {
+            Ok(meta) => meta.content_length(),
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(store_err(key)(err)),
+        };
+        if size > MAX_OBJECT {
+            return Err(ArchiveError::TooLarge { key: key.to_owned(), size });
+        }
+        match self.operator.read(key).await {
+            Ok(buffer) => Ok(Some(buffer.to_vec())),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(store_err(key)(err)),
+        }
+    }
+
+    /// Reads `key` whole.
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>, ArchiveError> {
+        self.get_opt(key).await?.ok_or_else(|| ArchiveError::Store {
+            key: key.to_owned(),
+            source: opendal::Error::new(ErrorKind::NotFound, "no such object"),
+        })
+    }
+
+    /// Every object under `prefix` (recursively), with its size, sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, ArchiveError> {
+        let entries = match self.operator.list_with(prefix).recursive(true).await {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(store_err(prefix)(err)),
+        };
+        let mut objects = Vec::with_capacity(entries.len());
+        for entry in entries {
+            if entry.metadata().is_dir() {
+                continue;
+            }
+            let mut size = entry.metadata().content_length();
+            if size == 0 {
+                // Some listings leave the size out.
+                size =
+                    self.operator.stat(entry.path()).await.map_err(store_err(entry.path()))?.content_length();
+            }
+            objects.push((entry.path().to_owned(), size));
+        }
+        objects.sort();
+        Ok(objects)
+    }
+
+    /// Deletes `key` (absent is fine).
+    pub async fn delete(&self, key: &str) -> Result<(), ArchiveError> {
+        self.operator.delete(key).await.map_err(store_err(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_built_from_checked_parts_only() {
+        let ns = 1_795_478_400_000_000_000; // 2026-11-24T00:00:00Z
+        assert_eq!(segment_key("acme", "web-1", ns, "0001").unwrap(), "acme/2026/11/24/web-1/0001");
+        assert_eq!(segment_key("acme", "web-1", 0, "x").unwrap(), "acme/1970/01/01/web-1/x");
+        assert_eq!(segment_key("a", "h", -1, "x").unwrap(), "a/1969/12/31/h/x");
+        for (tenant, host) in
+            [("..", "h"), ("a/b", "h"), ("a", "../h"), ("", "h"), ("a", "h h"), ("_checkpoints", "h")]
+        {
+            assert!(segment_key(tenant, host, 0, "x").is_err(), "{tenant} {host}");
+        }
+        assert_eq!(checkpoint_key("c1", 7).unwrap(), "_checkpoints/c1/00000000000000000007");
+        assert!(checkpoint_key("c/1", 7).is_err());
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(-719_468), (0, 3, 1));
+    }
+}
