@@ -133,6 +133,18 @@ impl Process {
     }
 
     fn spawn_with_stdin(name: &str, binary: &Path, args: &[&str], log: PathBuf, stdin: Stdio) -> Process {
+        Process::spawn_with_env(name, binary, args, log, stdin, &[])
+    }
+
+    /// Starts `binary` with `args` and extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        binary: &Path,
+        args: &[&str],
+        log: PathBuf,
+        stdin: Stdio,
+        env: &[(String, String)],
+    ) -> Process {
         let log_file = std::fs::File::create(&log).unwrap();
         let wrapper = Command::new("timeout")
             .arg("--signal=KILL")
@@ -141,6 +153,7 @@ impl Process {
             .args(args)
             .env("RUST_LOG", "info,tantivy=warn")
             .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(log_file)
@@ -286,6 +299,8 @@ pub struct CollectorOptions {
     pub commit_interval_ms: Option<u64>,
     /// TOML appended inside `[api]`.
     pub api_toml: String,
+    /// Extra environment variables for the collector process.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Collector {
@@ -349,11 +364,13 @@ commit_interval_ms = {commit}
         std::fs::write(&config, toml).unwrap();
         let n = std::fs::read_dir(setup.path()).unwrap().count();
         let log = setup.path().join(format!("collector-{n}.log"));
-        let mut process = Process::spawn(
+        let mut process = Process::spawn_with_env(
             "collector",
             &bin("logvault"),
             &["serve", "--config", config.to_str().unwrap()],
             log,
+            Stdio::null(),
+            &options.env,
         );
         let line = process.first_stdout_line();
         // "ingest 127.0.0.1:P api https://127.0.0.1:Q [syslog 127.0.0.1:R]"
@@ -910,5 +927,64 @@ impl LiveTail {
     /// The next hit, if one comes within `limit`.
     pub fn next_hit(&self, limit: Duration) -> Option<serde_json::Value> {
         self.hits.recv_timeout(limit).ok()
+    }
+}
+
+/// A real S3 server (s3s-fs) on a free loopback port, storing objects as
+/// files under `root/BUCKET/KEY`; stopped when dropped. In CI a missing
+/// `s3s-fs` fails the test (`tests/run` installs it).
+pub struct S3Server {
+    pub process: Process,
+    pub endpoint: String,
+    pub root: PathBuf,
+    /// The environment its clients need (credentials).
+    pub env: Vec<(String, String)>,
+}
+
+impl S3Server {
+    pub fn start(dir: &Path, bucket: &str) -> S3Server {
+        let binary = Command::new("sh").args(["-c", "command -v s3s-fs"]).output().unwrap();
+        let binary = String::from_utf8_lossy(&binary.stdout).trim().to_owned();
+        assert!(
+            !binary.is_empty(),
+            "s3s-fs is not installed: cargo install --locked s3s-fs@0.14.1 --features binary"
+        );
+        let root = dir.join("s3");
+        std::fs::create_dir_all(root.join(bucket)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (access, secret) = ("logvault-test", "logvault-test-secret");
+        let process = Process::spawn_named(
+            "s3s-fs",
+            Path::new(&binary),
+            &[
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                access,
+                "--secret-key",
+                secret,
+                root.to_str().unwrap(),
+            ],
+            dir.join("s3s-fs.log"),
+        );
+        wait_for(Duration::from_secs(20), "s3s-fs to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        S3Server {
+            process,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            root,
+            env: vec![
+                ("AWS_ACCESS_KEY_ID".into(), access.into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), secret.into()),
+            ],
+        }
+    }
+
+    /// The archive URI of `prefix` in `bucket`.
+    pub fn uri(&self, bucket: &str, prefix: &str) -> String {
+        format!("s3://{bucket}/{prefix}?endpoint={}&region=us-east-1", self.endpoint)
     }
 }

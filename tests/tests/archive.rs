@@ -20,9 +20,21 @@ struct Audit {
     report: serde_json::Value,
 }
 
-fn audit(archive: &Path, checkpoint_pub: &Path, keys: &[&Path]) -> Audit {
+/// Where the archive lives: its URI and the directory its objects are
+/// files in (for tampering), by prefix, and what its clients need.
+struct Backend {
+    uri: Box<dyn Fn(&str) -> String>,
+    dir: Box<dyn Fn(&str) -> PathBuf>,
+    env: Vec<(String, String)>,
+}
+
+fn audit(backend: &Backend, prefix: &str, checkpoint_pub: &Path, keys: &[&Path]) -> Audit {
     let mut command = Command::new(bin("logvault"));
-    command.args(["audit", "--json", "--archive"]).arg(archive).arg("--checkpoint-key").arg(checkpoint_pub);
+    command
+        .args(["audit", "--json", "--archive", &(backend.uri)(prefix)])
+        .arg("--checkpoint-key")
+        .arg(checkpoint_pub)
+        .envs(backend.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     for key in keys {
         command.arg("--key-file").arg(key);
     }
@@ -90,28 +102,64 @@ fn level_counts(collector: &Collector, token: &str) -> serde_json::Value {
 }
 
 #[test]
-fn the_archive_audits_clean_catches_every_tampering_and_restores_every_line() {
+fn on_the_file_system_the_archive_audits_clean_catches_every_tampering_and_restores_every_line() {
     let setup = Setup::new("archive");
-    let archive = setup.path().join("archive");
-    let kek = keygen(&setup, "k1");
+    let base = setup.path().to_owned();
+    let backend = Backend {
+        uri: Box::new({
+            let base = base.clone();
+            move |prefix| base.join(prefix).display().to_string()
+        }),
+        dir: Box::new(move |prefix| base.join(prefix)),
+        env: Vec::new(),
+    };
+    suite(&setup, &backend, &LOGHUB_SAMPLES);
+}
+
+/// The same suite against a real S3 server (s3s-fs) on loopback.
+#[test]
+fn on_s3_the_archive_audits_clean_catches_every_tampering_and_restores_every_line() {
+    let setup = Setup::new("archive-s3");
+    let s3 = S3Server::start(setup.path(), "logs");
+    let root = s3.root.join("logs");
+    let backend = Backend {
+        uri: Box::new({
+            let endpoint = s3.endpoint.clone();
+            move |prefix| format!("s3://logs/{prefix}?endpoint={endpoint}&region=us-east-1")
+        }),
+        dir: Box::new(move |prefix| root.join(prefix)),
+        env: s3.env.clone(),
+    };
+    suite(&setup, &backend, &["HDFS_2k.log", "OpenSSH_2k.log", "Apache_2k.log"]);
+    drop(s3);
+}
+
+fn suite(setup: &Setup, backend: &Backend, samples: &[&str]) {
+    let archive = (backend.dir)("archive");
+    let kek = keygen(setup, "k1");
     let checkpoint_key = setup.path().join("checkpoint.key");
     let checkpoint_pub = checkpoint_key.with_extension("pub");
     let archive_toml = format!(
         "\n[archive]\nuri = {:?}\nkek_file = {:?}\ncheckpoint_key = {:?}\ncollector_id = \"c1\"\nseal_interval_ms = 300\ncheckpoint_interval_ms = 700\nsegment_bytes = 1048576\n",
-        archive.display().to_string(),
+        (backend.uri)("archive"),
         kek.display().to_string(),
         checkpoint_key.display().to_string()
     );
     let collector = Collector::start(
-        &setup,
-        &CollectorOptions { extra_toml: archive_toml.clone(), ..Default::default() },
+        setup,
+        &CollectorOptions {
+            extra_toml: archive_toml.clone(),
+            env: backend.env.clone(),
+            ..Default::default()
+        },
     );
     let logs = setup.path().join("logs");
-    let files = copy_samples(&logs, &LOGHUB_SAMPLES);
-    let config = loghub_agent_config(&setup, "hub-1", collector.ingest, &files);
-    let agent = start_agent(&setup, "hub-1", &config);
+    let files = copy_samples(&logs, samples);
+    let lines = 2000 * samples.len() as u64;
+    let config = loghub_agent_config(setup, "hub-1", collector.ingest, &files);
+    let agent = start_agent(setup, "hub-1", &config);
     let token = setup.token(&["default"], Role::Reader);
-    collector.wait_total(&token, "*", 16_000, Duration::from_secs(90));
+    collector.wait_total(&token, "*", lines, Duration::from_secs(90));
     let before = level_counts(&collector, &token);
     agent.stop();
     // A graceful stop seals what waits and writes a last checkpoint.
@@ -120,12 +168,12 @@ fn the_archive_audits_clean_catches_every_tampering_and_restores_every_line() {
 
     // Clean, without and with the key: every batch's signature, chain and
     // sequence checked.
-    let clean = audit(&archive, &checkpoint_pub, &[]);
+    let clean = audit(backend, "archive", &checkpoint_pub, &[]);
     assert_eq!((clean.code, &clean.findings), (0, &vec![]), "{}", clean.report);
     assert!(clean.report["checkpoints"].as_u64().unwrap() >= 2, "{}", clean.report);
-    let deep = audit(&archive, &checkpoint_pub, &[&kek]);
+    let deep = audit(backend, "archive", &checkpoint_pub, &[&kek]);
     assert_eq!((deep.code, &deep.findings), (0, &vec![]), "{}", deep.report);
-    assert_eq!(deep.report["records"], 16_000, "{}", deep.report);
+    assert_eq!(deep.report["records"], lines, "{}", deep.report);
     assert_eq!(deep.report["pending"], 0);
 
     let all = objects(&archive);
@@ -237,10 +285,11 @@ fn the_archive_audits_clean_catches_every_tampering_and_restores_every_line() {
         ),
     ];
     for (n, (name, tamper, want)) in cases.iter().enumerate() {
-        let copy = setup.path().join(format!("tampered-{n}"));
+        let prefix = format!("tampered-{n}");
+        let copy = (backend.dir)(&prefix);
         copy_dir(&archive, &copy);
         tamper(&copy);
-        let found = audit(&copy, &checkpoint_pub, &[&kek]);
+        let found = audit(backend, &prefix, &checkpoint_pub, &[&kek]);
         assert_eq!(found.code, 1, "{name}: {}", found.report);
         for (kind, object) in want.iter().filter(|(_, object)| !object.is_empty()) {
             assert!(
@@ -259,10 +308,10 @@ fn the_archive_audits_clean_catches_every_tampering_and_restores_every_line() {
 
     // Rotate to a new key: the same hashes, so the audit stays clean, and
     // the old key is no longer needed.
-    let new_kek = keygen(&setup, "k2");
+    let new_kek = keygen(setup, "k2");
     let rotated = Command::new(bin("logvault"))
-        .args(["archive", "rotate-key", "--archive"])
-        .arg(&archive)
+        .args(["archive", "rotate-key", "--archive", &(backend.uri)("archive")])
+        .envs(backend.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .arg("--key-file")
         .arg(&kek)
         .arg("--new-key")
@@ -270,22 +319,22 @@ fn the_archive_audits_clean_catches_every_tampering_and_restores_every_line() {
         .output()
         .unwrap();
     assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
-    let after = audit(&archive, &checkpoint_pub, &[&new_kek]);
+    let after = audit(backend, "archive", &checkpoint_pub, &[&new_kek]);
     assert_eq!((after.code, &after.findings), (0, &vec![]), "{}", after.report);
-    assert_eq!(after.report["records"], 16_000);
+    assert_eq!(after.report["records"], lines);
     for key in &segments {
         let bytes = std::fs::read(archive.join(key)).unwrap();
         assert_eq!(SegmentView::parse(&bytes).unwrap().kek_id, "k2");
     }
-    let old_only = audit(&archive, &checkpoint_pub, &[&kek]);
+    let old_only = audit(backend, "archive", &checkpoint_pub, &[&kek]);
     assert_eq!(old_only.code, 1, "the old key no longer opens the segments");
 
     // Restore into a fresh data directory and serve it: every line is
     // searchable again, with the same counts.
     let restored_dir = setup.path().join("restored");
     let output = Command::new(bin("logvault"))
-        .args(["archive", "restore", "--archive"])
-        .arg(&archive)
+        .args(["archive", "restore", "--archive", &(backend.uri)("archive")])
+        .envs(backend.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .arg("--key-file")
         .arg(&new_kek)
         .arg("--into")
@@ -293,11 +342,8 @@ fn the_archive_audits_clean_catches_every_tampering_and_restores_every_line() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(
-        String::from_utf8_lossy(&output.stdout).contains("16000 records"),
-        "{}",
-        String::from_utf8_lossy(&output.stdout)
-    );
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains(&format!("{lines} records")), "{said}");
     let restored_setup_toml = std::fs::read_to_string(setup.path().join("collector.toml"))
         .unwrap()
         .replace(
@@ -317,7 +363,7 @@ fn the_archive_audits_clean_catches_every_tampering_and_restores_every_line() {
     let api = line.split_whitespace().nth(3).unwrap().trim_start_matches("https://").parse().unwrap();
     let restored =
         Collector { process: served, ingest: collector.ingest, api, syslog: None, ca: collector.ca.clone() };
-    restored.wait_total(&token, "*", 16_000, Duration::from_secs(30));
+    restored.wait_total(&token, "*", lines, Duration::from_secs(30));
     assert_eq!(level_counts(&restored, &token), before);
     restored.process.stop();
 }

@@ -31,8 +31,10 @@ use tokio::io::AsyncReadExt as _;
 const USAGE: &str = "usage: logvault-bench agent [--bytes N[K|M|G]] [--dir DIR] [--parser auto|none] \
 [--compression zstd|none] [--no-rsyslog] [--out FILE]
        logvault-bench collector [--bytes N[K|M|G]] [--dir DIR] [--out FILE]
-       logvault-bench search [--records N] [--dir DIR] [--out FILE]";
+       logvault-bench search [--records N] [--dir DIR] [--out FILE]
+       logvault-bench archive [--lines N] [--level L] [--dir DIR] [--out FILE]";
 
+mod archive_bench;
 mod collector_bench;
 mod search_bench;
 
@@ -48,9 +50,40 @@ pub(crate) struct Options {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = args.first().map(String::as_str);
-    if !matches!(command, Some("agent" | "collector" | "search")) {
+    if !matches!(command, Some("agent" | "collector" | "search" | "archive")) {
         eprintln!("{USAGE}");
         std::process::exit(2);
+    }
+    if command == Some("archive") {
+        let mut options = archive_bench::ArchiveOptions {
+            lines: 1_000_000,
+            level: 3,
+            dir: PathBuf::from("target/bench/archive"),
+            out: None,
+        };
+        let mut rest = args[1..].iter();
+        while let Some(arg) = rest.next() {
+            let value = rest.next().cloned().unwrap_or_default();
+            match arg.as_str() {
+                "--lines" => options.lines = value.parse().unwrap_or(0),
+                "--level" => options.level = value.parse().unwrap_or(0),
+                "--dir" => options.dir = PathBuf::from(value),
+                "--out" => options.out = Some(PathBuf::from(value)),
+                other => {
+                    eprintln!("unknown argument {other:?}\n{USAGE}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        if options.lines == 0 || !(1..=19).contains(&options.level) {
+            eprintln!("--lines needs a positive number and --level 1 to 19\n{USAGE}");
+            std::process::exit(2);
+        }
+        if let Err(message) = archive_bench::run(&options) {
+            eprintln!("logvault-bench: {message}");
+            std::process::exit(1);
+        }
+        return;
     }
     if command == Some("search") {
         let mut options = search_bench::SearchOptions {

@@ -1,0 +1,264 @@
+//! `logvault-bench archive`: the archive's compression, sealing and audit
+//! speed, beside bare zstd and bare AES-256-GCM on the same bytes.
+//!
+//! The input is the eight loghub samples repeated, made into the signed
+//! zstd batches an agent ships (2,000 records, the agent's default level)
+//! and the WAL entries a collector stores. Sealing (zstd, AES-256-GCM in
+//! chunks, hashing) runs on one thread; so do bare zstd at the same level
+//! and bare AES-256-GCM over the same entry bytes. The ratio is the raw
+//! text's size over the archive's (segments and checkpoint, metadata
+//! included). The audit checks the written archive with the key: every
+//! checkpoint, segment hash, batch signature and chain.
+
+use std::path::PathBuf;
+
+use logvault_storage::archive::{Archive, checkpoint_key, segment_key};
+use logvault_storage::audit::{AuditOptions, audit};
+use logvault_storage::batch::Deflater;
+use logvault_storage::checkpoint::{CheckpointBody, SegmentRecord, hex};
+use logvault_storage::keyring::{Kek, Keyring};
+use logvault_storage::segment::{self, SegmentEntry, SegmentHeader};
+use logvault_storage::{BatchBuilder, Level, WireRecord};
+
+pub(crate) struct ArchiveOptions {
+    pub(crate) lines: usize,
+    pub(crate) level: i32,
+    pub(crate) dir: PathBuf,
+    pub(crate) out: Option<PathBuf>,
+}
+
+const SEGMENT_RAW: usize = 64 << 20;
+
+/// The entries (as a segment's plaintext) of the samples' lines made into
+/// 2,000-record signed zstd batches, one chain per sample; and the text's
+/// size.
+fn entries(
+    samples: &[(&str, Vec<String>)],
+    key: &ring::signature::Ed25519KeyPair,
+    deflater: &mut Deflater,
+) -> Result<(u64, Vec<u8>), String> {
+    let (mut raw_bytes, mut plaintext) = (0u64, Vec::new());
+    for (sample, lines) in samples {
+        let source = format!("/var/log/{sample}");
+        let mut prev = [0u8; 32];
+        for (chunk_index, chunk) in lines.chunks(2000).enumerate() {
+            let mut builder = BatchBuilder::new("bench-1", &source, 1, (chunk_index * 2000) as u64, prev);
+            for (i, line) in chunk.iter().enumerate() {
+                raw_bytes += line.len() as u64 + 1;
+                builder.push(WireRecord::new(
+                    1_700_000_000_000_000_000 + i as i64,
+                    Level::Info,
+                    line.clone(),
+                ));
+            }
+            let batch = builder.sign_with(key, Some(deflater));
+            prev = logvault_storage::batch::encoded_batch_hash(&batch).map_err(|e| e.to_string())?;
+            segment::encode_entry(
+                &mut plaintext,
+                &SegmentEntry { received_ns: 0, skip: 0, signer: 0, batch },
+            );
+        }
+    }
+    Ok((raw_bytes, plaintext))
+}
+
+/// Splits a run of entries into pieces of about `size` bytes, at entry
+/// boundaries.
+fn split_entries(plaintext: &[u8], size: usize) -> Vec<Vec<u8>> {
+    let (mut pieces, mut start, mut at) = (Vec::new(), 0, 0);
+    while at + 4 <= plaintext.len() {
+        let len = u32::from_be_bytes(plaintext[at..at + 4].try_into().expect("4 bytes")) as usize;
+        at += 4 + len;
+        if at - start >= size {
+            pieces.push(plaintext[start..at].to_vec());
+            start = at;
+        }
+    }
+    if start < plaintext.len() {
+        pieces.push(plaintext[start..].to_vec());
+    }
+    pieces
+}
+
+/// Wall time of `work` on this thread (the machine otherwise idle).
+fn timed<T>(work: impl FnOnce() -> T) -> (T, f64) {
+    let started = std::time::Instant::now();
+    let out = work();
+    (out, started.elapsed().as_secs_f64())
+}
+
+pub(crate) fn run(options: &ArchiveOptions) -> Result<(), String> {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| e.to_string())?;
+    let agent_key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| e.to_string())?;
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| e.to_string())?;
+    let archive_key =
+        ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| e.to_string())?;
+    let signer: [u8; 32] =
+        ring::signature::KeyPair::public_key(&agent_key).as_ref().try_into().expect("32 bytes");
+
+    // The agent's batches and the collector's entries: first the eight
+    // samples as they are (for the ratio), then generated lines (for speed).
+    let mut deflater = Deflater::zstd(1).map_err(|e| e.to_string())?;
+    let samples: Vec<(&str, Vec<String>)> =
+        logvault_e2e::LOGHUB_SAMPLES.iter().map(|name| (*name, logvault_e2e::sample_lines(name))).collect();
+    let (sample_raw, sample_plaintext) = entries(&samples, &agent_key, &mut deflater)?;
+    let mut generator = logvault_e2e::generator::Generator::new(1);
+    let mut by_sample: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
+    for _ in 0..options.lines {
+        let line = generator.line();
+        by_sample.entry(line.sample).or_default().push(line.text);
+    }
+    let generated: Vec<(&str, Vec<String>)> = by_sample.into_iter().collect();
+    let lines_total = options.lines as u64;
+    let (raw_bytes, plaintext) = entries(&generated, &agent_key, &mut deflater)?;
+    let mut plaintexts = split_entries(&plaintext, SEGMENT_RAW);
+    plaintexts.retain(|p| !p.is_empty());
+    let entry_bytes: u64 = plaintexts.iter().map(|p| p.len() as u64).sum();
+
+    // Sealing, then the two limits on the same bytes.
+    let kek = Kek::generate("bench").map_err(|e| e.to_string())?;
+    let (sealed, seal_s) = timed(|| {
+        let mut sealed = Vec::new();
+        for (n, plaintext) in plaintexts.iter().enumerate() {
+            let header = SegmentHeader {
+                algorithm: segment::ALGORITHM_ZSTD_AES256GCM,
+                chunk_size: segment::DEFAULT_CHUNK,
+                segment_id: format!("bench-{n:020}"),
+                collector: "bench".into(),
+                tenant: "default".into(),
+                host: "bench-1".into(),
+                first_ns: 1_700_000_000_000_000_000,
+                last_ns: 1_700_000_000_000_000_000,
+                created_ns: 1_700_000_000_000_000_000,
+                batches: 0,
+                records: 0,
+                raw_len: 0,
+                signers: vec![signer],
+            };
+            sealed.push(segment::seal(header, plaintext, options.level, &kek));
+        }
+        sealed
+    });
+    let (zstd_out, zstd_s) = timed(|| {
+        plaintexts
+            .iter()
+            .map(|p| zstd::bulk::compress(p, options.level).map_or(0, |c| c.len()))
+            .sum::<usize>()
+    });
+    let aes = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[7u8; 32]).map_err(|e| e.to_string())?,
+    );
+    let mut buffers = plaintexts.clone();
+    let ((), aes_s) = timed(|| {
+        let mut counter = 0u64;
+        for buffer in &mut buffers {
+            for chunk in buffer.chunks_mut(1 << 20) {
+                let mut nonce = [0u8; 12];
+                nonce[4..].copy_from_slice(&counter.to_be_bytes());
+                counter += 1;
+                let _ = aes.seal_in_place_separate_tag(
+                    ring::aead::Nonce::assume_unique_for_key(nonce),
+                    ring::aead::Aad::empty(),
+                    chunk,
+                );
+            }
+        }
+    });
+
+    // The archive on disk, with a checkpoint, then the audit.
+    let _ = std::fs::remove_dir_all(&options.dir);
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let archive = Archive::open(&options.dir.display().to_string()).map_err(|e| e.to_string())?;
+    let mut records = Vec::new();
+    for (n, segment) in sealed.iter().enumerate() {
+        let key = segment_key("default", "bench-1", 1_700_000_000_000_000_000, &format!("bench-{n:020}"))
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(archive.put_verified(&key, &segment.bytes)).map_err(|e| e.to_string())?;
+        records.push(SegmentRecord {
+            key,
+            hash: hex(&segment.hash),
+            size: segment.bytes.len() as u64,
+            tenant: "default".into(),
+            host: "bench-1".into(),
+            first_ns: 1_700_000_000_000_000_000,
+            last_ns: 1_700_000_000_000_000_000,
+            records: 0,
+        });
+    }
+    let checkpoint = CheckpointBody {
+        collector: "bench".into(),
+        seq: 1,
+        prev: "0".repeat(64),
+        from_ns: 0,
+        to_ns: 1,
+        segments: records,
+        root: String::new(),
+        deleted: Vec::new(),
+    }
+    .sign(&archive_key);
+    let checkpoint_bytes = checkpoint.len() as u64;
+    runtime
+        .block_on(archive.put_verified(&checkpoint_key("bench", 1).map_err(|e| e.to_string())?, &checkpoint))
+        .map_err(|e| e.to_string())?;
+    let archive_bytes: u64 = sealed.iter().map(|s| s.bytes.len() as u64).sum::<u64>() + checkpoint_bytes;
+    let mut keyring = Keyring::default();
+    keyring.insert(kek);
+    let audit_options = AuditOptions { keyring: Some(keyring), from_ns: None, to_ns: None };
+    let public = ring::signature::KeyPair::public_key(&archive_key).as_ref().to_vec();
+    let (report, audit_s) = timed(|| runtime.block_on(audit(&archive, &public, &audit_options, |_, _| {})));
+    let report = report.map_err(|e| e.to_string())?;
+    if !report.findings.is_empty() {
+        return Err(format!("the audit found {:?}", report.findings.first()));
+    }
+
+    let sample_header = SegmentHeader {
+        algorithm: segment::ALGORITHM_ZSTD_AES256GCM,
+        chunk_size: segment::DEFAULT_CHUNK,
+        segment_id: "samples".into(),
+        collector: "bench".into(),
+        tenant: "default".into(),
+        host: "bench-1".into(),
+        first_ns: 0,
+        last_ns: 0,
+        created_ns: 0,
+        batches: 0,
+        records: 0,
+        raw_len: 0,
+        signers: vec![signer],
+    };
+    let sample_sealed = segment::seal(
+        sample_header,
+        &sample_plaintext,
+        options.level,
+        &Kek::generate("r").map_err(|e| e.to_string())?,
+    );
+    let mb = |bytes: u64| bytes as f64 / 1e6;
+    let seal_mb_s = mb(entry_bytes) / seal_s;
+    let zstd_mb_s = mb(entry_bytes) / zstd_s;
+    let aes_mb_s = mb(entry_bytes) / aes_s;
+    let report = serde_json::json!({
+        "machine": crate::machine(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        "input": format!("{lines_total} lines generated from the loghub templates (seed 1): {:.1} MB of text as {:.1} MB of signed zstd-1 batches (2,000 records each); the ratio on the eight samples themselves ({:.2} MB)", mb(raw_bytes), mb(entry_bytes), mb(sample_raw)),
+        "zstd_level": options.level,
+        "compression_ratio": crate::round(sample_raw as f64 / (sample_sealed.bytes.len() + checkpoint_bytes as usize) as f64),
+        "compression_ratio_generated": crate::round(raw_bytes as f64 / archive_bytes as f64),
+        "compression_ratio_of_batches": crate::round(entry_bytes as f64 / archive_bytes as f64),
+        "bare_zstd_ratio_of_batches": crate::round(entry_bytes as f64 / zstd_out as f64),
+        "archive_mb": crate::round(mb(archive_bytes)),
+        "seal_mb_s_per_core": crate::round(seal_mb_s),
+        "bare_zstd_mb_s_per_core": crate::round(zstd_mb_s),
+        "bare_aes_gcm_mb_s_per_core": crate::round(aes_mb_s),
+        "seal_vs_zstd": crate::round(seal_mb_s / zstd_mb_s),
+        "audit_mb_s": crate::round(mb(archive_bytes) / audit_s),
+        "audit_raw_mb_s": crate::round(mb(raw_bytes) / audit_s),
+        "audit_batches": report.summary.batches,
+    });
+    let text = serde_json::to_string_pretty(&report).expect("json");
+    println!("{text}");
+    if let Some(out) = &options.out {
+        std::fs::write(out, format!("{text}\n")).map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    Ok(())
+}
