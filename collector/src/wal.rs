@@ -896,6 +896,32 @@ pub fn read_range(dir: &Path, from: u64, until: u64, max_bytes: u64) -> Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_1_entries_are_still_read_with_an_empty_signer() {
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&7i64.to_be_bytes());
+        for text in ["acme", "web-1"] {
+            v1.extend_from_slice(&(text.len() as u16).to_be_bytes());
+            v1.extend_from_slice(text.as_bytes());
+        }
+        v1.extend_from_slice(&3u32.to_be_bytes());
+        v1.extend_from_slice(b"BATCH");
+        let payload = decode_payload(&v1).unwrap();
+        assert_eq!(
+            (payload.received_ns, payload.tenant.as_str(), payload.host.as_str()),
+            (7, "acme", "web-1")
+        );
+        assert_eq!((payload.skip, payload.signer.len(), payload.batch.as_slice()), (3, 0, &b"BATCH"[..]));
+        let mut v2 = request(0, 1, [0; 32]);
+        v2.signer = vec![5; 32];
+        let mut out = Vec::new();
+        encode_entry(&mut out, &v2, 0);
+        let payload = decode_payload(&out[8..]).unwrap();
+        assert_eq!(payload.signer, vec![5; 32]);
+        assert_eq!(payload.batch, v2.batch);
+        assert!(decode_payload(&[3u8; 40]).is_none(), "an unknown version");
+    }
     use logvault_storage::{BatchBuilder, Level, WireRecord};
 
     fn batch(first_seq: u64, count: u32, prev: [u8; 32]) -> (Vec<u8>, BatchHeader) {

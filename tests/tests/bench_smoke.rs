@@ -59,3 +59,32 @@ fn the_search_benchmark_builds_its_index_and_reports_every_figure() {
     let totals = report["term_totals"].as_object().unwrap();
     assert!(totals.values().all(|total| total.as_u64().unwrap() > 0), "{report}");
 }
+
+/// `logvault-bench archive` seals, measures its limits beside it and audits
+/// clean; on 20,000 lines in CI, on a million in the README.
+#[test]
+fn the_archive_benchmark_seals_audits_and_reports_every_figure() {
+    let dir = TempDir::new("bench-archive");
+    let out = dir.path().join("archive.json");
+    let status = std::process::Command::new(bin("logvault-bench"))
+        .args(["archive", "--lines", "20000", "--dir"])
+        .arg(dir.path().join("archive"))
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "logvault-bench failed: {status}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    for key in [
+        "compression_ratio",
+        "seal_mb_s_per_core",
+        "bare_zstd_mb_s_per_core",
+        "bare_aes_gcm_mb_s_per_core",
+        "seal_vs_zstd",
+        "audit_mb_s",
+    ] {
+        let value = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {report}"));
+        assert!(value.is_finite() && value > 0.0, "{key} = {value}");
+    }
+    assert!(report["audit_batches"].as_u64().unwrap() >= 10, "{report}");
+}

@@ -2,7 +2,7 @@
 //! with curl and with `logvault search`; run again, nothing shipped twice.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -56,10 +56,21 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
 
     let first = start(&data);
     let info = details(&data);
-    for key in ["api_url", "token", "ca_file", "ingest_addr", "syslog_addr", "certs_dir", "jwt_key"] {
+    for key in [
+        "api_url",
+        "token",
+        "ca_file",
+        "ingest_addr",
+        "syslog_addr",
+        "certs_dir",
+        "jwt_key",
+        "archive_uri",
+        "checkpoint_key",
+        "kek_file",
+    ] {
         assert!(info[key].is_string(), "quickstart.json lacks {key}: {info}");
     }
-    for key in ["ca_file", "certs_dir", "jwt_key"] {
+    for key in ["ca_file", "certs_dir", "jwt_key", "checkpoint_key", "kek_file"] {
         assert!(Path::new(info[key].as_str().unwrap()).is_absolute(), "{key} is not absolute");
     }
     wait_for(Duration::from_secs(30), "the samples to be searchable", || {
@@ -92,11 +103,28 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
         certs.join("collectors/collector.key"),
         data.join("jwt.key"),
         data.join("collector/keys/syslog-batch.key"),
+        PathBuf::from(info["kek_file"].as_str().unwrap()),
+        data.join("keys/checkpoint.key"),
     ] {
         assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600, "{}", key.display());
     }
     let ca_before = std::fs::read(info["ca_file"].as_str().unwrap()).unwrap();
     first.stop();
+
+    // Stopping sealed everything and signed a last checkpoint: the archive
+    // audits clean, every record's signature included.
+    let audit = |info: &serde_json::Value| {
+        Command::new(bin("logvault"))
+            .args(["audit", "--json", "--archive", info["archive_uri"].as_str().unwrap()])
+            .args(["--checkpoint-key", info["checkpoint_key"].as_str().unwrap()])
+            .args(["--key-file", info["kek_file"].as_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = audit(&info);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["records"], all, "{report}");
 
     // Second run on the same directory: same CA, same data, no line twice,
     // and it keeps tailing.
@@ -117,4 +145,8 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(curl_total(&info, "*"), all + 1, "nothing was shipped twice");
     second.stop();
+    let out = audit(&info);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["records"], all + 1, "the archive holds each line once: {report}");
 }
