@@ -339,14 +339,7 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             return runtime()?.block_on(rotate_key(&archive, &key_file, &new_key));
         }
         Command::Archive(ArchiveCommand::Restore { archive, key_file, from, to, into }) => {
-            let now = logvault_collector::time::now_ns();
-            let time = |t: &Option<String>| {
-                t.as_deref()
-                    .map(|t| logvault_collector::time::parse_time(t, now))
-                    .transpose()
-                    .map_err(anyhow::Error::msg)
-            };
-            let (from, to) = (time(&from)?, time(&to)?);
+            let (from, to) = time_range(&from, &to)?;
             let keyring = logvault_storage::keyring::Keyring::load(&key_file)?;
             let archive = logvault_storage::archive::Archive::open(&archive)?;
             let restored = runtime()?
@@ -400,22 +393,28 @@ fn mint_token(args: TokenArgs) -> anyhow::Result<String> {
     Ok(auth::mint(&args.key, &claims)?)
 }
 
-async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
-    use logvault_storage::audit::{AuditOptions, audit};
+/// `--from` and `--to` (RFC 3339 or relative) as ns since the epoch.
+fn time_range(from: &Option<String>, to: &Option<String>) -> anyhow::Result<(Option<i64>, Option<i64>)> {
     let now = logvault_collector::time::now_ns();
-    let time = |t: &Option<String>| {
+    let parse = |t: &Option<String>| {
         t.as_deref()
             .map(|t| logvault_collector::time::parse_time(t, now))
             .transpose()
             .map_err(anyhow::Error::msg)
     };
+    Ok((parse(from)?, parse(to)?))
+}
+
+async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
+    use logvault_storage::audit::{AuditOptions, audit};
     let public_key = logvault_collector::seal::read_public_key(&args.checkpoint_key)?;
     let keyring = if args.key_file.is_empty() {
         None
     } else {
         Some(logvault_storage::keyring::Keyring::load(&args.key_file)?)
     };
-    let options = AuditOptions { keyring, from_ns: time(&args.from)?, to_ns: time(&args.to)? };
+    let (from_ns, to_ns) = time_range(&args.from, &args.to)?;
+    let options = AuditOptions { keyring, from_ns, to_ns };
     let archive = logvault_storage::archive::Archive::open(&args.archive)?;
     let started = std::time::Instant::now();
     let mut last_shown = std::time::Instant::now();

@@ -303,13 +303,7 @@ impl Sealer {
         state.sealed_position = next_position;
         state.next_segment = next_segment;
         state.pending.extend(sealed.iter().cloned());
-        let path = self.state_path.clone();
-        let saved = state.clone();
-        tokio::task::spawn_blocking(move || saved.save(&path))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        self.state = state;
+        self.commit(state).await?;
         self.progress.sealed_position.store(next_position, Ordering::Release);
         self.progress.segments.fetch_add(sealed.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -337,6 +331,15 @@ impl Sealer {
         state.checkpoint_hash = hex(ring::digest::digest(&ring::digest::SHA256, &file).as_ref());
         state.checkpoint_to_ns = now;
         state.pending.clear();
+        let listed = self.state.pending.len();
+        self.commit(state).await?;
+        self.progress.checkpoints.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%key, segments = listed, "checkpoint written");
+        Ok(())
+    }
+
+    /// Saves `state` durably, then makes it the current one.
+    async fn commit(&mut self, state: SealState) -> Result<(), String> {
         let path = self.state_path.clone();
         let saved = state.clone();
         tokio::task::spawn_blocking(move || saved.save(&path))
@@ -344,14 +347,8 @@ impl Sealer {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         self.state = state;
-        self.progress.checkpoints.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(%key, segments = body_len(&self.state), "checkpoint written");
         Ok(())
     }
-}
-
-fn body_len(state: &SealState) -> usize {
-    state.pending.len()
 }
 
 /// Seals one group of WAL entries (one tenant and host) into a segment.
