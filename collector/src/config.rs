@@ -129,6 +129,10 @@ pub struct ArchiveConfig {
     /// Default 1 GiB.
     #[serde(default = "default_max_pending_bytes")]
     pub max_pending_bytes: u64,
+    /// Segments are deleted this long after they were sealed, in ms, and
+    /// the deletion is listed in the next checkpoint. Default: kept.
+    #[serde(default)]
+    pub retention_ms: Option<u64>,
 }
 
 fn default_collector_id() -> String {

@@ -145,6 +145,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             checkpoint_interval_ms: 30_000,
             zstd_level: 3,
             max_pending_bytes: 1 << 30,
+            retention_ms: None,
         }),
         syslog: Some(SyslogConfig {
             listen: options.syslog_listen.clone(),

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use logvault_storage::archive::{Archive, checkpoint_key, segment_key};
 use logvault_storage::batch::{BatchView, Limits};
-use logvault_storage::checkpoint::{CheckpointBody, SegmentRecord, hex};
+use logvault_storage::checkpoint::{CheckpointBody, Deletion, SegmentRecord, hex};
 use logvault_storage::keyring::Kek;
 use logvault_storage::segment::{self, SegmentEntry, SegmentHeader};
 use ring::signature::Ed25519KeyPair;
@@ -78,6 +78,13 @@ struct SealState {
     checkpoint_to_ns: i64,
     /// Segments sealed since the last checkpoint.
     pending: Vec<SegmentRecord>,
+    /// Segments deleted by retention since the last checkpoint.
+    #[serde(default)]
+    deleted: Vec<Deletion>,
+    /// Every segment archived and not yet deleted, with when it was
+    /// sealed (ns), for retention.
+    #[serde(default)]
+    catalog: Vec<(SegmentRecord, i64)>,
 }
 
 impl SealState {
@@ -248,6 +255,10 @@ impl Sealer {
                 waiting_since = None;
             }
             if stopping || last_checkpoint.elapsed() >= checkpoint_interval {
+                if let Err(message) = self.expire().await {
+                    self.progress.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %message, "retention failed; retrying at the next checkpoint");
+                }
                 match self.checkpoint().await {
                     Ok(()) => last_checkpoint = Instant::now(),
                     Err(message) => {
@@ -303,6 +314,8 @@ impl Sealer {
         state.sealed_position = next_position;
         state.next_segment = next_segment;
         state.pending.extend(sealed.iter().cloned());
+        let now = crate::time::now_ns();
+        state.catalog.extend(sealed.iter().map(|record| (record.clone(), now)));
         self.commit(state).await?;
         self.progress.sealed_position.store(next_position, Ordering::Release);
         self.progress.segments.fetch_add(sealed.len() as u64, Ordering::Relaxed);
@@ -321,7 +334,7 @@ impl Sealer {
             to_ns: now,
             segments: self.state.pending.clone(),
             root: String::new(),
-            deleted: Vec::new(),
+            deleted: self.state.deleted.clone(),
         };
         let file = body.sign(&self.key);
         let key = checkpoint_key(&self.config.collector_id, seq).map_err(|e| e.to_string())?;
@@ -331,10 +344,45 @@ impl Sealer {
         state.checkpoint_hash = hex(ring::digest::digest(&ring::digest::SHA256, &file).as_ref());
         state.checkpoint_to_ns = now;
         state.pending.clear();
+        state.deleted.clear();
         let listed = self.state.pending.len();
         self.commit(state).await?;
         self.progress.checkpoints.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%key, segments = listed, "checkpoint written");
+        Ok(())
+    }
+
+    /// Deletes the segments sealed longer than `retention_ms` ago; each is
+    /// listed in the next checkpoint, so the audit tells policy from
+    /// tampering. A segment is deleted only after the checkpoint naming it.
+    async fn expire(&mut self) -> Result<(), String> {
+        let Some(retention_ms) = self.config.retention_ms else { return Ok(()) };
+        let cutoff = crate::time::now_ns().saturating_sub((retention_ms as i64).saturating_mul(1_000_000));
+        let pending: std::collections::HashSet<&str> =
+            self.state.pending.iter().map(|r| r.key.as_str()).collect();
+        let expired: Vec<SegmentRecord> = self
+            .state
+            .catalog
+            .iter()
+            .filter(|(record, sealed_ns)| *sealed_ns < cutoff && !pending.contains(record.key.as_str()))
+            .map(|(record, _)| record.clone())
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        for record in &expired {
+            self.archive.delete(&record.key).await.map_err(|e| e.to_string())?;
+        }
+        let mut state = self.state.clone();
+        let gone: std::collections::HashSet<&str> = expired.iter().map(|r| r.key.as_str()).collect();
+        state.catalog.retain(|(record, _)| !gone.contains(record.key.as_str()));
+        state.deleted.extend(expired.iter().map(|record| Deletion {
+            key: record.key.clone(),
+            hash: record.hash.clone(),
+            reason: "retention".into(),
+        }));
+        self.commit(state).await?;
+        tracing::info!(segments = expired.len(), "segments past retention deleted");
         Ok(())
     }
 

@@ -367,3 +367,67 @@ fn suite(setup: &Setup, backend: &Backend, samples: &[&str]) {
     assert_eq!(level_counts(&restored, &token), before);
     restored.process.stop();
 }
+
+/// Retention deletes segments after their time and says so in the next
+/// checkpoint: the audit stays clean, because it tells policy from
+/// tampering.
+#[test]
+fn retention_deletions_are_listed_in_checkpoints_and_audit_clean() {
+    let setup = Setup::new("archive-retention");
+    let archive = setup.path().join("archive");
+    let kek = keygen(&setup, "k1");
+    let checkpoint_key = setup.path().join("checkpoint.key");
+    let archive_toml = format!(
+        "\n[archive]\nuri = {:?}\nkek_file = {:?}\ncheckpoint_key = {:?}\nseal_interval_ms = 200\ncheckpoint_interval_ms = 500\nretention_ms = 1500\n",
+        archive.display().to_string(),
+        kek.display().to_string(),
+        checkpoint_key.display().to_string()
+    );
+    let collector =
+        Collector::start(&setup, &CollectorOptions { extra_toml: archive_toml, ..Default::default() });
+    let files = copy_samples(&setup.path().join("logs"), &["HDFS_2k.log", "Linux_2k.log"]);
+    let config = loghub_agent_config(&setup, "ret-1", collector.ingest, &files);
+    let agent = start_agent(&setup, "ret-1", &config);
+    let token = setup.token(&["default"], Role::Reader);
+    collector.wait_total(&token, "*", 4000, Duration::from_secs(60));
+    let segments = |dir: &Path| objects(dir).into_iter().filter(|k| !k.starts_with("_checkpoints/")).count();
+    wait_for(Duration::from_secs(30), "segments to be sealed", || (segments(&archive) > 0).then_some(()));
+    wait_for(Duration::from_secs(30), "retention to delete them", || (segments(&archive) == 0).then_some(()));
+    agent.stop();
+    collector.process.stop();
+
+    let deletions: Vec<String> = objects(&archive)
+        .iter()
+        .filter(|k| k.starts_with("_checkpoints/"))
+        .flat_map(|k| Checkpoint::parse(&std::fs::read(archive.join(k)).unwrap()).unwrap().body.deleted)
+        .map(|d| {
+            assert_eq!(d.reason, "retention");
+            d.key
+        })
+        .collect();
+    assert!(!deletions.is_empty());
+    let backend = Backend {
+        uri: Box::new({
+            let base = setup.path().to_owned();
+            move |prefix| base.join(prefix).display().to_string()
+        }),
+        dir: Box::new({
+            let base = setup.path().to_owned();
+            move |prefix| base.join(prefix)
+        }),
+        env: Vec::new(),
+    };
+    let clean = audit(&backend, "archive", &checkpoint_key.with_extension("pub"), &[&kek]);
+    assert_eq!((clean.code, &clean.findings), (0, &vec![]), "{}", clean.report);
+    // The search index keeps its own copy: retention is the archive's.
+    assert_eq!(collector_total_after_restart(&setup), 4000);
+}
+
+/// The total a restarted collector (without the archive) serves.
+fn collector_total_after_restart(setup: &Setup) -> u64 {
+    let collector = Collector::start(setup, &CollectorOptions::default());
+    let token = setup.token(&["default"], Role::Reader);
+    let total = collector.total(&token, "*");
+    collector.process.stop();
+    total
+}
