@@ -30,6 +30,18 @@
 //! [[tenants.map]]
 //! tenant = "payments"
 //! agents = ["pay-*"]
+//!
+//! [archive]                                # off when absent
+//! uri = "s3://logs/archive?endpoint=https://s3.example.org&region=eu-west-1"
+//! kek_file = "/etc/logvault/archive.kek"   # logvault archive keygen
+//! checkpoint_key = "/etc/logvault/checkpoint.key"
+//! collector_id = "collector1"
+//! segment_bytes = 67108864
+//! seal_interval_ms = 300000
+//! checkpoint_interval_ms = 60000
+//! zstd_level = 3
+//! max_pending_bytes = 1073741824
+//! retention_ms = 31536000000               # default: kept
 //! ```
 
 use std::path::{Path, PathBuf};
