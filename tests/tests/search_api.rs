@@ -331,3 +331,67 @@ fn a_token_over_its_rate_gets_429() {
     agent.stop();
     collector.process.stop();
 }
+
+/// A live-tail client that stops reading is told it is too slow and
+/// dropped once its bounded queue is full; nothing is buffered without
+/// bound and everyone else is served meanwhile.
+#[test]
+fn a_live_tail_client_that_stops_reading_is_dropped_with_a_message() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let setup = Setup::new("slow-tail");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    let logs = setup.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let live = logs.join("live.log");
+    std::fs::write(&live, "").unwrap();
+    let config = agent_config(
+        &setup,
+        "tail-1",
+        collector.ingest,
+        &[live.to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
+    let agent = start_agent(&setup, "tail-1", &config);
+    let token = setup.token(&["default"], Role::Reader);
+
+    let runtime = runtime();
+    let tls = logvault_certs::https_client_config(&collector.ca).unwrap();
+    let mut stream = runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(collector.api).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
+        let request = format!(
+            "GET /api/v1/tail?q=* HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\r\n",
+            collector.api
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let n = stream.read(&mut head).await.unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/event-stream"), "{head}");
+        stream
+    });
+
+    // Many more records than the queue and the socket buffers hold; the
+    // client reads none of them.
+    let line = format!("{} the tail client is not reading", "x".repeat(400));
+    for _ in 0..8 {
+        append_lines(&live, &vec![line.clone(); 5000]);
+    }
+    wait_for(Duration::from_secs(90), "the slow client to be dropped", || {
+        collector.process.log_text().contains("live tail client too slow; dropped").then_some(())
+    });
+    assert!(collector.total(&token, "reading") > 0, "others are served meanwhile");
+
+    // What it reads now ends with the message, then the end of the stream.
+    let rest = runtime.block_on(async {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut rest)).await.ok();
+        rest
+    });
+    let text = String::from_utf8_lossy(&rest);
+    let tail_end = &text[text.len().saturating_sub(600)..];
+    assert!(tail_end.contains("event: error") && tail_end.contains("too_slow"), "{tail_end}");
+    agent.stop();
+    collector.process.stop();
+}
