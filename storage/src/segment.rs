@@ -394,24 +394,32 @@ impl<'a> SegmentView<'a> {
         let key = self.data_key(keyring)?;
         let aad = sha256(&[self.prefix]);
         let sealed_chunk = self.header.chunk_size as usize + TAG;
-        let mut out = Vec::with_capacity(self.chunks.len());
-        let mut rest = self.chunks;
-        let mut index = 0u64;
+        // One copy of the ciphertext, decrypted in place, each chunk's
+        // plaintext moved down over the tags before it.
+        let mut buffer = self.chunks.to_vec();
+        let (mut read, mut written, mut index) = (0usize, 0usize, 0u64);
         loop {
-            if rest.len() < TAG {
+            let rest = buffer.len() - read;
+            if rest < TAG {
                 return Err(SegmentError::Truncated);
             }
-            let last = rest.len() <= sealed_chunk;
-            let take = if last { rest.len() } else { sealed_chunk };
-            let mut chunk = rest[..take].to_vec();
-            let plain = key
-                .open_in_place(chunk_nonce(index, last), Aad::from(aad), &mut chunk)
-                .map_err(|_| if last { SegmentError::Truncated } else { SegmentError::Chunk(index) })?;
-            out.extend_from_slice(plain);
-            rest = &rest[take..];
+            let last = rest <= sealed_chunk;
+            let take = if last { rest } else { sealed_chunk };
+            let plain_len = key
+                .open_within(
+                    chunk_nonce(index, last),
+                    Aad::from(aad),
+                    &mut buffer[written..read + take],
+                    read - written..,
+                )
+                .map_err(|_| if last { SegmentError::Truncated } else { SegmentError::Chunk(index) })?
+                .len();
+            written += plain_len;
+            read += take;
             index += 1;
             if last {
-                return Ok(out);
+                buffer.truncate(written);
+                return Ok(buffer);
             }
         }
     }

@@ -209,6 +209,12 @@ pub(crate) fn run(options: &ArchiveOptions) -> Result<(), String> {
     let public = ring::signature::KeyPair::public_key(&archive_key).as_ref().to_vec();
     let (report, audit_s) = timed(|| runtime.block_on(audit(&archive, &public, &audit_options, |_, _| {})));
     let report = report.map_err(|e| e.to_string())?;
+    // Without the key: checkpoints, hashes and inclusion only.
+    let (hash_only, hash_only_s) =
+        timed(|| runtime.block_on(audit(&archive, &public, &AuditOptions::default(), |_, _| {})));
+    if !hash_only.map_err(|e| e.to_string())?.findings.is_empty() {
+        return Err("the audit without the key found something".into());
+    }
     if !report.findings.is_empty() {
         return Err(format!("the audit found {:?}", report.findings.first()));
     }
@@ -253,6 +259,7 @@ pub(crate) fn run(options: &ArchiveOptions) -> Result<(), String> {
         "seal_vs_zstd": crate::round(seal_mb_s / zstd_mb_s),
         "audit_mb_s": crate::round(mb(archive_bytes) / audit_s),
         "audit_raw_mb_s": crate::round(mb(raw_bytes) / audit_s),
+        "audit_without_key_mb_s": crate::round(mb(archive_bytes) / hash_only_s),
         "audit_batches": report.summary.batches,
     });
     let text = serde_json::to_string_pretty(&report).expect("json");
