@@ -934,25 +934,55 @@ impl LiveTail {
 /// files under `root/BUCKET/KEY`; stopped when dropped. In CI a missing
 /// `s3s-fs` fails the test (`tests/run` installs it).
 pub struct S3Server {
-    pub process: Process,
+    pub process: Option<Process>,
     pub endpoint: String,
     pub root: PathBuf,
     /// The environment its clients need (credentials).
     pub env: Vec<(String, String)>,
+    port: u16,
+    dir: PathBuf,
 }
+
+const S3_ACCESS_KEY: &str = "logvault-test";
+const S3_SECRET_KEY: &str = "logvault-test-secret";
 
 impl S3Server {
     pub fn start(dir: &Path, bucket: &str) -> S3Server {
+        let root = dir.join("s3");
+        std::fs::create_dir_all(root.join(bucket)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut server = S3Server {
+            process: None,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            root,
+            env: vec![
+                ("AWS_ACCESS_KEY_ID".into(), S3_ACCESS_KEY.into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET_KEY.into()),
+            ],
+            port,
+            dir: dir.to_owned(),
+        };
+        server.resume();
+        server
+    }
+
+    /// Stops the server (its objects stay on disk).
+    pub fn pause(&mut self) {
+        drop(self.process.take());
+        wait_for(Duration::from_secs(10), "s3s-fs to stop listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err().then_some(())
+        });
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn resume(&mut self) {
         let binary = Command::new("sh").args(["-c", "command -v s3s-fs"]).output().unwrap();
         let binary = String::from_utf8_lossy(&binary.stdout).trim().to_owned();
         assert!(
             !binary.is_empty(),
             "s3s-fs is not installed: cargo install --locked s3s-fs@0.14.1 --features binary"
         );
-        let root = dir.join("s3");
-        std::fs::create_dir_all(root.join(bucket)).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let (access, secret) = ("logvault-test", "logvault-test-secret");
+        let n = std::fs::read_dir(&self.dir).unwrap().count();
         let process = Process::spawn_named(
             "s3s-fs",
             Path::new(&binary),
@@ -960,31 +990,18 @@ impl S3Server {
                 "--host",
                 "127.0.0.1",
                 "--port",
-                &port.to_string(),
+                &self.port.to_string(),
                 "--access-key",
-                access,
+                S3_ACCESS_KEY,
                 "--secret-key",
-                secret,
-                root.to_str().unwrap(),
+                S3_SECRET_KEY,
+                self.root.to_str().unwrap(),
             ],
-            dir.join("s3s-fs.log"),
+            self.dir.join(format!("s3s-fs-{n}.log")),
         );
         wait_for(Duration::from_secs(20), "s3s-fs to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()
         });
-        S3Server {
-            process,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            root,
-            env: vec![
-                ("AWS_ACCESS_KEY_ID".into(), access.into()),
-                ("AWS_SECRET_ACCESS_KEY".into(), secret.into()),
-            ],
-        }
-    }
-
-    /// The archive URI of `prefix` in `bucket`.
-    pub fn uri(&self, bucket: &str, prefix: &str) -> String {
-        format!("s3://{bucket}/{prefix}?endpoint={}&region=us-east-1", self.endpoint)
+        self.process = Some(process);
     }
 }

@@ -431,3 +431,77 @@ fn collector_total_after_restart(setup: &Setup) -> u64 {
     collector.process.stop();
     total
 }
+
+/// While the object store is down the WAL keeps everything; past
+/// `max_pending_bytes` the collector answers busy, so the agent keeps its
+/// data; once the store is back, everything is archived once and audits
+/// clean.
+#[test]
+fn an_object_store_outage_pushes_back_on_agents_and_loses_nothing() {
+    let setup = Setup::new("archive-outage");
+    let mut s3 = S3Server::start(setup.path(), "logs");
+    let kek = keygen(&setup, "k1");
+    let checkpoint_key = setup.path().join("checkpoint.key");
+    let uri = format!("s3://logs/archive?endpoint={}&region=us-east-1", s3.endpoint);
+    let archive_toml = format!(
+        "\n[archive]\nuri = {uri:?}\nkek_file = {:?}\ncheckpoint_key = {:?}\nseal_interval_ms = 200\ncheckpoint_interval_ms = 500\nsegment_bytes = 262144\nmax_pending_bytes = 400000\n",
+        kek.display().to_string(),
+        checkpoint_key.display().to_string()
+    );
+    let collector = Collector::start(
+        &setup,
+        &CollectorOptions { extra_toml: archive_toml, env: s3.env.clone(), ..Default::default() },
+    );
+    let admin = setup.token(&["default"], Role::Admin);
+    let metric_now = |name: &str| metric(&collector.metrics_raw(&admin).1, name).unwrap_or(0);
+    s3.pause();
+
+    let logs = setup.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let input = logs.join("noise.log");
+    let lines = incompressible_lines(20_000);
+    append_lines(&input, &lines);
+    let config = agent_config(
+        &setup,
+        "out-1",
+        collector.ingest,
+        &[input.to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
+    let agent = start_agent(&setup, "out-1", &config);
+    wait_for(Duration::from_secs(60), "the archive to fall behind", || {
+        (metric_now("logvault_wal_busy") == 1).then_some(())
+    });
+    // More lines now are refused as busy: the agent keeps them.
+    append_lines(&input, &incompressible_lines(25_000)[20_000..]);
+    wait_for(Duration::from_secs(60), "the collector to answer busy", || {
+        (metric_now("logvault_refusals_total{reason=\"busy\"}") > 0).then_some(())
+    });
+    let token = setup.token(&["default"], Role::Reader);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(collector.total(&token, "*") < 25_000, "the agent was held back");
+
+    // The store is back: the backlog is archived, the agent is let in again.
+    s3.resume();
+    collector.wait_total(&token, "*", 25_000, Duration::from_secs(120));
+    wait_for(Duration::from_secs(30), "busy to clear", || {
+        (metric_now("logvault_wal_busy") == 0).then_some(())
+    });
+    agent.stop();
+    collector.process.stop();
+
+    let backend = Backend {
+        uri: Box::new({
+            let endpoint = s3.endpoint.clone();
+            move |prefix| format!("s3://logs/{prefix}?endpoint={endpoint}&region=us-east-1")
+        }),
+        dir: Box::new({
+            let root = s3.root.join("logs");
+            move |prefix| root.join(prefix)
+        }),
+        env: s3.env.clone(),
+    };
+    let clean = audit(&backend, "archive", &checkpoint_key.with_extension("pub"), &[&kek]);
+    assert_eq!((clean.code, &clean.findings), (0, &vec![]), "{}", clean.report);
+    assert_eq!(clean.report["records"], 25_000, "each line archived once: {}", clean.report);
+}
