@@ -68,15 +68,22 @@ struct AuditArgs {
     /// several.
     #[arg(long)]
     key_file: Vec<PathBuf>,
+    #[command(flatten)]
+    range: TimeRange,
+    /// Print the findings and the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which segments: those with records in the range.
+#[derive(Debug, Args)]
+struct TimeRange {
     /// Only segments with records from this time (RFC 3339 or -7d).
     #[arg(long)]
     from: Option<String>,
     /// Only segments with records before this time.
     #[arg(long)]
     to: Option<String>,
-    /// Print the findings and the summary as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,12 +120,8 @@ enum ArchiveCommand {
         /// Key-encryption keys; repeat for several.
         #[arg(long, required = true)]
         key_file: Vec<PathBuf>,
-        /// Only segments with records from this time.
-        #[arg(long)]
-        from: Option<String>,
-        /// Only segments with records before this time.
-        #[arg(long)]
-        to: Option<String>,
+        #[command(flatten)]
+        range: TimeRange,
         /// The new data directory.
         #[arg(long)]
         into: PathBuf,
@@ -338,8 +341,8 @@ fn real_main(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Archive(ArchiveCommand::RotateKey { archive, key_file, new_key }) => {
             return runtime()?.block_on(rotate_key(&archive, &key_file, &new_key));
         }
-        Command::Archive(ArchiveCommand::Restore { archive, key_file, from, to, into }) => {
-            let (from, to) = time_range(&from, &to)?;
+        Command::Archive(ArchiveCommand::Restore { archive, key_file, range, into }) => {
+            let (from, to) = time_range(&range)?;
             let keyring = logvault_storage::keyring::Keyring::load(&key_file)?;
             let archive = logvault_storage::archive::Archive::open(&archive)?;
             let restored = runtime()?
@@ -394,7 +397,7 @@ fn mint_token(args: TokenArgs) -> anyhow::Result<String> {
 }
 
 /// `--from` and `--to` (RFC 3339 or relative) as ns since the epoch.
-fn time_range(from: &Option<String>, to: &Option<String>) -> anyhow::Result<(Option<i64>, Option<i64>)> {
+fn time_range(range: &TimeRange) -> anyhow::Result<(Option<i64>, Option<i64>)> {
     let now = logvault_collector::time::now_ns();
     let parse = |t: &Option<String>| {
         t.as_deref()
@@ -402,7 +405,7 @@ fn time_range(from: &Option<String>, to: &Option<String>) -> anyhow::Result<(Opt
             .transpose()
             .map_err(anyhow::Error::msg)
     };
-    Ok((parse(from)?, parse(to)?))
+    Ok((parse(&range.from)?, parse(&range.to)?))
 }
 
 async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -413,7 +416,7 @@ async fn audit(args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
     } else {
         Some(logvault_storage::keyring::Keyring::load(&args.key_file)?)
     };
-    let (from_ns, to_ns) = time_range(&args.from, &args.to)?;
+    let (from_ns, to_ns) = time_range(&args.range)?;
     let options = AuditOptions { keyring, from_ns, to_ns };
     let archive = logvault_storage::archive::Archive::open(&args.archive)?;
     let started = std::time::Instant::now();

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::{LOGHUB_SAMPLES, loghub_dir, loghub_ground_truth};
+use crate::{SAMPLES, loghub_dir, loghub_ground_truth};
 
 /// One event of one sample: its template and what fills it.
 struct Event {
@@ -67,7 +67,7 @@ impl Generator {
     /// Loads the eight samples; `seed` fixes the sequence.
     pub fn new(seed: u64) -> Generator {
         let mut samples = Vec::new();
-        for name in LOGHUB_SAMPLES {
+        for name in SAMPLES {
             let raw = std::fs::read(loghub_dir().join(name)).unwrap();
             let raw_lines: Vec<String> = String::from_utf8_lossy(&raw).lines().map(str::to_owned).collect();
             let rows = loghub_ground_truth(name);

@@ -701,18 +701,6 @@ pub fn loghub_ground_truth(sample: &str) -> Vec<HashMap<String, String>> {
     rows.into_iter().map(|r| header.iter().cloned().zip(r).collect()).collect()
 }
 
-/// The eight loghub samples.
-pub const LOGHUB_SAMPLES: [&str; 8] = [
-    "Apache_2k.log",
-    "BGL_2k.log",
-    "HDFS_2k.log",
-    "Hadoop_2k.log",
-    "Linux_2k.log",
-    "OpenSSH_2k.log",
-    "Spark_2k.log",
-    "Zookeeper_2k.log",
-];
-
 /// Copies samples into `dir`, returning their new paths by name.
 pub fn copy_samples(dir: &Path, names: &[&str]) -> HashMap<String, PathBuf> {
     std::fs::create_dir_all(dir).unwrap();

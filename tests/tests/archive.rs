@@ -113,7 +113,7 @@ fn on_the_file_system_the_archive_audits_clean_catches_every_tampering_and_resto
         dir: Box::new(move |prefix| base.join(prefix)),
         env: Vec::new(),
     };
-    suite(&setup, &backend, &LOGHUB_SAMPLES);
+    suite(&setup, &backend, &SAMPLES);
 }
 
 /// The same suite against a real S3 server (s3s-fs) on loopback.

@@ -48,14 +48,14 @@ fn search_aggregate_context_and_tail_over_the_loghub_samples() {
     let setup = Setup::new("search-api");
     let collector = Collector::start(&setup, &CollectorOptions::default());
     let logs = setup.path().join("logs");
-    let files = copy_samples(&logs, &LOGHUB_SAMPLES);
+    let files = copy_samples(&logs, &SAMPLES);
     let config = loghub_agent_config(&setup, "hub-1", collector.ingest, &files);
     let agent = start_agent(&setup, "hub-1", &config);
     let token = setup.token(&["default"], Role::Reader);
     collector.wait_total(&token, "*", 16_000, Duration::from_secs(90));
 
     // Counts by level, per sample, equal the structured CSVs.
-    for sample in LOGHUB_SAMPLES {
+    for sample in SAMPLES {
         let truth = loghub_ground_truth(sample);
         let query = source_query(&files[sample]);
         let (status, body) = collector.aggregate(

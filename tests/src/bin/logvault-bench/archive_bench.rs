@@ -101,7 +101,7 @@ pub(crate) fn run(options: &ArchiveOptions) -> Result<(), String> {
     // samples as they are (for the ratio), then generated lines (for speed).
     let mut deflater = Deflater::zstd(1).map_err(|e| e.to_string())?;
     let samples: Vec<(&str, Vec<String>)> =
-        logvault_e2e::LOGHUB_SAMPLES.iter().map(|name| (*name, logvault_e2e::sample_lines(name))).collect();
+        logvault_e2e::SAMPLES.iter().map(|name| (*name, logvault_e2e::sample_lines(name))).collect();
     let (sample_raw, sample_plaintext) = entries(&samples, &agent_key, &mut deflater)?;
     let mut generator = logvault_e2e::generator::Generator::new(1);
     let mut by_sample: std::collections::BTreeMap<&str, Vec<String>> = std::collections::BTreeMap::new();
