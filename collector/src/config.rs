@@ -25,6 +25,11 @@
 //! max_concurrent_queries = 2               # default: the number of cores
 //! max_tails = 64
 //!
+//! [index]
+//! commit_interval_ms = 500
+//! retention_ms = 2592000000                # drop records over 30 days old from the index
+//! retention_check_ms = 60000
+//!
 //! [tenants]
 //! default = "default"
 //! [[tenants.map]]
@@ -371,11 +376,23 @@ pub struct IndexConfig {
     /// milliseconds. Default 500.
     #[serde(default = "default_commit_interval_ms")]
     pub commit_interval_ms: u64,
+    /// Records whose time is older than this many ms are deleted from the
+    /// index (the WAL and the archive keep them; `logvault archive
+    /// restore` brings them back). Default: kept.
+    #[serde(default)]
+    pub retention_ms: Option<u64>,
+    /// How often retention runs, in ms. Default 60000.
+    #[serde(default = "default_retention_check_ms")]
+    pub retention_check_ms: u64,
 }
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self { commit_interval_ms: default_commit_interval_ms() }
+        Self {
+            commit_interval_ms: default_commit_interval_ms(),
+            retention_ms: None,
+            retention_check_ms: default_retention_check_ms(),
+        }
     }
 }
 
@@ -417,6 +434,9 @@ fn default_segment_bytes() -> u64 {
 }
 fn default_wal_queue() -> usize {
     1024
+}
+fn default_retention_check_ms() -> u64 {
+    60_000
 }
 fn default_commit_interval_ms() -> u64 {
     500

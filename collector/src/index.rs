@@ -132,6 +132,10 @@ pub struct LogIndex {
     pub(crate) reader: IndexReader,
     pub(crate) fields: Fields,
     path: PathBuf,
+    /// Records older than this (ms, by their own time) are deleted; 0: kept.
+    retention_ms: AtomicU64,
+    /// How often retention runs, in ms.
+    retention_check_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for LogIndex {
@@ -231,7 +235,42 @@ impl LogIndex {
             .register(KEYWORD, TextAnalyzer::builder(RawTokenizer::default()).filter(LowerCaser).build());
         let reader =
             index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(tantivy_err)?;
-        Ok(LogIndex { index, reader, fields, path: dir.to_owned() })
+        Ok(LogIndex {
+            index,
+            reader,
+            fields,
+            path: dir.to_owned(),
+            retention_ms: AtomicU64::new(0),
+            retention_check_ms: AtomicU64::new(60_000),
+        })
+    }
+
+    /// Deletes records older than `retention` (by their own time) every
+    /// `check`; None keeps everything.
+    pub fn set_retention(&self, retention: Option<Duration>, check: Duration) {
+        let ms = retention.map_or(0, |r| (r.as_millis() as u64).max(1));
+        self.retention_ms.store(ms, Ordering::Relaxed);
+        self.retention_check_ms.store((check.as_millis() as u64).max(1), Ordering::Relaxed);
+    }
+
+    /// Asks `writer` to delete the records past retention; true when it did.
+    fn expire(&self, writer: &IndexWriter) -> bool {
+        let retention_ms = self.retention_ms.load(Ordering::Relaxed);
+        if retention_ms == 0 {
+            return false;
+        }
+        let cutoff = crate::time::now_ns().saturating_sub((retention_ms as i64).saturating_mul(1_000_000));
+        let bound =
+            tantivy::Term::from_field_date(self.fields.timestamp, DateTime::from_timestamp_nanos(cutoff));
+        let older =
+            tantivy::query::RangeQuery::new(std::ops::Bound::Unbounded, std::ops::Bound::Excluded(bound));
+        match writer.delete_query(Box::new(older)) {
+            Ok(_) => true,
+            Err(err) => {
+                tracing::error!(error = %err, "index retention failed");
+                false
+            }
+        }
     }
 
     /// Where the last commit left the indexer.
@@ -413,6 +452,7 @@ fn index_until_stopped(
     progress.committed.store(up_to.position, Ordering::Release);
     let mut pending = false;
     let mut last_commit = Instant::now();
+    let mut last_retention: Option<Instant> = None;
     let mut docs = Vec::new();
     let mut inflater = Inflater::new();
     tracing::info!(
@@ -442,6 +482,11 @@ fn index_until_stopped(
             }
             up_to.position = entry.next;
             pending = true;
+        }
+        let check = Duration::from_millis(index.retention_check_ms.load(Ordering::Relaxed));
+        if last_retention.is_none_or(|at| at.elapsed() >= check) {
+            last_retention = Some(Instant::now());
+            pending |= index.expire(&writer);
         }
         if pending
             && (stopping

@@ -118,6 +118,10 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
     };
     let (wal, wal_thread) = Wal::open(&wal_dir, &wal_options)?;
     let index = Arc::new(LogIndex::open(&config.data_dir.join("index"))?);
+    index.set_retention(
+        config.index.retention_ms.map(Duration::from_millis),
+        Duration::from_millis(config.index.retention_check_ms),
+    );
     let progress = Arc::new(IndexProgress::default());
     let indexer = {
         let (index, durable, progress, cancel) =

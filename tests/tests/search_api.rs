@@ -395,3 +395,45 @@ fn a_live_tail_client_that_stops_reading_is_dropped_with_a_message() {
     agent.stop();
     collector.process.stop();
 }
+
+/// Index retention deletes records older than `index.retention_ms` (by
+/// their own time) from the index; newer ones stay searchable.
+#[test]
+fn index_retention_deletes_old_records_and_keeps_new_ones() {
+    let setup = Setup::new("index-retention");
+    let collector = Collector::start(
+        &setup,
+        &CollectorOptions {
+            extra_toml: "retention_ms = 86400000\nretention_check_ms = 300\n".into(),
+            ..Default::default()
+        },
+    );
+    let logs = setup.path().join("logs");
+    // HDFS lines, parsed, carry 2008 times; the fresh lines get the time
+    // they were read.
+    let files = copy_samples(&logs, &["HDFS_2k.log"]);
+    let fresh = logs.join("fresh.log");
+    append_lines(&fresh, &(0..50).map(|i| format!("fresh line {i}")).collect::<Vec<_>>());
+    let config = loghub_agent_config(&setup, "ret-2", collector.ingest, &files);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[[sources]]\ninclude = [{:?}]\nread_from = \"beginning\"\n",
+        fresh.display().to_string()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let agent = start_agent(&setup, "ret-2", &config);
+    let token = setup.token(&["default"], Role::Reader);
+    wait_for(Duration::from_secs(60), "the fresh lines to be searchable", || {
+        (collector.total(&token, "fresh") == 50).then_some(())
+    });
+    wait_for(Duration::from_secs(30), "retention to delete the 2008 lines", || {
+        (collector.total(&token, "*") == 50).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(collector.total(&token, "*"), 50);
+    assert_eq!(collector.total(&token, "PacketResponder"), 0);
+    // The 2008 lines were stored (the WAL keeps them), only not kept searchable.
+    assert_eq!(collector.metric(&setup, "logvault_ingest_records_total{tenant=\"default\"}"), 2050);
+    agent.stop();
+    collector.process.stop();
+}
