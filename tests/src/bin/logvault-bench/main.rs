@@ -61,29 +61,17 @@ fn main() {
             dir: PathBuf::from("target/bench/archive"),
             out: None,
         };
-        let mut rest = args[1..].iter();
-        while let Some(arg) = rest.next() {
-            let value = rest.next().cloned().unwrap_or_default();
-            match arg.as_str() {
-                "--lines" => options.lines = value.parse().unwrap_or(0),
-                "--level" => options.level = value.parse().unwrap_or(0),
-                "--dir" => options.dir = PathBuf::from(value),
-                "--out" => options.out = Some(PathBuf::from(value)),
-                other => {
-                    eprintln!("unknown argument {other:?}\n{USAGE}");
-                    std::process::exit(2);
-                }
-            }
-        }
+        for_each_flag(&args[1..], |name, value| match name {
+            "--lines" => options.lines = value.parse().unwrap_or(0),
+            "--level" => options.level = value.parse().unwrap_or(0),
+            "--dir" => options.dir = PathBuf::from(value),
+            "--out" => options.out = Some(PathBuf::from(value)),
+            other => usage_error(&format!("unknown argument {other:?}")),
+        });
         if options.lines == 0 || !(1..=19).contains(&options.level) {
-            eprintln!("--lines needs a positive number and --level 1 to 19\n{USAGE}");
-            std::process::exit(2);
+            usage_error("--lines needs a positive number and --level 1 to 19");
         }
-        if let Err(message) = archive_bench::run(&options) {
-            eprintln!("logvault-bench: {message}");
-            std::process::exit(1);
-        }
-        return;
+        finish(archive_bench::run(&options));
     }
     if command == Some("search") {
         let mut options = search_bench::SearchOptions {
@@ -91,28 +79,16 @@ fn main() {
             dir: PathBuf::from("target/bench/search"),
             out: None,
         };
-        let mut rest = args[1..].iter();
-        while let Some(arg) = rest.next() {
-            let value = rest.next().cloned().unwrap_or_default();
-            match arg.as_str() {
-                "--records" => options.records = value.parse().unwrap_or(0),
-                "--dir" => options.dir = PathBuf::from(value),
-                "--out" => options.out = Some(PathBuf::from(value)),
-                other => {
-                    eprintln!("unknown argument {other:?}\n{USAGE}");
-                    std::process::exit(2);
-                }
-            }
-        }
+        for_each_flag(&args[1..], |name, value| match name {
+            "--records" => options.records = value.parse().unwrap_or(0),
+            "--dir" => options.dir = PathBuf::from(value),
+            "--out" => options.out = Some(PathBuf::from(value)),
+            other => usage_error(&format!("unknown argument {other:?}")),
+        });
         if options.records == 0 {
-            eprintln!("--records needs a positive number\n{USAGE}");
-            std::process::exit(2);
+            usage_error("--records needs a positive number");
         }
-        if let Err(message) = search_bench::run(&options) {
-            eprintln!("logvault-bench: {message}");
-            std::process::exit(1);
-        }
-        return;
+        finish(search_bench::run(&options));
     }
     let mut options = match parse_options(&args[1..]) {
         Ok(options) => options,
@@ -135,6 +111,31 @@ fn main() {
     if let Err(message) = outcome {
         eprintln!("logvault-bench: {message}");
         std::process::exit(1);
+    }
+}
+
+/// Calls `apply` with each `--flag value` pair.
+fn for_each_flag(args: &[String], mut apply: impl FnMut(&str, &str)) {
+    let mut rest = args.iter();
+    while let Some(name) = rest.next() {
+        let value = rest.next().map(String::as_str).unwrap_or_default();
+        apply(name, value);
+    }
+}
+
+fn usage_error(message: &str) -> ! {
+    eprintln!("{message}\n{USAGE}");
+    std::process::exit(2);
+}
+
+/// Exits with the outcome of a benchmark.
+fn finish(outcome: Result<(), String>) -> ! {
+    match outcome {
+        Ok(()) => std::process::exit(0),
+        Err(message) => {
+            eprintln!("logvault-bench: {message}");
+            std::process::exit(1);
+        }
     }
 }
 
