@@ -28,7 +28,7 @@ use logvault_storage::archive::{Archive, checkpoint_key, segment_key};
 use logvault_storage::batch::{BatchView, Limits};
 use logvault_storage::checkpoint::{CheckpointBody, Deletion, SegmentRecord, hex};
 use logvault_storage::keyring::Kek;
-use logvault_storage::segment::{self, SegmentEntry, SegmentHeader};
+use logvault_storage::segment::{self, SegmentHeader};
 use ring::signature::Ed25519KeyPair;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -439,15 +439,7 @@ fn build_segment(
                 seq += 1;
             });
         }
-        segment::encode_entry(
-            &mut raw,
-            &SegmentEntry {
-                received_ns: entry.received_ns,
-                skip: entry.skip,
-                signer: index as u8,
-                batch: entry.batch.clone(),
-            },
-        );
+        segment::encode_entry_parts(&mut raw, entry.received_ns, entry.skip, index as u8, &entry.batch);
     }
     if records == 0 {
         (first_ns, last_ns) = (group[0].received_ns, group[0].received_ns);

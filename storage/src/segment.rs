@@ -265,11 +265,16 @@ fn aes_key(bytes: &[u8]) -> LessSafeKey {
 
 /// Appends one entry to a segment's plaintext.
 pub fn encode_entry(out: &mut Vec<u8>, entry: &SegmentEntry) {
-    out.extend_from_slice(&((entry.batch.len() + 13) as u32).to_be_bytes());
-    out.extend_from_slice(&entry.received_ns.to_be_bytes());
-    out.extend_from_slice(&entry.skip.to_be_bytes());
-    out.push(entry.signer);
-    out.extend_from_slice(&entry.batch);
+    encode_entry_parts(out, entry.received_ns, entry.skip, entry.signer, &entry.batch);
+}
+
+/// As [`encode_entry`], from borrowed parts (no copy of the batch first).
+pub fn encode_entry_parts(out: &mut Vec<u8>, received_ns: i64, skip: u32, signer: u8, batch: &[u8]) {
+    out.extend_from_slice(&((batch.len() + 13) as u32).to_be_bytes());
+    out.extend_from_slice(&received_ns.to_be_bytes());
+    out.extend_from_slice(&skip.to_be_bytes());
+    out.push(signer);
+    out.extend_from_slice(batch);
 }
 
 /// Seals `entries` (the plaintext [`encode_entry`] wrote) under a fresh
