@@ -113,6 +113,10 @@ pub struct Spool {
     /// Woken when an entry is appended or the spool is closed.
     pub readable: Notify,
     stats: Arc<Stats>,
+    /// Held while the head is saved: the periodic save and the one at
+    /// shutdown share `head.tmp`, and one's rename must not take the
+    /// other's file away.
+    saving: Mutex<()>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -187,6 +191,7 @@ impl Spool {
                 closed: false,
             }),
             space: Condvar::new(),
+            saving: Mutex::new(()),
             readable: Notify::new(),
             stats,
         };
@@ -379,6 +384,7 @@ impl Spool {
 
     /// Saves the head, so a restart replays only what was not acked.
     pub fn persist_head(&self) -> Result<(), SpoolError> {
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let head = {
             let state = self.lock();
             if state.head == state.head_saved {
@@ -556,6 +562,35 @@ mod tests {
         assert_eq!(read, vec![0, 1, 2]);
         assert_eq!(stats.spool_corrupt_entries.load(Ordering::Relaxed), 0);
         assert!(!segment_path(&dir, 2).exists(), "the removed segment's id was reused");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Regression: the periodic save and the one at shutdown ran at once,
+    /// and one's rename took the other's `head.tmp` away (ENOENT at exit).
+    #[test]
+    fn saving_the_head_from_two_threads_at_once_never_fails() {
+        let dir = temp("concurrent-head");
+        let stats = Arc::new(Stats::default());
+        let spool = Arc::new(
+            Spool::open(&dir, SpoolConfig { max_bytes: 1 << 20, when_full: WhenFull::Block }, stats).unwrap(),
+        );
+        for n in 0..200 {
+            assert!(spool.append(&batch(n), &|| false).unwrap());
+        }
+        let savers: Vec<_> = (0..2)
+            .map(|_| {
+                let spool = spool.clone();
+                std::thread::spawn(move || {
+                    while let Some(entry) = spool.next().batch() {
+                        spool.ack(entry.spool_position.unwrap());
+                        spool.persist_head().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for saver in savers {
+            saver.join().unwrap();
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
