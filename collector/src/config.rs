@@ -28,7 +28,14 @@
 //! [index]
 //! commit_interval_ms = 500
 //! retention_ms = 2592000000                # drop records over 30 days old from the index
+//! max_bytes = 107374182400                 # and the oldest past 100 GiB
 //! retention_check_ms = 60000
+//!
+//! [wal]
+//! segment_bytes = 67108864
+//! max_bytes = 0                            # hard cap; 0: none
+//! high_watermark_percent = 95
+//! prune = "auto"                           # remove indexed and archived segments; "always", "never"
 //!
 //! [tenants]
 //! default = "default"
@@ -351,6 +358,30 @@ pub struct WalConfig {
     /// new batches are refused as busy until space is freed. Default 95.
     #[serde(default = "default_high_watermark_percent")]
     pub high_watermark_percent: u8,
+    /// Which segments are removed once they are no longer needed.
+    #[serde(default)]
+    pub prune: WalPrune,
+    /// How often pruning runs, in ms. Default 5000.
+    #[serde(default = "default_prune_check_ms")]
+    pub prune_check_ms: u64,
+}
+
+/// When WAL segments are removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WalPrune {
+    /// Once indexed and archived, when `[archive]` is on; otherwise kept
+    /// (the WAL is then the only copy the index can be rebuilt from).
+    #[default]
+    Auto,
+    /// Once indexed (and archived, when `[archive]` is on).
+    Always,
+    /// Never: the WAL grows until `max_bytes` or the disk's watermark.
+    Never,
+}
+
+fn default_prune_check_ms() -> u64 {
+    5000
 }
 
 impl Default for WalConfig {
@@ -360,6 +391,8 @@ impl Default for WalConfig {
             queue: default_wal_queue(),
             max_bytes: 0,
             high_watermark_percent: default_high_watermark_percent(),
+            prune: WalPrune::Auto,
+            prune_check_ms: default_prune_check_ms(),
         }
     }
 }
@@ -381,6 +414,11 @@ pub struct IndexConfig {
     /// restore` brings them back). Default: kept.
     #[serde(default)]
     pub retention_ms: Option<u64>,
+    /// When the index's live records take more than this many bytes on
+    /// disk, the oldest are deleted until they take 90% of it. Default:
+    /// no cap.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
     /// How often retention runs, in ms. Default 60000.
     #[serde(default = "default_retention_check_ms")]
     pub retention_check_ms: u64,
@@ -391,6 +429,7 @@ impl Default for IndexConfig {
         Self {
             commit_interval_ms: default_commit_interval_ms(),
             retention_ms: None,
+            max_bytes: None,
             retention_check_ms: default_retention_check_ms(),
         }
     }

@@ -134,6 +134,9 @@ pub struct LogIndex {
     path: PathBuf,
     /// Records older than this (ms, by their own time) are deleted; 0: kept.
     retention_ms: AtomicU64,
+    /// The oldest records are deleted while the live ones take more than
+    /// this many bytes on disk; 0: no cap.
+    max_bytes: AtomicU64,
     /// How often retention runs, in ms.
     retention_check_ms: AtomicU64,
 }
@@ -241,25 +244,40 @@ impl LogIndex {
             fields,
             path: dir.to_owned(),
             retention_ms: AtomicU64::new(0),
+            max_bytes: AtomicU64::new(0),
             retention_check_ms: AtomicU64::new(60_000),
         })
     }
 
-    /// Deletes records older than `retention` (by their own time) every
+    /// Deletes records older than `retention` (by their own time), and the
+    /// oldest while the live records take more than `max_bytes`, every
     /// `check`; None keeps everything.
-    pub fn set_retention(&self, retention: Option<Duration>, check: Duration) {
+    pub fn set_retention(&self, retention: Option<Duration>, max_bytes: Option<u64>, check: Duration) {
         let ms = retention.map_or(0, |r| (r.as_millis() as u64).max(1));
         self.retention_ms.store(ms, Ordering::Relaxed);
+        self.max_bytes.store(max_bytes.unwrap_or(0), Ordering::Relaxed);
         self.retention_check_ms.store((check.as_millis() as u64).max(1), Ordering::Relaxed);
     }
 
     /// Asks `writer` to delete the records past retention; true when it did.
     fn expire(&self, writer: &IndexWriter) -> bool {
         let retention_ms = self.retention_ms.load(Ordering::Relaxed);
-        if retention_ms == 0 {
+        let mut cutoff = if retention_ms == 0 {
+            i64::MIN
+        } else {
+            crate::time::now_ns().saturating_sub((retention_ms as i64).saturating_mul(1_000_000))
+        };
+        let max_bytes = self.max_bytes.load(Ordering::Relaxed);
+        if max_bytes > 0 {
+            match self.size_cutoff(max_bytes) {
+                Ok(Some(by_size)) => cutoff = cutoff.max(by_size),
+                Ok(None) => {}
+                Err(err) => tracing::error!(error = %err, "index size check failed"),
+            }
+        }
+        if cutoff == i64::MIN {
             return false;
         }
-        let cutoff = crate::time::now_ns().saturating_sub((retention_ms as i64).saturating_mul(1_000_000));
         let bound =
             tantivy::Term::from_field_date(self.fields.timestamp, DateTime::from_timestamp_nanos(cutoff));
         let older =
@@ -271,6 +289,72 @@ impl LogIndex {
                 false
             }
         }
+    }
+
+    /// When the live records take more than `max_bytes` on disk, the time
+    /// before which the oldest must go for them to take 90% of it.
+    ///
+    /// Deleted records keep their space until a merge, so the live size
+    /// is the directory's size times the share of documents alive; the
+    /// cut is found from a 1,024-bucket histogram of the live timestamps.
+    fn size_cutoff(&self, max_bytes: u64) -> tantivy::Result<Option<i64>> {
+        let on_disk: u64 = std::fs::read_dir(&self.path)?
+            .filter_map(Result::ok)
+            .filter_map(|entry| entry.metadata().ok())
+            .filter(|meta| meta.is_file())
+            .map(|meta| meta.len())
+            .sum();
+        let searcher = self.reader.searcher();
+        let segments = searcher.segment_readers();
+        let alive: u64 = segments.iter().map(|s| u64::from(s.num_docs())).sum();
+        let all: u64 = segments.iter().map(|s| u64::from(s.max_doc())).sum();
+        if alive == 0 {
+            return Ok(None);
+        }
+        let live_bytes = on_disk as f64 * alive as f64 / all as f64;
+        if live_bytes <= max_bytes as f64 {
+            return Ok(None);
+        }
+        let to_delete = ((1.0 - 0.9 * max_bytes as f64 / live_bytes) * alive as f64).ceil() as u64;
+        let mut columns = Vec::with_capacity(segments.len());
+        let (mut low, mut high) = (i64::MAX, i64::MIN);
+        for segment in segments {
+            let column = segment.fast_fields().date("timestamp")?;
+            low = low.min(column.min_value().into_timestamp_nanos());
+            high = high.max(column.max_value().into_timestamp_nanos());
+            columns.push((segment, column));
+        }
+        const BUCKETS: usize = 1024;
+        let width = ((high as i128 - low as i128) / BUCKETS as i128 + 1) as i64;
+        let mut counts = [0u64; BUCKETS];
+        for (segment, column) in &columns {
+            let alive = segment.alive_bitset();
+            for doc in 0..segment.max_doc() {
+                if alive.is_some_and(|bits| !bits.is_alive(doc)) {
+                    continue;
+                }
+                if let Some(ts) = column.first(doc) {
+                    let bucket = ((ts.into_timestamp_nanos() as i128 - low as i128) / width as i128) as usize;
+                    counts[bucket.min(BUCKETS - 1)] += 1;
+                }
+            }
+        }
+        let mut seen = 0;
+        for (bucket, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= to_delete {
+                let cutoff = low.saturating_add(width.saturating_mul(bucket as i64 + 1));
+                tracing::warn!(
+                    live_bytes = live_bytes as u64,
+                    max_bytes,
+                    records = seen,
+                    before = %crate::time::format_ns(cutoff),
+                    "index past its size cap: deleting its oldest records"
+                );
+                return Ok(Some(cutoff));
+            }
+        }
+        Ok(Some(i64::MAX))
     }
 
     /// Where the last commit left the indexer.
@@ -291,9 +375,16 @@ impl LogIndex {
     /// A writer on this index, as the indexer thread uses (one indexing
     /// thread, 64 MiB): for tools that index outside a running collector.
     pub fn writer(&self) -> Result<IndexWriter, IndexError> {
-        self.index
+        let writer = self
+            .index
             .writer_with_num_threads(1, WRITER_MEMORY)
-            .map_err(|source| IndexError::Tantivy { path: self.path.clone(), source })
+            .map_err(|source| IndexError::Tantivy { path: self.path.clone(), source })?;
+        // A segment with a third of its records deleted by retention is
+        // merged, so their space comes back.
+        let mut policy = tantivy::indexer::LogMergePolicy::default();
+        policy.set_del_docs_ratio_before_merge(0.3);
+        writer.set_merge_policy(Box::new(policy));
+        Ok(writer)
     }
 
     /// Commits what `writer` holds as covering the WAL up to `up_to`, and
@@ -472,6 +563,15 @@ fn index_until_stopped(
             }
         };
         let idle = entries.is_empty();
+        if let Some(first) = entries.first()
+            && first.position > up_to.position
+        {
+            tracing::warn!(
+                from = up_to.position,
+                to = first.position,
+                "this part of the wal was removed after archiving; its records are in the archive only (logvault archive restore)"
+            );
+        }
         for entry in entries {
             index.documents(&entry, &mut inflater, &mut up_to.next_id, &mut docs);
             // One document per hand-over: tantivy bounds its queue by

@@ -162,6 +162,8 @@ pub struct MetricsSource {
     pub gaps: std::sync::Arc<AtomicU64>,
     /// Batches taken without a chain check (predecessor forgotten).
     pub unverified: std::sync::Arc<AtomicU64>,
+    /// WAL bytes removed after indexing and archiving.
+    pub wal_pruned: std::sync::Arc<AtomicU64>,
 }
 
 impl MetricsSource {
@@ -189,7 +191,7 @@ impl MetricsSource {
         }
         let durable = self.durable.load(Ordering::Acquire);
         let committed = self.index.committed.load(Ordering::Acquire);
-        let single: [(&str, &str, &str, u64); 12] = [
+        let single: [(&str, &str, &str, u64); 13] = [
             (
                 "logvault_rate_limited_milliseconds_total",
                 "counter",
@@ -235,6 +237,12 @@ impl MetricsSource {
             ),
             ("logvault_connections", "gauge", "Ingest connections open", load(&self.ingest.connections)),
             ("logvault_wal_bytes", "gauge", "Bytes of WAL segments on disk", wal_bytes(&self.wal_dir)),
+            (
+                "logvault_wal_pruned_bytes_total",
+                "counter",
+                "WAL bytes removed once indexed and archived",
+                load(&self.wal_pruned),
+            ),
             (
                 "logvault_index_lag_bytes",
                 "gauge",
@@ -293,6 +301,7 @@ mod tests {
             wal_busy: crate::wal::WalBusy::default(),
             gaps: std::sync::Arc::new(AtomicU64::new(0)),
             unverified: std::sync::Arc::new(AtomicU64::new(0)),
+            wal_pruned: std::sync::Arc::new(AtomicU64::new(0)),
         };
         let text = source.render();
         assert!(text.contains("logvault_ingest_bytes_total{tenant=\"alpha\"} 150\n"), "{text}");

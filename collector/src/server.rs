@@ -81,6 +81,31 @@ async fn bind(address: &str) -> Result<TcpListener, ServerError> {
         .map_err(|source| ServerError::Bind { address: address.to_owned(), source })
 }
 
+/// Removes the WAL segments that are indexed and (when `archived` is
+/// given) archived, every `every`, until `cancel` fires.
+async fn prune_wal(
+    wal: Wal,
+    indexed: Arc<IndexProgress>,
+    archived: Option<Arc<crate::seal::SealProgress>>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    use std::sync::atomic::Ordering;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let mut below = indexed.committed.load(Ordering::Acquire);
+        if let Some(archived) = &archived {
+            below = below.min(archived.sealed_position.load(Ordering::Acquire));
+        }
+        if let Err(err) = wal.prune(below).await {
+            tracing::error!(error = %err, "wal pruning failed; retrying");
+        }
+    }
+}
+
 /// Starts the collector; it runs until `cancel` fires.
 pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result<Running, ServerError> {
     config.validate()?;
@@ -120,6 +145,7 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
     let index = Arc::new(LogIndex::open(&config.data_dir.join("index"))?);
     index.set_retention(
         config.index.retention_ms.map(Duration::from_millis),
+        config.index.max_bytes,
         Duration::from_millis(config.index.retention_check_ms),
     );
     let progress = Arc::new(IndexProgress::default());
@@ -175,6 +201,7 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         wal_busy: ingest.wal.busy_state(),
         gaps: ingest.wal.gaps_counter(),
         unverified: ingest.wal.unverified_counter(),
+        wal_pruned: ingest.wal.pruned_counter(),
     };
     tokio::spawn(verifier.clone().watch(cancel.clone()));
     // The sealer stops after the WAL has taken its last batch, so its last
@@ -193,6 +220,24 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
             Some(tokio::spawn(sealer.run(seal_cancel.clone())))
         }
         None => None,
+    };
+    let pruner = {
+        use crate::config::WalPrune;
+        let archived = config.archive.as_ref().map(|_| seal_progress.clone());
+        let on = match config.wal.prune {
+            WalPrune::Never => false,
+            WalPrune::Auto => archived.is_some(),
+            WalPrune::Always => true,
+        };
+        on.then(|| {
+            tokio::spawn(prune_wal(
+                ingest.wal.clone(),
+                progress.clone(),
+                archived,
+                Duration::from_millis(config.wal.prune_check_ms.max(1)),
+                cancel.clone(),
+            ))
+        })
     };
     let state = Arc::new(ApiState {
         index,
@@ -231,6 +276,9 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
             let _ = task.await;
         }
         let _ = api_task.await;
+        if let Some(task) = pruner {
+            let _ = task.await;
+        }
         // The last Wal handle goes with `ingest`: the writer thread drains
         // what it was handed, fsyncs and exits.
         drop(ingest);

@@ -22,6 +22,12 @@
 //!
 //! On open the last segment's torn tail (a crash mid-write) is cut off at
 //! the last whole entry; everything before it was fsynced.
+//!
+//! Segments that are indexed and archived can be removed ([`Wal::prune`]).
+//! The writer first saves what dedup and the chain check know of every
+//! stream to `streams.snapshot`, as of the durable end; on open that
+//! snapshot is loaded and only the entries after it are scanned, so a
+//! resend or a replay of a pruned batch is still recognised.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -44,6 +50,13 @@ const MAX_ENTRY: u32 = 64 * 1024 * 1024;
 pub const MAX_BATCH_BYTES: u32 = 32 * 1024 * 1024;
 /// Requests taken into one group commit, at most.
 const MAX_GROUP: usize = 1024;
+/// The stream snapshot's file name, in the WAL directory.
+const SNAPSHOT: &str = "streams.snapshot";
+const SNAPSHOT_MAGIC: &[u8; 4] = b"LVWS";
+const SNAPSHOT_VERSION: u8 = 1;
+/// Largest snapshot read back: far above any real one (a stream takes
+/// about 40 KiB at most), a guard against a damaged file.
+const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 /// Batch links (end seq, hash) remembered per stream for the chain check.
 /// The oldest ends are forgotten first; a batch whose predecessor would
 /// be among the forgotten ones is taken unverified (and counted) rather
@@ -298,6 +311,12 @@ enum Job {
         batches: Vec<BatchRef>,
         reply: oneshot::Sender<Vec<bool>>,
     },
+    /// Remove the segments wholly below a position: answered with the
+    /// bytes freed, after the group it came with is fsynced.
+    Prune {
+        below: u64,
+        reply: oneshot::Sender<Result<u64, WalError>>,
+    },
 }
 
 /// A stream, as dedup sees it.
@@ -312,6 +331,7 @@ struct StreamKey {
 /// The handle connections append through.
 #[derive(Debug, Clone)]
 pub struct Wal {
+    pruned: Arc<AtomicU64>,
     gaps: Arc<AtomicU64>,
     unverified: Arc<AtomicU64>,
     tx: mpsc::Sender<Job>,
@@ -387,6 +407,8 @@ struct Writer {
     first_base: u64,
     max_bytes: u64,
     full: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes removed by pruning.
+    pruned: Arc<AtomicU64>,
 }
 
 impl Wal {
@@ -397,14 +419,20 @@ impl Wal {
         let WalOptions { segment_bytes, queue, max_bytes, accept_gaps } = *options;
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let durable = Arc::new(AtomicU64::new(0));
-        let mut streams: HashMap<StreamKey, StreamState> = HashMap::new();
+        let (snapshot_at, mut streams) = read_snapshot(dir)?;
         let segments = list_segments(dir)?;
         let mut end = 0;
         for (i, (base, path)) in segments.iter().enumerate() {
             let last = i + 1 == segments.len();
+            // A segment the snapshot covers whole is not read again.
+            if !last && segments[i + 1].0 <= snapshot_at {
+                continue;
+            }
             let mut valid_end = *base;
             scan_segment(path, *base, last, |entry| {
-                if let (Ok(header), Ok(hash)) = (peek_header(&entry.batch), encoded_batch_hash(&entry.batch))
+                if entry.position >= snapshot_at
+                    && let (Ok(header), Ok(hash)) =
+                        (peek_header(&entry.batch), encoded_batch_hash(&entry.batch))
                 {
                     let key = StreamKey {
                         tenant: entry.tenant.clone(),
@@ -439,7 +467,9 @@ impl Wal {
         let busy = WalBusy::default();
         let gaps = Arc::new(AtomicU64::new(0));
         let unverified = Arc::new(AtomicU64::new(0));
+        let pruned = Arc::new(AtomicU64::new(0));
         let writer = Writer {
+            pruned: pruned.clone(),
             accept_gaps,
             gaps: gaps.clone(),
             unverified: unverified.clone(),
@@ -460,7 +490,21 @@ impl Wal {
             .name("logvault-wal".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| io_err(dir, e))?;
-        Ok((Wal { tx, durable, dir: dir.to_owned(), busy, gaps, unverified }, handle))
+        Ok((Wal { tx, durable, dir: dir.to_owned(), busy, gaps, unverified, pruned }, handle))
+    }
+
+    /// Removes the segments that end at or below `below` (never the one
+    /// being written), after saving the stream snapshot; returns the bytes
+    /// freed. `below` must be a position that is indexed and archived.
+    pub async fn prune(&self, below: u64) -> Result<u64, WalError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Job::Prune { below, reply }).await.map_err(|_| WalError::Closed)?;
+        answer.await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Bytes removed by pruning since open.
+    pub fn pruned_counter(&self) -> Arc<AtomicU64> {
+        self.pruned.clone()
     }
 
     /// Appends a batch; resolves once it is fsynced (or known duplicate).
@@ -564,6 +608,7 @@ impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut group = Vec::with_capacity(MAX_GROUP);
         let mut questions = Vec::new();
+        let mut prunes = Vec::new();
         let mut buffer = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut next = Some(first);
@@ -573,8 +618,9 @@ impl Writer {
                     Job::Known { tenant, host, batches, reply } => {
                         questions.push((tenant, host, batches, reply))
                     }
+                    Job::Prune { below, reply } => prunes.push((below, reply)),
                 }
-                if group.len() + questions.len() < MAX_GROUP {
+                if group.len() + questions.len() + prunes.len() < MAX_GROUP {
                     next = rx.try_recv().ok();
                 }
             }
@@ -594,8 +640,45 @@ impl Writer {
                     .collect();
                 let _ = reply.send(known);
             }
+            for (below, reply) in prunes.drain(..) {
+                let _ = reply.send(self.prune(below));
+            }
         }
         let _ = self.file.sync_all();
+    }
+
+    fn prune(&mut self, below: u64) -> Result<u64, WalError> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        let segments = list_segments(&self.dir)?;
+        // A segment goes when the next one starts at or below `below`; the
+        // last one, being written, never does.
+        let doomed: Vec<&(u64, PathBuf)> =
+            segments.windows(2).filter(|pair| pair[1].0 <= below).map(|pair| &pair[0]).collect();
+        let Some(last) = doomed.last() else { return Ok(0) };
+        let first_kept =
+            segments.iter().find(|(base, _)| base > &last.0).map_or(self.base, |(base, _)| *base);
+        write_snapshot(&self.dir, self.base + self.len, &self.streams)?;
+        let mut freed = 0;
+        for (_, path) in &doomed {
+            freed += std::fs::metadata(path).map_err(|e| io_err(path, e))?.len();
+            std::fs::remove_file(path).map_err(|e| io_err(path, e))?;
+        }
+        sync_dir(&self.dir)?;
+        self.first_base = first_kept;
+        self.pruned.fetch_add(freed, Ordering::Relaxed);
+        tracing::info!(
+            segments = doomed.len(),
+            bytes = freed,
+            below,
+            "indexed and archived wal segments removed"
+        );
+        let size = self.base + self.len - self.first_base;
+        if self.max_bytes > 0 && size < self.max_bytes && self.full.swap(false, Ordering::AcqRel) {
+            tracing::warn!(size, max = self.max_bytes, "wal below its cap again: taking batches");
+        }
+        Ok(freed)
     }
 
     fn commit_group(&mut self, group: &mut Vec<(AppendRequest, Reply)>, buffer: &mut Vec<u8>) {
@@ -709,6 +792,151 @@ impl Writer {
         self.base = base;
         self.len = 0;
         Ok(())
+    }
+}
+
+/// Saves what the writer knows of every stream as of `position`: to a
+/// temporary file, fsynced, renamed over the old snapshot.
+fn write_snapshot(
+    dir: &Path,
+    position: u64,
+    streams: &HashMap<StreamKey, StreamState>,
+) -> Result<(), WalError> {
+    let path = dir.join(SNAPSHOT);
+    let tmp = dir.join(format!("{SNAPSHOT}.tmp"));
+    let bytes = encode_snapshot(position, streams);
+    let written = File::create(&tmp).and_then(|mut file| {
+        file.write_all(&bytes)?;
+        file.sync_all()
+    });
+    written.map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    sync_dir(dir)
+}
+
+/// The snapshot in `dir`: the position it covers and the streams, or
+/// (0, nothing) when there is none.
+fn read_snapshot(dir: &Path) -> Result<(u64, HashMap<StreamKey, StreamState>), WalError> {
+    let path = dir.join(SNAPSHOT);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, HashMap::new())),
+        Err(e) => return Err(io_err(&path, e)),
+    };
+    let corrupt = |reason: &str| WalError::Corrupt {
+        path: path.clone(),
+        offset: 0,
+        reason: format!(
+            "{reason}; the dedup state of pruned segments is lost: move the file away to start without it (resends of pruned batches are then stored again)"
+        ),
+    };
+    let len = file.metadata().map_err(|e| io_err(&path, e))?.len();
+    if len > MAX_SNAPSHOT_BYTES {
+        return Err(corrupt("snapshot larger than the cap"));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_SNAPSHOT_BYTES), &mut bytes)
+        .map_err(|e| io_err(&path, e))?;
+    decode_snapshot(&bytes).ok_or_else(|| corrupt("snapshot does not decode"))
+}
+
+/// `LVWS | version u8 | position u64 | streams u32 | stream* | crc32 u32`,
+/// a stream being `tenant, host, source (u16 + UTF-8) | epoch u64 | high
+/// u64 | floor u64 | ends u32 | (end u64 | hashes u16 | hash[32]*)*`,
+/// big-endian; the checksum covers everything before it.
+fn encode_snapshot(position: u64, streams: &HashMap<StreamKey, StreamState>) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.push(SNAPSHOT_VERSION);
+    out.extend_from_slice(&position.to_be_bytes());
+    out.extend_from_slice(&(streams.len() as u32).to_be_bytes());
+    for (key, state) in streams {
+        for text in [&key.tenant, &key.host, &key.source] {
+            let text = &text.as_bytes()[..text.len().min(u16::MAX as usize)];
+            out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+            out.extend_from_slice(text);
+        }
+        for number in [key.epoch, state.high, state.floor] {
+            out.extend_from_slice(&number.to_be_bytes());
+        }
+        out.extend_from_slice(&(state.links.len() as u32).to_be_bytes());
+        for (end, hashes) in &state.links {
+            out.extend_from_slice(&end.to_be_bytes());
+            out.extend_from_slice(&(hashes.len() as u16).to_be_bytes());
+            for hash in hashes {
+                out.extend_from_slice(hash);
+            }
+        }
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+fn decode_snapshot(bytes: &[u8]) -> Option<(u64, HashMap<StreamKey, StreamState>)> {
+    let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+    if crc32fast::hash(body) != u32::from_be_bytes(crc.try_into().ok()?) {
+        return None;
+    }
+    let mut cursor = Cursor(body);
+    if cursor.take(4)? != SNAPSHOT_MAGIC || cursor.u8()? != SNAPSHOT_VERSION {
+        return None;
+    }
+    let position = cursor.u64()?;
+    let count = cursor.u32()? as usize;
+    // Each stream takes at least 34 bytes: no allocation past what is there.
+    let mut streams = HashMap::with_capacity(count.min(cursor.0.len() / 34));
+    for _ in 0..count {
+        let key = StreamKey {
+            tenant: cursor.text()?,
+            host: cursor.text()?,
+            source: cursor.text()?,
+            epoch: cursor.u64()?,
+        };
+        let mut state = StreamState { high: cursor.u64()?, floor: cursor.u64()?, ..StreamState::default() };
+        for _ in 0..cursor.u32()? {
+            let end = cursor.u64()?;
+            let n = cursor.u16()? as usize;
+            let mut hashes = Vec::with_capacity(n.min(cursor.0.len() / 32));
+            for _ in 0..n {
+                hashes.push(cursor.take(32)?.try_into().ok()?);
+            }
+            state.count += hashes.len();
+            if hashes.is_empty() || state.count > LINKS || state.links.insert(end, hashes).is_some() {
+                return None;
+            }
+        }
+        if streams.insert(key, state).is_some() {
+            return None;
+        }
+    }
+    cursor.0.is_empty().then_some((position, streams))
+}
+
+/// Reads big-endian numbers and length-prefixed text off a slice.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn text(&mut self) -> Option<String> {
+        let len = self.u16()? as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
     }
 }
 
@@ -995,6 +1223,114 @@ mod tests {
         assert_eq!(wal.known("t", "h", asked).await.unwrap(), vec![true, false, false, false]);
         assert_eq!(wal.known("u", "h", vec![batch("/s", 0, first)]).await.unwrap(), vec![false]);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn pruned_segments_leave_their_dedup_state_in_the_snapshot() {
+        let dir = std::env::temp_dir().join(format!("logvault-wal-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut one = Vec::new();
+        encode_entry(&mut one, &request(0, 10, [0; 32]), 0);
+        // Every group rolls the segment; the cap holds five entries.
+        let options =
+            WalOptions { segment_bytes: 1, max_bytes: 5 * one.len() as u64 + 100, ..WalOptions::small() };
+        let mut prev = [0; 32];
+        let mut hashes = Vec::new();
+        let below = {
+            let (wal, thread) = Wal::open(&dir, &options).unwrap();
+            for i in 0..5 {
+                let request = request(i * 10, 10, prev);
+                prev = hash_of(&request);
+                hashes.push(prev);
+                assert_eq!(wal.append(request).await.unwrap(), Appended::Stored { skipped: 0 });
+            }
+            assert!(matches!(wal.append(request(50, 10, prev)).await, Err(WalError::Full { .. })));
+            assert!(wal.is_busy());
+            let segments = list_segments(&dir).unwrap();
+            assert_eq!(segments.len(), 6, "five written, one open");
+            // A position inside a segment keeps that segment.
+            assert_eq!(wal.prune(segments[1].0 - 1).await.unwrap(), 0);
+            let below = segments[3].0;
+            let freed = wal.prune(below).await.unwrap();
+            assert_eq!(freed, 3 * one.len() as u64);
+            assert_eq!(wal.pruned_counter().load(Ordering::Relaxed), freed);
+            assert_eq!(list_segments(&dir).unwrap(), segments[3..].to_vec());
+            assert!(!wal.is_busy(), "under the cap again");
+            assert_eq!(wal.prune(below).await.unwrap(), 0);
+            drop(wal);
+            thread.join().unwrap();
+            below
+        };
+        let (wal, thread) = Wal::open(&dir, &options).unwrap();
+        // What the pruned segments held is still known: a resend is a
+        // duplicate, an old batch played again is refused, the chain goes on.
+        assert_eq!(wal.append(request(0, 10, [0; 32])).await.unwrap(), Appended::Duplicate);
+        let replay = wal.append(request(10, 10, [7; 32])).await;
+        assert!(matches!(replay, Err(WalError::Sequence { fault: SequenceFault::Replay, .. })), "{replay:?}");
+        let batch = |hash| BatchRef { source: "/s".into(), epoch: 0, hash };
+        assert_eq!(
+            wal.known("t", "h", vec![batch(hashes[0]), batch([9; 32])]).await.unwrap(),
+            vec![true, false]
+        );
+        assert_eq!(wal.append(request(50, 10, prev)).await.unwrap(), Appended::Stored { skipped: 0 });
+        let entries = read_range(&dir, 0, wal.durable_end(), u64::MAX).unwrap();
+        assert_eq!(
+            entries.first().map(|e| e.position),
+            Some(below),
+            "reading starts at the first kept entry"
+        );
+        assert_eq!(entries.len(), 3);
+        drop(wal);
+        thread.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn snapshot_streams() -> impl proptest::strategy::Strategy<Value = HashMap<StreamKey, StreamState>> {
+        use proptest::prelude::*;
+        let key = ("[a-z]{0,8}", "\\PC{0,12}", "\\PC{0,20}", any::<u64>())
+            .prop_map(|(tenant, host, source, epoch)| StreamKey { tenant, host, source, epoch });
+        let links = proptest::collection::btree_map(
+            any::<u64>(),
+            proptest::collection::vec(any::<[u8; 32]>(), 1..3),
+            0..20,
+        );
+        let state = (any::<u64>(), any::<u64>(), links).prop_map(|(high, floor, links)| StreamState {
+            high,
+            floor,
+            count: links.values().map(Vec::len).sum(),
+            links,
+        });
+        proptest::collection::hash_map(key, state, 0..8)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_stream_snapshot_round_trips(position: u64, streams in snapshot_streams()) {
+            let (at, back) = decode_snapshot(&encode_snapshot(position, &streams)).unwrap();
+            proptest::prop_assert_eq!(at, position);
+            proptest::prop_assert_eq!(back.len(), streams.len());
+            for (key, state) in &streams {
+                let other = &back[key];
+                proptest::prop_assert_eq!((other.high, other.floor, other.count), (state.high, state.floor, state.count));
+                proptest::prop_assert_eq!(&other.links, &state.links);
+            }
+        }
+
+        #[test]
+        fn the_snapshot_decoder_refuses_damage_without_panicking(
+            streams in snapshot_streams(),
+            flip in proptest::prelude::any::<proptest::sample::Index>(),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        ) {
+            let bytes = encode_snapshot(1, &streams);
+            let mut flipped = bytes.clone();
+            let at = flip.index(flipped.len());
+            flipped[at] ^= 0x40;
+            proptest::prop_assert!(decode_snapshot(&flipped).is_none());
+            proptest::prop_assert!(decode_snapshot(&bytes[..cut.index(bytes.len())]).is_none());
+            let _ = decode_snapshot(&noise);
+        }
     }
 
     #[tokio::test]

@@ -444,7 +444,7 @@ fn an_object_store_outage_pushes_back_on_agents_and_loses_nothing() {
     let checkpoint_key = setup.path().join("checkpoint.key");
     let uri = format!("s3://logs/archive?endpoint={}&region=us-east-1", s3.endpoint);
     let archive_toml = format!(
-        "\n[archive]\nuri = {uri:?}\nkek_file = {:?}\ncheckpoint_key = {:?}\nseal_interval_ms = 200\ncheckpoint_interval_ms = 500\nsegment_bytes = 262144\nmax_pending_bytes = 400000\n",
+        "\n[archive]\nuri = {uri:?}\nkek_file = {:?}\ncheckpoint_key = {:?}\nseal_interval_ms = 200\ncheckpoint_interval_ms = 500\nsegment_bytes = 262144\nmax_pending_bytes = 400000\n\n[wal]\nsegment_bytes = 1048576\nprune_check_ms = 200\n",
         kek.display().to_string(),
         checkpoint_key.display().to_string()
     );
@@ -487,6 +487,14 @@ fn an_object_store_outage_pushes_back_on_agents_and_loses_nothing() {
     wait_for(Duration::from_secs(30), "busy to clear", || {
         (metric_now("logvault_wal_busy") == 0).then_some(())
     });
+    // Once archived and indexed, the WAL's closed segments go: local disk
+    // stays bounded by what is not yet archived.
+    let pruned = wait_for(Duration::from_secs(30), "the wal to be pruned", || {
+        let pruned = metric_now("logvault_wal_pruned_bytes_total");
+        (pruned > 0).then_some(pruned)
+    });
+    let left = metric_now("logvault_wal_bytes");
+    assert!(left < 1_100_000, "pruned {pruned}, left {left}: at most the open segment stays");
     agent.stop();
     collector.process.stop();
 
@@ -504,4 +512,6 @@ fn an_object_store_outage_pushes_back_on_agents_and_loses_nothing() {
     let clean = audit(&backend, "archive", &checkpoint_key.with_extension("pub"), &[&kek]);
     assert_eq!((clean.code, &clean.findings), (0, &vec![]), "{}", clean.report);
     assert_eq!(clean.report["records"], 25_000, "each line archived once: {}", clean.report);
+    // The index outlives the pruned WAL.
+    assert_eq!(collector_total_after_restart(&setup), 25_000);
 }

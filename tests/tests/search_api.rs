@@ -437,3 +437,46 @@ fn index_retention_deletes_old_records_and_keeps_new_ones() {
     agent.stop();
     collector.process.stop();
 }
+
+/// Past `index.max_bytes` the index deletes its oldest records (by their
+/// own time) until the live ones take 90% of the cap; newer ones stay.
+#[test]
+fn index_size_cap_deletes_the_oldest_records_first() {
+    let setup = Setup::new("index-size-cap");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    // HDFS lines carry 2008 times, Spark lines 2017 times.
+    let files = copy_samples(&setup.path().join("logs"), &["HDFS_2k.log", "Spark_2k.log"]);
+    let config = loghub_agent_config(&setup, "cap-1", collector.ingest, &files);
+    let agent = start_agent(&setup, "cap-1", &config);
+    let token = setup.token(&["default"], Role::Reader);
+    collector.wait_total(&token, "*", 4000, Duration::from_secs(60));
+    agent.stop();
+    collector.process.stop();
+    let index = setup.path().join("collector-data").join("index");
+    let size = || -> u64 {
+        std::fs::read_dir(&index).unwrap().map(|e| e.unwrap().metadata().unwrap()).map(|m| m.len()).sum()
+    };
+    let full = size();
+
+    // A cap at three quarters of that: about a third of the records go,
+    // and they are HDFS's, the oldest.
+    let cap = full * 3 / 4;
+    let collector = Collector::start(
+        &setup,
+        &CollectorOptions {
+            extra_toml: format!("max_bytes = {cap}\nretention_check_ms = 200\n"),
+            ..Default::default()
+        },
+    );
+    wait_for(Duration::from_secs(30), "the size cap to delete records", || {
+        (collector.total(&token, "*") < 4000).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let source = |name: &str| format!("source:{:?}", files[name].display().to_string());
+    let spark = collector.total(&token, &source("Spark_2k.log"));
+    let hdfs = collector.total(&token, &source("HDFS_2k.log"));
+    assert_eq!(spark, 2000, "the newer records stay");
+    assert!(hdfs < 2000, "the oldest go first: {hdfs} HDFS records left");
+    collector.process.stop();
+    assert!(size() < full, "the space comes back: {} of {full} bytes", size());
+}
