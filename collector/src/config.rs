@@ -486,7 +486,12 @@ impl CollectorConfig {
     pub fn load(path: &Path) -> Result<CollectorConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let config: CollectorConfig = toml::from_str(&text)
+        CollectorConfig::parse(&text, path)
+    }
+
+    /// Parses and validates a configuration's text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<CollectorConfig, ConfigError> {
+        let config: CollectorConfig = toml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)

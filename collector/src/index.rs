@@ -117,9 +117,12 @@ fn build_schema() -> (Schema, Fields) {
         level: builder.add_text_field("level", keyword(KEYWORD, true)),
         message: builder
             .add_text_field("message", TextOptions::default().set_indexing_options(words.clone())),
-        // Words for search, and whole values in the column for top terms.
-        fields: builder
-            .add_json_field("fields", JsonObjectOptions::default().set_indexing_options(words).set_fast(RAW)),
+        // Words for search, and whole values in the column for top terms;
+        // `service.name` is found as `fields.service.name`.
+        fields: builder.add_json_field(
+            "fields",
+            JsonObjectOptions::default().set_indexing_options(words).set_fast(RAW).set_expand_dots_enabled(),
+        ),
         flags: builder.add_text_field("flags", keyword(RAW, false)),
         hit: builder.add_bytes_field("hit", STORED),
     };
@@ -467,7 +470,7 @@ impl LogIndex {
             if fields.peek().is_some() {
                 let mut object = BTreeMap::new();
                 for (name, value) in fields {
-                    object.insert(name.to_owned(), OwnedValue::Str(value.to_owned()));
+                    object.insert(indexed_name(name), OwnedValue::Str(value.to_owned()));
                     hit.fields.insert(name.to_owned(), serde_json::Value::String(value.to_owned()));
                 }
                 doc.add_object(f.fields, object);
@@ -488,6 +491,13 @@ impl LogIndex {
             tracing::error!(position = entry.position, error = %err, "wal entry does not decode; not indexed");
         }
     }
+}
+
+/// A field's name as the index knows it: control characters (tantivy's
+/// JSON path separators are among them) become U+FFFD, so no sender's key
+/// can split or end a path. The stored hit keeps the name as sent.
+fn indexed_name(name: &str) -> String {
+    name.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect()
 }
 
 /// Progress of the indexer, for health and metrics.
@@ -623,6 +633,69 @@ mod tests {
         assert_eq!(names(0b010, received - PAST_SKEW_NS - 1), vec!["continued", "past"]);
         assert_eq!(names(0, i64::MIN), vec!["past"]);
         assert_eq!(flag_names(0, i64::MAX, i64::MAX).count(), 0);
+    }
+
+    /// Field names are whatever a sender's JSON keys were: control
+    /// characters (tantivy's JSON path separators among them) and dots
+    /// are indexed, searchable by their escaped name, and kept as sent.
+    #[test]
+    fn any_field_name_is_indexed_and_kept_as_sent() {
+        use logvault_storage::{BatchBuilder, Level, WireRecord};
+        let dir = std::env::temp_dir().join(format!("logvault-index-names-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let index = LogIndex::open(&dir).unwrap();
+        let names = ["a\0b", "a\u{1}b", "\0", "a.b", "", "\u{1f}x\u{7f}", "ok"];
+        let mut builder = BatchBuilder::new("h", "/s", 0, 0, [0; 32]);
+        for name in names {
+            let mut record = WireRecord::new(1, Level::Info, format!("line {name:?}"));
+            record.fields.push((name.to_owned(), "value".into()));
+            builder.push(record);
+        }
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[1; 32]).unwrap();
+        let entry = wal::Entry {
+            position: 0,
+            next: 1,
+            received_ns: 1,
+            tenant: "t".into(),
+            host: "h".into(),
+            skip: 0,
+            signer: Vec::new(),
+            batch: builder.sign(&key),
+        };
+        let (mut docs, mut next_id) = (Vec::new(), 0);
+        index.documents(&entry, &mut Inflater::new(), &mut next_id, &mut docs);
+        let mut writer = index.writer().unwrap();
+        for doc in docs {
+            writer.add_document(doc).unwrap();
+        }
+        index.commit(&mut writer, IndexedUpTo { position: 1, next_id }).unwrap();
+        let search = |query: &str| {
+            let filter = crate::search::Filter {
+                tenants: vec!["t".into()],
+                query: query.into(),
+                from_ns: None,
+                to_ns: None,
+            };
+            let request = crate::search::SearchRequest {
+                filter,
+                limit: 10,
+                order: crate::search::SortOrder::Desc,
+                cursor: None,
+            };
+            index.search(&request, &crate::search::Deadline::after_ms(10_000))
+        };
+        let all = search("*").unwrap();
+        assert_eq!(all.total, names.len() as u64);
+        for name in names {
+            assert!(all.hits.iter().any(|hit| hit.fields.contains_key(name)), "{name:?} kept as sent");
+        }
+        let search = |query: &str| search(query).map(|r| r.total);
+        assert_eq!(search("fields.ok:value").unwrap(), 1);
+        assert_eq!(search("fields.a.b:value").unwrap(), 1, "a dotted name is its path");
+        assert_eq!(search("fields.a\u{fffd}b:value").unwrap(), 2, "control characters are U+FFFD");
+        let bad = search("fields.a\0b:value");
+        assert!(matches!(bad, Err(crate::search::SearchError::BadQuery(_))), "{bad:?}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod index;
 pub mod ingest;
 pub mod limits;

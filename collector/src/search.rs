@@ -344,6 +344,9 @@ fn check_leaf(leaf: &UserInputLeaf, tenants: &[String]) -> Result<(), SearchErro
         return Err(SearchError::BadQuery("tenant takes a single name: tenant:NAME".into()));
     }
     let json_path = field.strip_prefix("fields.").filter(|path| !path.is_empty());
+    if json_path.is_some_and(|path| path.chars().any(char::is_control)) {
+        return Err(SearchError::BadQuery(format!("field name {field:?} holds a control character")));
+    }
     if json_path.is_none() && !QUERY_FIELDS.contains(&field) {
         return Err(SearchError::BadQuery(format!(
             "unknown field {field:?}: fields are {}, tenant and fields.NAME (for the time, use from and to)",

@@ -67,14 +67,14 @@ pub fn load_or_create_key(path: &Path) -> std::io::Result<Ed25519KeyPair> {
 }
 
 /// One message as framed on the wire.
-struct Message {
-    bytes: Vec<u8>,
-    truncated: bool,
+pub(crate) struct Message {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) truncated: bool,
 }
 
 /// Why a connection's byte stream cannot be read as syslog.
 #[derive(Debug, thiserror::Error)]
-enum FramingError {
+pub(crate) enum FramingError {
     #[error("octet count is not digits followed by a space")]
     BadCount,
     #[error("{0}")]
@@ -83,7 +83,7 @@ enum FramingError {
 
 /// Reads the next message, keeping at most `max` bytes of it (the rest is
 /// read and dropped). `None` at a clean end of stream.
-async fn read_message<R: AsyncBufRead + Unpin>(
+pub(crate) async fn read_message<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     max: usize,
 ) -> Result<Option<Message>, FramingError> {
@@ -228,6 +228,19 @@ pub(crate) async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest
     let _ = tokio::time::timeout(Duration::from_secs(5), reader.get_mut().shutdown()).await;
 }
 
+/// Parses a message and adds it to `batch` as one record.
+pub(crate) fn add_message(batch: &mut BatchBuilder, parser: &Parser, message: &Message) {
+    let text = String::from_utf8_lossy(&message.bytes);
+    let mut flags = if message.truncated { FLAG_TRUNCATED } else { 0 };
+    if matches!(text, std::borrow::Cow::Owned(_)) {
+        flags |= FLAG_INVALID_UTF8;
+    }
+    let parsed = parser.parse(&text);
+    let timestamp_ns = parsed.timestamp_ns.unwrap_or_else(crate::time::now_ns);
+    let level = parsed.level.unwrap_or(Level::Unknown);
+    batch.push_parts(timestamp_ns, level, flags, &text, &parsed.fields);
+}
+
 struct Stream<'a> {
     ingest: &'a Ingest,
     key: &'a Ed25519KeyPair,
@@ -241,18 +254,10 @@ struct Stream<'a> {
 
 impl Stream<'_> {
     fn push(&mut self, parser: &Parser, message: Message) {
-        let text = String::from_utf8_lossy(&message.bytes);
-        let mut flags = if message.truncated { FLAG_TRUNCATED } else { 0 };
-        if matches!(text, std::borrow::Cow::Owned(_)) {
-            flags |= FLAG_INVALID_UTF8;
-        }
-        let parsed = parser.parse(&text);
-        let timestamp_ns = parsed.timestamp_ns.unwrap_or_else(crate::time::now_ns);
-        let level = parsed.level.unwrap_or(Level::Unknown);
         let (name, epoch, seq, prev) = (&self.name, self.epoch, self.next_seq, self.prev_hash);
         let batch =
             self.batch.get_or_insert_with(|| BatchBuilder::new(name, SYSLOG_SOURCE, epoch, seq, prev));
-        batch.push_parts(timestamp_ns, level, flags, &text, &parsed.fields);
+        add_message(batch, parser, &message);
         self.next_seq += 1;
         self.ingest.stats.syslog_messages.fetch_add(1, Ordering::Relaxed);
     }
