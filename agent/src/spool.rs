@@ -543,6 +543,35 @@ mod tests {
         dir
     }
 
+    proptest::proptest! {
+        /// Every entry reads back as written, whatever its contents, and
+        /// any bytes at all read as entries, damage or a partial tail,
+        /// without panicking.
+        #[test]
+        fn entries_round_trip_and_any_bytes_read_without_panicking(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            records: u32,
+            cursor in proptest::option::of("\\PC{1,40}"),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            let dir = temp("prop");
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("entry");
+            let written = SignedBatch { bytes, records, cursor, ..batch(7) };
+            std::fs::write(&path, encode(&written)).unwrap();
+            let (read, next) = read_entry(&path, 0).unwrap().unwrap();
+            proptest::prop_assert_eq!(next, std::fs::metadata(&path).unwrap().len());
+            proptest::prop_assert_eq!(
+                (read.bytes, read.records, read.cursor, read.hash, read.ack.offset),
+                (written.bytes, written.records, written.cursor, written.hash, written.ack.offset)
+            );
+            std::fs::write(&path, &noise).unwrap();
+            let (valid, _, _) = scan(&path);
+            proptest::prop_assert!(valid <= noise.len() as u64);
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
     /// A kill after a segment was acked and removed but before the head
     /// was saved again: the stale head names the removed segment at some
     /// offset. New entries go to a segment of a new id, and all of them are

@@ -74,13 +74,19 @@ fn roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 /// The collector's ingest configuration: TLS 1.3 only, the ring provider,
 /// and a client certificate signed by `files.ca` required of every peer.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    server_config_with_crl(files, None)
+    ingest_server_config(files, None, false)
 }
 
 /// [`server_config`], also refusing client certificates the CRL at `crl`
-/// (PEM, signed by the CA) lists. The CRL's own expiry is enforced: an
-/// expired CRL refuses every client rather than trusting stale news.
-pub fn server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<Arc<ServerConfig>, TlsError> {
+/// (PEM, signed by the CA) lists, and taking TLS 1.2 as well when
+/// `allow_tls12` (for syslog senders without 1.3). The CRL's own expiry
+/// is enforced: an expired CRL refuses every client rather than trusting
+/// stale news.
+pub fn ingest_server_config(
+    files: &TlsFiles,
+    crl: Option<&Path>,
+    allow_tls12: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone());
     if let Some(path) = crl {
@@ -95,8 +101,13 @@ pub fn server_config_with_crl(files: &TlsFiles, crl: Option<&Path>) -> Result<Ar
         builder = builder.with_crls(crls).enforce_revocation_expiration();
     }
     let verifier = builder.build()?;
+    let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
     let config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(versions)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
     Ok(Arc::new(config))

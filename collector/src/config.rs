@@ -200,6 +200,11 @@ pub struct IngestConfig {
     /// Default false.
     #[serde(default)]
     pub accept_gaps: bool,
+    /// Also take TLS 1.2 on the ingest and syslog listeners, for syslog
+    /// senders whose TLS library lacks 1.3 (agents always speak 1.3).
+    /// Client certificates are required either way. Default false.
+    #[serde(default)]
+    pub allow_tls12: bool,
     /// Bytes per second one agent (or syslog sender) may store, with a
     /// one-second burst; a sender over it is slowed, never refused. 0 (the
     /// default) for no limit.

@@ -111,6 +111,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             key: collector_cert.key.clone(),
             crl: Some(crl),
             accept_gaps: false,
+            allow_tls12: false,
             agent_rate_bytes: 0,
             max_connections_per_agent: 4,
             max_connections: 64,

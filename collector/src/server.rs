@@ -117,9 +117,9 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
     };
     let mut watched = vec![ingest_files.ca.clone(), ingest_files.cert.clone(), ingest_files.key.clone()];
     watched.extend(config.ingest.crl.clone());
-    let crl = config.ingest.crl.clone();
+    let (crl, allow_tls12) = (config.ingest.crl.clone(), config.ingest.allow_tls12);
     let ingest_tls = ReloadingAcceptor::new("ingest", watched, move || {
-        logvault_certs::server_config_with_crl(&ingest_files, crl.as_deref())
+        logvault_certs::ingest_server_config(&ingest_files, crl.as_deref(), allow_tls12)
     })?;
     let (api_cert, api_key) = (
         config.api.cert.clone().unwrap_or_else(|| config.ingest.cert.clone()),

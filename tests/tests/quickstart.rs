@@ -150,3 +150,158 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
     assert!(out.status.success(), "{report}");
     assert_eq!(report["records"], all + 1, "the archive holds each line once: {report}");
 }
+
+/// What must never appear in a log: every private key under `data` (each
+/// line of a PEM body, the whole key as hex and as base64), the KEKs'
+/// secrets, and the token with its signature on its own.
+fn secrets(data: &Path, token: &str) -> Vec<(String, String)> {
+    let base64 = |bytes: &[u8]| -> String {
+        pem::encode(&pem::Pem::new("X", bytes)).lines().filter(|l| !l.starts_with("-----")).collect()
+    };
+    let mut needles = vec![
+        ("the token".to_owned(), token.to_owned()),
+        ("the token's signature".to_owned(), token.rsplit('.').next().unwrap().to_owned()),
+    ];
+    let mut stack = vec![data.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let name = path.display().to_string();
+            let bytes = std::fs::read(&path).unwrap();
+            if name.ends_with(".kek") {
+                let text = String::from_utf8(bytes).unwrap();
+                let secret = text.split_whitespace().last().unwrap().to_owned();
+                assert_eq!(secret.len(), 64, "{name}");
+                needles.push((name, secret));
+            } else if name.ends_with(".key") {
+                let der = match pem::parse(&bytes) {
+                    Ok(block) => {
+                        let text = String::from_utf8_lossy(&bytes).into_owned();
+                        for line in text.lines().filter(|l| !l.starts_with("-----") && l.len() >= 16) {
+                            needles.push((format!("{name} (a PEM line)"), line.to_owned()));
+                        }
+                        block.contents().to_vec()
+                    }
+                    Err(_) => bytes,
+                };
+                needles.push((format!("{name} (hex)"), der.iter().map(|b| format!("{b:02x}")).collect()));
+                needles.push((format!("{name} (base64)"), base64(&der)));
+            }
+        }
+    }
+    needles
+}
+
+/// The whole pipeline at debug level (quickstart: collector, agent,
+/// syslog, archive; then searches, a refused token, the CLI, an audit
+/// and a key rotation), and no log or output holds key or token material.
+#[test]
+fn no_log_or_output_holds_key_or_token_material() {
+    let dir = TempDir::new("quickstart-secrets");
+    let data = dir.path().join("data");
+    let log = dir.path().join("quickstart.log");
+    let args = [
+        "quickstart",
+        "--data",
+        data.to_str().unwrap(),
+        "--api-listen",
+        "127.0.0.1:0",
+        "--ingest-listen",
+        "127.0.0.1:0",
+        "--syslog-listen",
+        "127.0.0.1:0",
+    ];
+    let debug = [("RUST_LOG".to_owned(), "debug".to_owned())];
+    let quickstart = Process::spawn_with_env(
+        "quickstart",
+        &bin("logvault"),
+        &args,
+        log.clone(),
+        std::process::Stdio::null(),
+        &debug,
+    );
+    let info = details(&data);
+    let token = info["token"].as_str().unwrap().to_owned();
+    wait_for(Duration::from_secs(60), "the samples to be searchable", || {
+        (curl_total(&info, "*") == 6000).then_some(())
+    });
+    let mut outputs = vec![("quickstart log".to_owned(), String::new())];
+    let mut run = |what: &str, command: &mut Command| {
+        let out = command.env("RUST_LOG", "debug").output().unwrap();
+        outputs.push((
+            what.to_owned(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        ));
+        out.status
+    };
+    // A token with a forged signature: refused, and the refusal logged.
+    let forged = format!("{}AAAA", &token[..token.len() - 4]);
+    let refused = run(
+        "curl with a forged token",
+        Command::new("curl")
+            .args(["--silent", "--cacert", info["ca_file"].as_str().unwrap(), "-H"])
+            .arg(format!("Authorization: Bearer {forged}"))
+            .arg(format!("{}/api/v1/search?q=x", info["api_url"].as_str().unwrap())),
+    );
+    assert!(refused.success());
+    let searched = run(
+        "logvault search",
+        Command::new(bin("logvault"))
+            .args([
+                "search",
+                "--url",
+                info["api_url"].as_str().unwrap(),
+                "--ca",
+                info["ca_file"].as_str().unwrap(),
+            ])
+            .args(["--token", &token, "--limit", "3", "--json", "PacketResponder"]),
+    );
+    assert!(searched.success());
+    quickstart.stop();
+    let kek = PathBuf::from(info["kek_file"].as_str().unwrap());
+    let audited = run(
+        "logvault audit",
+        Command::new(bin("logvault"))
+            .args(["audit", "--archive", info["archive_uri"].as_str().unwrap()])
+            .args(["--checkpoint-key", info["checkpoint_key"].as_str().unwrap()])
+            .arg("--key-file")
+            .arg(&kek),
+    );
+    assert!(audited.success(), "{}", outputs.last().unwrap().1);
+    let new_kek = data.join("keys/next.kek");
+    assert!(
+        run(
+            "logvault archive keygen",
+            Command::new(bin("logvault")).args(["archive", "keygen", "--id", "next", "--out"]).arg(&new_kek)
+        )
+        .success()
+    );
+    assert!(
+        run(
+            "logvault archive rotate-key",
+            Command::new(bin("logvault"))
+                .args(["archive", "rotate-key", "--archive", info["archive_uri"].as_str().unwrap()])
+                .arg("--key-file")
+                .arg(&kek)
+                .arg("--new-key")
+                .arg(&new_kek)
+        )
+        .success(),
+        "{}",
+        outputs.last().unwrap().1
+    );
+    outputs[0].1 = std::fs::read_to_string(&log).unwrap();
+    assert!(outputs[0].1.contains("DEBUG"), "the run logged at debug level");
+
+    let needles = secrets(&data, &token);
+    assert!(needles.len() > 20, "{} secrets found", needles.len());
+    for (what, text) in &outputs {
+        for (secret, needle) in &needles {
+            assert!(!text.contains(needle.as_str()), "{what} holds {secret}");
+        }
+    }
+}

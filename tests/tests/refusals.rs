@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use logvault_certs::{Pki, Role as CertRole};
+use logvault_certs::{Issued, Pki, Role as CertRole};
 use logvault_collector::auth::Role;
 use logvault_e2e::*;
 use logvault_storage::frame::RefuseCode;
@@ -364,5 +364,100 @@ fn sequence_faults_are_refused_with_their_reason_and_counted() {
     assert_eq!(count("chain"), 1);
     let log = collector.process.log_text();
     assert!(log.contains("out of sequence"), "refusals are logged:\n{}", tail(&log, 20));
+    collector.process.stop();
+}
+
+/// An agent certificate from the test CA, valid or expired, for client or
+/// for server authentication: what `logvault certs` never issues.
+fn crafted_cert(setup: &Setup, name: &str, expired: bool, purpose: rcgen::ExtendedKeyUsagePurpose) -> Issued {
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(setup.path().join("pki/ca.key")).unwrap()).unwrap();
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(setup.pki.ca_cert()).unwrap(), ca_key)
+            .unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI(format!("logvault://agent/{name}").try_into().unwrap()));
+    params.extended_key_usages = vec![purpose];
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params.use_authority_key_identifier_extension = true;
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let issued = Issued {
+        cert: setup.path().join(format!("{name}.crt")),
+        key: setup.path().join(format!("{name}.key")),
+    };
+    std::fs::write(&issued.cert, cert.pem()).unwrap();
+    std::fs::write(&issued.key, key.serialize_pem()).unwrap();
+    issued
+}
+
+/// The TLS checks of the ingest port against a running collector: an
+/// expired client certificate and one made for server authentication are
+/// refused with the matching alert, TLS 1.2 is taken only where
+/// `allow_tls12` says so, and a good agent ships throughout.
+#[test]
+fn expired_and_wrong_purpose_certificates_are_refused_and_tls12_only_when_configured() {
+    let setup = Setup::new("tls-checks");
+    let collector = Collector::start(
+        &setup,
+        &CollectorOptions { ingest_toml: "allow_tls12 = true".into(), ..Default::default() },
+    );
+    let token = setup.token(&["default"], Role::Reader);
+    let logs = setup.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let good_log = logs.join("good.log");
+    let lines = sample_lines("Zookeeper_2k.log");
+    append_lines(&good_log, &lines[..500]);
+    let config = agent_config(
+        &setup,
+        "good-2",
+        collector.ingest,
+        &[good_log.to_string_lossy().into_owned()],
+        &AgentOptions::default(),
+    );
+    let good = start_agent(&setup, "good-2", &config);
+    let ca = setup.pki.ca_cert();
+    let tls13 = [&rustls::version::TLS13];
+
+    let expired = crafted_cert(&setup, "expired-1", true, rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    let outcome = probe(collector.ingest, client_tls(&ca, Some((&expired.cert, &expired.key)), &tls13));
+    assert!(outcome.contains("CertificateExpired"), "expired certificate: {outcome}");
+    append_lines(&good_log, &lines[500..1000]);
+
+    let server_only = crafted_cert(&setup, "server-1", false, rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    let outcome =
+        probe(collector.ingest, client_tls(&ca, Some((&server_only.cert, &server_only.key)), &tls13));
+    assert!(outcome.contains("UnsupportedCertificate"), "server-auth certificate: {outcome}");
+    append_lines(&good_log, &lines[1000..1500]);
+
+    // The control: the same crafting, valid and for client authentication,
+    // gets through.
+    let fine = crafted_cert(&setup, "fine-1", false, rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    assert_eq!(probe(collector.ingest, client_tls(&ca, Some((&fine.cert, &fine.key)), &tls13)), "no answer");
+
+    // Configured: TLS 1.2 with a good certificate is taken, and without a
+    // certificate it is still refused.
+    let agent = setup.agent_cert("probe-2");
+    let tls12 = [&rustls::version::TLS12];
+    assert_eq!(
+        probe(collector.ingest, client_tls(&ca, Some((&agent.cert, &agent.key)), &tls12)),
+        "no answer"
+    );
+    let outcome = probe(collector.ingest, client_tls(&ca, None, &tls12));
+    assert!(outcome.contains("handshake"), "TLS 1.2 without a certificate: {outcome}");
+    append_lines(&good_log, &lines[1500..2000]);
+
+    collector.wait_total(&token, "*", 2000, Duration::from_secs(60));
+    let log = collector.process.log_text();
+    for expected in ["certificate expired", "does not allow extended key usage for client authentication"] {
+        assert!(log.contains(expected), "collector log lacks {expected:?}:\n{}", tail(&log, 40));
+    }
+    good.stop();
     collector.process.stop();
 }
