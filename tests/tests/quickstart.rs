@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use logvault_e2e::*;
 
-fn start(data: &Path) -> Process {
-    let _ = std::fs::remove_file(data.join("quickstart.json"));
-    let args = [
+/// `logvault quickstart` on `data`, every listener on a free port.
+fn quickstart_args(data: &Path) -> [&str; 9] {
+    [
         "quickstart",
         "--data",
         data.to_str().unwrap(),
@@ -20,10 +20,14 @@ fn start(data: &Path) -> Process {
         "127.0.0.1:0",
         "--syslog-listen",
         "127.0.0.1:0",
-    ];
+    ]
+}
+
+fn start(data: &Path) -> Process {
+    let _ = std::fs::remove_file(data.join("quickstart.json"));
     let log =
         data.with_extension(format!("log{}", std::fs::read_dir(data.parent().unwrap()).unwrap().count()));
-    Process::spawn_named("quickstart", &bin("logvault"), &args, log)
+    Process::spawn_named("quickstart", &bin("logvault"), &quickstart_args(data), log)
 }
 
 fn details(data: &Path) -> serde_json::Value {
@@ -204,22 +208,11 @@ fn no_log_or_output_holds_key_or_token_material() {
     let dir = TempDir::new("quickstart-secrets");
     let data = dir.path().join("data");
     let log = dir.path().join("quickstart.log");
-    let args = [
-        "quickstart",
-        "--data",
-        data.to_str().unwrap(),
-        "--api-listen",
-        "127.0.0.1:0",
-        "--ingest-listen",
-        "127.0.0.1:0",
-        "--syslog-listen",
-        "127.0.0.1:0",
-    ];
     let debug = [("RUST_LOG".to_owned(), "debug".to_owned())];
     let quickstart = Process::spawn_with_env(
         "quickstart",
         &bin("logvault"),
-        &args,
+        &quickstart_args(&data),
         log.clone(),
         std::process::Stdio::null(),
         &debug,
