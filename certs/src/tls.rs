@@ -87,6 +87,21 @@ pub fn ingest_server_config(
     crl: Option<&Path>,
     allow_tls12: bool,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    Ok(ingest_tls(files, crl, allow_tls12)?.config)
+}
+
+/// A server configuration with the client-certificate verifier it uses,
+/// so connections made earlier can be checked again when it changes.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The configuration.
+    pub config: Arc<ServerConfig>,
+    /// Its client-certificate verifier; None when clients present none.
+    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+/// [`ingest_server_config`] with its verifier.
+pub fn ingest_tls(files: &TlsFiles, crl: Option<&Path>, allow_tls12: bool) -> Result<ServerTls, TlsError> {
     let provider = provider();
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone());
     if let Some(path) = crl {
@@ -108,9 +123,9 @@ pub fn ingest_server_config(
     };
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
-    Ok(Arc::new(config))
+    Ok(ServerTls { config: Arc::new(config), client_verifier: Some(verifier) })
 }
 
 /// The agent's configuration: TLS 1.3 only, trusting `files.ca` for the

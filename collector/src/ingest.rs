@@ -100,7 +100,8 @@ pub async fn serve(
             continue;
         };
         let ingest = ingest.clone();
-        let cancel = cancel.clone();
+        // Its own token: a reload closes one connection without the rest.
+        let cancel = cancel.child_token();
         tracker.spawn(async move {
             ingest.stats.connections.fetch_add(1, Ordering::Relaxed);
             match protocol {
@@ -122,16 +123,23 @@ pub(crate) fn authority_key(tls: &tokio_rustls::server::TlsStream<TcpStream>) ->
 }
 
 /// The TLS handshake, within the handshake timeout; `None` (logged and
-/// counted) when it fails.
-pub(crate) async fn handshake(
+/// counted) when it fails. The connection is then on the acceptor's
+/// recheck list, while the guard lives: `cancel` fires if new TLS files
+/// no longer accept its certificate.
+pub(crate) async fn handshake<'a>(
     tcp: TcpStream,
     peer: SocketAddr,
-    ingest: &Ingest,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    ingest: &'a Ingest,
+    cancel: &CancellationToken,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, crate::reload::LiveConnection<'a>)> {
     let _ = tcp.set_nodelay(true);
     let limit = Duration::from_millis(ingest.config.ingest.handshake_timeout_ms);
     match tokio::time::timeout(limit, ingest.acceptor.acceptor().accept(tcp)).await {
-        Ok(Ok(tls)) => Some(tls),
+        Ok(Ok(tls)) => {
+            let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            let live = ingest.acceptor.register(peer, chain, cancel.clone());
+            Some((tls, live))
+        }
         Ok(Err(err)) => {
             ingest.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, error = %err, "tls handshake failed");
@@ -147,7 +155,7 @@ pub(crate) async fn handshake(
 
 async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: CancellationToken) {
     let limit = Duration::from_millis(ingest.config.ingest.handshake_timeout_ms);
-    let Some(mut tls) = handshake(tcp, peer, ingest).await else { return };
+    let Some((mut tls, _live)) = handshake(tcp, peer, ingest, &cancel).await else { return };
     let identity = {
         let (_, session) = tls.get_ref();
         match session.peer_certificates().and_then(|chain| chain.first()) {

@@ -119,14 +119,17 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
     watched.extend(config.ingest.crl.clone());
     let (crl, allow_tls12) = (config.ingest.crl.clone(), config.ingest.allow_tls12);
     let ingest_tls = ReloadingAcceptor::new("ingest", watched, move || {
-        logvault_certs::ingest_server_config(&ingest_files, crl.as_deref(), allow_tls12)
+        logvault_certs::ingest_tls(&ingest_files, crl.as_deref(), allow_tls12)
     })?;
     let (api_cert, api_key) = (
         config.api.cert.clone().unwrap_or_else(|| config.ingest.cert.clone()),
         config.api.key.clone().unwrap_or_else(|| config.ingest.key.clone()),
     );
     let api_tls = ReloadingAcceptor::new("api", vec![api_cert.clone(), api_key.clone()], move || {
-        logvault_certs::api_server_config(&api_cert, &api_key)
+        Ok(logvault_certs::ServerTls {
+            config: logvault_certs::api_server_config(&api_cert, &api_key)?,
+            client_verifier: None,
+        })
     })?;
     let key_sources = crate::auth::KeySources {
         files: config.api.jwt_public_key.iter().cloned().collect(),

@@ -159,7 +159,7 @@ pub(crate) async fn read_message<R: AsyncBufRead + Unpin>(
 
 /// One syslog connection, from handshake to close.
 pub(crate) async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: CancellationToken) {
-    let Some(tls) = handshake(tcp, peer, ingest).await else { return };
+    let Some((tls, _live)) = handshake(tcp, peer, ingest, &cancel).await else { return };
     let name = match tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()) {
         Some(cert) => logvault_certs::peer_name(cert),
         None => Err(logvault_certs::IdentityError::NoName),
