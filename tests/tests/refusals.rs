@@ -461,3 +461,35 @@ fn expired_and_wrong_purpose_certificates_are_refused_and_tls12_only_when_config
     good.stop();
     collector.process.stop();
 }
+
+/// A connection that sends nothing for `idle_timeout_ms` is closed (its
+/// slot freed for others); one that keeps sending stays open.
+#[test]
+fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+    let setup = Setup::new("idle");
+    let collector = Collector::start(
+        &setup,
+        &CollectorOptions { ingest_toml: "idle_timeout_ms = 1000".into(), ..Default::default() },
+    );
+    let mut busy = RawAgent::connect(&setup, "busy-1", collector.ingest);
+    let mut idle = RawAgent::connect(&setup, "idle-1", collector.ingest);
+    let first = idle.batch("idle-1", "/var/log/idle.log", 0, 3, "idleword");
+    assert!(matches!(idle.send_batch(first), Some(Frame::Ack { status: AckStatus::Stored, .. })));
+    let mut prev = [0u8; 32];
+    for round in 0..6u64 {
+        let batch = busy.batch_after("busy-1", "/var/log/busy.log", round * 3, 3, "busyword", prev);
+        prev = logvault_storage::batch::encoded_batch_hash(&batch).unwrap();
+        match busy.send_batch(batch) {
+            Some(Frame::Ack { status: AckStatus::Stored, .. }) => {}
+            other => panic!("round {round}: the busy connection got {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    // 2.4 s went by: the idle connection was closed after 1 s of silence.
+    let late = idle.batch_after("idle-1", "/var/log/idle.log", 3, 3, "idleword", [0; 32]);
+    assert_eq!(idle.send_batch(late), None, "the idle connection is closed");
+    let log = collector.process.log_text();
+    assert!(log.contains("closing idle connection") && log.contains("idle-1"), "{}", tail(&log, 20));
+    assert!(!log.contains("agent=busy-1 idle_ms"), "the busy connection was left alone");
+    collector.process.stop();
+}
