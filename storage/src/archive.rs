@@ -205,6 +205,40 @@ impl Archive {
         }
     }
 
+    /// Reads `key` whole into `buffer` (cleared first, its memory reused);
+    /// false when it does not exist. `listed_size`, from [`Archive::list`],
+    /// spares asking for the size before it is checked against the cap.
+    pub async fn get_into(
+        &self,
+        key: &str,
+        listed_size: Option<u64>,
+        buffer: &mut Vec<u8>,
+    ) -> Result<bool, ArchiveError> {
+        buffer.clear();
+        let size = match listed_size.filter(|&size| size > 0) {
+            Some(size) => size,
+            None => match self.operator.stat(key).await {
+                Ok(meta) => meta.content_length(),
+                Err(err) if err.kind() == ErrorKind::NotFound => return Ok(false),
+                Err(err) => return Err(store_err(key)(err)),
+            },
+        };
+        if size > MAX_OBJECT {
+            return Err(ArchiveError::TooLarge { key: key.to_owned(), size });
+        }
+        buffer.reserve(size as usize);
+        let reader = match self.operator.reader(key).await {
+            Ok(reader) => reader,
+            Err(err) if err.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(err) => return Err(store_err(key)(err)),
+        };
+        match reader.read_into(buffer, ..size).await {
+            Ok(_) => Ok(true),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(store_err(key)(err)),
+        }
+    }
+
     /// Reads `key` whole.
     pub async fn get(&self, key: &str) -> Result<Vec<u8>, ArchiveError> {
         self.get_opt(key).await?.ok_or_else(|| ArchiveError::Store {

@@ -198,16 +198,20 @@ pub async fn audit(
     };
     let mut streams: HashMap<(String, String, String, u64), StreamEnd> = HashMap::new();
     let total = listed.len() as u64;
+    // One buffer for every segment: no fresh memory to fault in each time.
+    let mut buffer = Vec::new();
     for (done, (checkpoint_key, record)) in listed.iter().enumerate() {
         progress(done as u64, total);
         if deleted.contains(&record.key) || !in_range(record.first_ns, record.last_ns) {
             continue;
         }
         report.summary.segments += 1;
-        let Some(bytes) = archive.get_opt(&record.key).await? else {
+        let listed_size = sizes.get(record.key.as_str()).copied();
+        if !archive.get_into(&record.key, listed_size, &mut buffer).await? {
             report.add(Kind::Missing, &record.key, format!("listed in {checkpoint_key}"));
             continue;
-        };
+        }
+        let bytes = &buffer;
         report.summary.bytes += bytes.len() as u64;
         let view = match SegmentView::parse(&bytes) {
             Ok(view) => view,
