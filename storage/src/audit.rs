@@ -213,7 +213,7 @@ pub async fn audit(
         }
         let bytes = &buffer;
         report.summary.bytes += bytes.len() as u64;
-        let view = match SegmentView::parse(&bytes) {
+        let view = match SegmentView::parse(bytes) {
             Ok(view) => view,
             Err(err) => {
                 report.add(Kind::Modified, &record.key, err.to_string());
