@@ -119,12 +119,26 @@ pub enum ParserError {
     Timezone(String),
 }
 
-/// A `timestamp_format` as the `time` crate reads it. Some malformed
-/// descriptions trip an internal assertion of its parser (seen by the
-/// config fuzz target): that is caught and reported as the bad format it is.
+/// A `timestamp_format` as the `time` crate reads it. Malformed nested
+/// descriptions (`[optional [...]]`) trip an internal assertion of its
+/// parser (found by the config fuzz target), so nesting is refused before
+/// it is asked; any other panic is caught and reported as a bad format.
 fn parse_format(format: &str) -> Result<OwnedFormatItem, ParserError> {
-    let parsed = std::panic::catch_unwind(|| time::format_description::parse_owned::<2>(format));
     let error = |message: String| ParserError::Format { format: format.to_owned(), message };
+    let (mut depth, mut escaped) = (0usize, false);
+    for byte in format.bytes() {
+        match byte {
+            _ if escaped => escaped = false,
+            b'\\' => escaped = true,
+            b'[' if depth > 0 => {
+                return Err(error("nested descriptions ([optional [...]]) are not supported".into()));
+            }
+            b'[' => depth += 1,
+            b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    let parsed = std::panic::catch_unwind(|| time::format_description::parse_owned::<2>(format));
     match parsed {
         Ok(Ok(item)) => Ok(item),
         Ok(Err(err)) => Err(error(err.to_string())),
