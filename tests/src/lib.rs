@@ -208,7 +208,19 @@ impl Process {
 
     /// Waits for the child to exit by itself.
     pub fn wait_for_exit(mut self, limit: Duration) -> std::process::ExitStatus {
-        let status = self.wait_exit(limit);
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.wrapper.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{} still running after {limit:?}; its log:\n{}",
+                self.name,
+                digest(&self.log_text())
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert!(status.success(), "{} exited with {status}; log:\n{}", self.name, self.log_text());
         status
     }
@@ -465,9 +477,18 @@ commit_interval_ms = {commit}
         }
         panic!(
             "{query:?}: {last} hits after {limit:?}, expected {want}; collector log:\n{}",
-            tail(&self.process.log_text(), 40)
+            digest(&self.process.log_text())
         );
     }
+}
+
+/// A log for a failure message: its warnings and errors from the start
+/// (a condition logged once, such as a full disk, explains everything
+/// after it), then its last lines.
+pub fn digest(text: &str) -> String {
+    let alarms: Vec<&str> =
+        text.lines().filter(|line| line.contains(" WARN ") || line.contains(" ERROR ")).take(20).collect();
+    format!("warnings and errors:\n{}\nlast lines:\n{}", alarms.join("\n"), tail(text, 30))
 }
 
 pub fn tail(text: &str, lines: usize) -> String {
