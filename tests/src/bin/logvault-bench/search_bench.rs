@@ -99,6 +99,21 @@ pub(crate) fn run(options: &SearchOptions) -> Result<(), String> {
     report.insert("histogram_total".into(), histogram_total.into());
     report.insert("terms_top10_p50_ms".into(), ms(percentile(&mut terms_times.clone(), 50)).into());
     report.insert("terms_total".into(), terms_total.into());
+    // The distributions the report plots: p0, p10 .. p90, p99, p100.
+    let mut distributions = serde_json::Map::new();
+    for (name, times) in [
+        ("term", &mut term_times),
+        ("phrase", &mut phrase_times.clone()),
+        ("histogram", &mut histogram_times.clone()),
+        ("terms", &mut terms_times.clone()),
+    ] {
+        let points: Vec<f64> = [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99, 100]
+            .iter()
+            .map(|&p| ms(percentile(times, p)))
+            .collect();
+        distributions.insert(name.into(), points.into());
+    }
+    report.insert("latency_percentiles_ms".into(), distributions.into());
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(report)).expect("json");
     println!("{text}");
     if let Some(out) = &options.out {
