@@ -14,7 +14,7 @@ use crate::archive::{Archive, ArchiveError, CHECKPOINT_PREFIX};
 use crate::batch::{BatchView, Limits};
 use crate::checkpoint::{Checkpoint, SegmentRecord, hex, parse_hash};
 use crate::keyring::Keyring;
-use crate::segment::SegmentView;
+use crate::segment::{SegmentError, SegmentView, entry_refs};
 
 /// What kind of problem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -220,7 +220,17 @@ pub async fn audit(
                 continue;
             }
         };
-        let hash = hex(&view.hash());
+        // The segment's hash on one core while the other decrypts and
+        // inflates it for the batch checks.
+        let (hash, plaintext) = match &options.keyring {
+            None => (view.hash(), None),
+            Some(keyring) => std::thread::scope(|scope| {
+                let hashing = scope.spawn(|| view.hash());
+                let plaintext = view.plaintext(keyring, crate::archive::MAX_OBJECT * 64);
+                (hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), Some(plaintext))
+            }),
+        };
+        let hash = hex(&hash);
         if hash != record.hash {
             match hash_to_key.get(hash.as_str()) {
                 Some(other) => {
@@ -230,8 +240,8 @@ pub async fn audit(
                 None => report.add(Kind::Modified, &record.key, "its hash is not the one signed"),
             }
         }
-        if let Some(keyring) = &options.keyring {
-            check_batches(&mut report, &record.key, &view, keyring, &mut streams);
+        if let Some(plaintext) = plaintext {
+            check_batches(&mut report, &record.key, &view, plaintext, &mut streams);
         }
     }
     progress(total, total);
@@ -260,16 +270,23 @@ pub async fn audit(
     Ok(report)
 }
 
-/// Decrypts a segment and checks each batch: the agent's signature, the
+/// Checks each batch of a decrypted segment: the agent's signature, the
 /// hash chain and the sequence numbers of its stream.
 fn check_batches(
     report: &mut Report,
     key: &str,
     view: &SegmentView<'_>,
-    keyring: &Keyring,
+    plaintext: Result<Vec<u8>, SegmentError>,
     streams: &mut HashMap<(String, String, String, u64), StreamEnd>,
 ) {
-    let entries = match view.entries(keyring, crate::archive::MAX_OBJECT * 64) {
+    let raw = match plaintext {
+        Ok(raw) => raw,
+        Err(err) => {
+            report.add(Kind::Modified, key, err.to_string());
+            return;
+        }
+    };
+    let entries = match entry_refs(&raw) {
         Ok(entries) => entries,
         Err(err) => {
             report.add(Kind::Modified, key, err.to_string());
@@ -277,11 +294,22 @@ fn check_batches(
         }
     };
     let limits = Limits::TRUSTED;
-    for (index, entry) in entries.iter().enumerate() {
+    // Parsing and signature checks are independent per batch: on every
+    // core, in order. The chain below needs them one after another.
+    let checked = parallel_map(&entries, |entry| {
+        let batch = BatchView::parse(entry.batch, &limits)?;
+        let signed = view
+            .header
+            .signers
+            .get(usize::from(entry.signer))
+            .is_some_and(|signer| batch.verify(signer).is_ok());
+        Ok::<_, crate::batch::BatchError>((batch, signed))
+    });
+    for (index, (entry, checked)) in entries.iter().zip(checked).enumerate() {
         // The segment decrypted, so these bytes are what its sealer wrote;
         // a batch that does not even parse is not one its agent signed.
-        let batch = match BatchView::parse(&entry.batch, &limits) {
-            Ok(batch) => batch,
+        let (batch, signed) = match checked {
+            Ok(checked) => checked,
             Err(err) => {
                 report.add(
                     Kind::Unsigned,
@@ -293,11 +321,6 @@ fn check_batches(
         };
         report.summary.batches += 1;
         report.summary.records += u64::from(batch.header.count.saturating_sub(entry.skip));
-        let signed = view
-            .header
-            .signers
-            .get(usize::from(entry.signer))
-            .is_some_and(|signer| batch.verify(signer).is_ok());
         let stream = (
             view.header.tenant.clone(),
             view.header.host.clone(),
@@ -342,4 +365,25 @@ fn check_batches(
         }
         streams.insert(stream, StreamEnd { next_seq: end, hash: batch.hash });
     }
+}
+
+/// `f` over `items` on every core, the results in the items' order.
+fn parallel_map<'a, T: Sync, R: Send>(items: &'a [T], f: impl Fn(&'a T) -> R + Sync) -> Vec<R> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Below a few items per worker, threads cost more than they save.
+    if workers < 2 || items.len() < 4 * workers {
+        return items.iter().map(&f).collect();
+    }
+    let chunk = items.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    })
 }

@@ -138,6 +138,31 @@ pub struct SegmentEntry {
     pub batch: Vec<u8>,
 }
 
+/// One stored batch, borrowed from a segment's plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryRef<'a> {
+    /// When the collector received it.
+    pub received_ns: i64,
+    /// Leading records an earlier batch already stored.
+    pub skip: u32,
+    /// Index into [`SegmentHeader::signers`].
+    pub signer: u8,
+    /// The agent's signed batch, byte for byte.
+    pub batch: &'a [u8],
+}
+
+impl EntryRef<'_> {
+    /// An owned copy.
+    pub fn to_owned(&self) -> SegmentEntry {
+        SegmentEntry {
+            received_ns: self.received_ns,
+            skip: self.skip,
+            signer: self.signer,
+            batch: self.batch.to_vec(),
+        }
+    }
+}
+
 /// A sealed segment.
 #[derive(Debug, Clone)]
 pub struct Sealed {
@@ -432,6 +457,13 @@ impl<'a> SegmentView<'a> {
     /// Decrypts and decompresses the entries, with every size capped
     /// before allocation: the stream inflates to at most `max_raw` bytes.
     pub fn entries(&self, keyring: &Keyring, max_raw: u64) -> Result<Vec<SegmentEntry>, SegmentError> {
+        let raw = self.plaintext(keyring, max_raw)?;
+        Ok(entry_refs(&raw)?.iter().map(EntryRef::to_owned).collect())
+    }
+
+    /// The decrypted, inflated entries as one buffer, for [`entry_refs`]
+    /// (no copy per entry); `max_raw` caps it as in [`SegmentView::entries`].
+    pub fn plaintext(&self, keyring: &Keyring, max_raw: u64) -> Result<Vec<u8>, SegmentError> {
         if self.header.raw_len > max_raw {
             return Err(SegmentError::TooLarge {
                 what: "raw length",
@@ -440,8 +472,7 @@ impl<'a> SegmentView<'a> {
             });
         }
         let compressed = self.decrypt(keyring)?;
-        let raw = decompress_capped(&compressed, self.header.raw_len as usize)?;
-        decode_entries(&raw)
+        decompress_capped(&compressed, self.header.raw_len as usize)
     }
 
     /// Wraps this segment's data key under `new`: the same segment, the
@@ -482,7 +513,12 @@ fn decompress_capped(compressed: &[u8], raw_len: usize) -> Result<Vec<u8>, Segme
 }
 
 /// Splits a segment's plaintext into its entries.
-pub fn decode_entries(mut raw: &[u8]) -> Result<Vec<SegmentEntry>, SegmentError> {
+pub fn decode_entries(raw: &[u8]) -> Result<Vec<SegmentEntry>, SegmentError> {
+    Ok(entry_refs(raw)?.iter().map(EntryRef::to_owned).collect())
+}
+
+/// Splits a segment's plaintext into its entries, borrowed.
+pub fn entry_refs(mut raw: &[u8]) -> Result<Vec<EntryRef<'_>>, SegmentError> {
     let mut entries = Vec::new();
     while !raw.is_empty() {
         let mut r = Reader { bytes: raw };
@@ -495,7 +531,7 @@ pub fn decode_entries(mut raw: &[u8]) -> Result<Vec<SegmentEntry>, SegmentError>
         let received_ns = i64::from_be_bytes(b.array("received")?);
         let skip = u32::from_be_bytes(b.array("skip")?);
         let signer = b.array::<1>("signer")?[0];
-        entries.push(SegmentEntry { received_ns, skip, signer, batch: b.bytes.to_vec() });
+        entries.push(EntryRef { received_ns, skip, signer, batch: b.bytes });
         raw = r.bytes;
     }
     Ok(entries)
