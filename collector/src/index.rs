@@ -11,8 +11,8 @@
 //! record gets the same id after a crash. Hits sort by (timestamp, id),
 //! which makes cursors exact; the live tail follows ids.
 //!
-//! The schema keeps the indexing cost down: a hit is one stored blob (its
-//! JSON), the timestamp and id are fast columns only, and each searchable
+//! The schema keeps the indexing cost down: a hit is one stored blob (a
+//! compact binary form, `StoredHit`), the timestamp and id are fast columns only, and each searchable
 //! field is indexed once. `message` is tokenised so that every maximal run
 //! of letters and digits is a term, lower-cased, with positions (phrases
 //! work) and no length cap.
@@ -150,7 +150,8 @@ impl std::fmt::Debug for LogIndex {
     }
 }
 
-/// One record as the API returns it; the index stores it as JSON.
+/// One record as the API returns it; the index stores it as a
+/// `StoredHit`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Hit {
     /// The record's id: its rank in the collector's WAL (a decimal string,
@@ -426,23 +427,8 @@ impl LogIndex {
                 return;
             }
         };
-        let received = crate::time::format_ns(entry.received_ns);
         let header = &batch.header;
         let mut seq = header.first_seq;
-        let mut hit = Hit {
-            id: String::new(),
-            timestamp: String::new(),
-            received,
-            tenant: entry.tenant.clone(),
-            host: entry.host.clone(),
-            source: header.source.to_string(),
-            epoch: header.epoch,
-            seq: 0,
-            level: String::new(),
-            message: String::new(),
-            fields: serde_json::Map::new(),
-            flags: Vec::new(),
-        };
         let mut blob = Vec::with_capacity(512);
         let walked = records.for_each(&limits, |record| {
             let this_seq = seq;
@@ -460,36 +446,162 @@ impl LogIndex {
             doc.add_text(f.source, &header.source);
             doc.add_text(f.level, record.level.as_str());
             doc.add_text(f.message, record.message);
-            hit.flags.clear();
             for flag in flag_names(record.flags, record.timestamp_ns, entry.received_ns) {
                 doc.add_text(f.flags, flag);
-                hit.flags.push(flag.to_owned());
             }
-            hit.fields.clear();
             let mut fields = record.fields().peekable();
             if fields.peek().is_some() {
                 let mut object = BTreeMap::new();
                 for (name, value) in fields {
                     object.insert(indexed_name(name), OwnedValue::Str(value.to_owned()));
-                    hit.fields.insert(name.to_owned(), serde_json::Value::String(value.to_owned()));
                 }
                 doc.add_object(f.fields, object);
             }
-            hit.id = id.to_string();
-            hit.timestamp = crate::time::format_ns(record.timestamp_ns);
-            hit.seq = this_seq;
-            hit.level.clear();
-            hit.level.push_str(record.level.as_str());
-            hit.message.clear();
-            hit.message.push_str(record.message);
             blob.clear();
-            serde_json::to_writer(&mut blob, &hit).expect("a hit always serialises");
+            StoredHit {
+                id,
+                timestamp_ns: record.timestamp_ns,
+                received_ns: entry.received_ns,
+                tenant: &entry.tenant,
+                host: &entry.host,
+                source: &header.source,
+                epoch: header.epoch,
+                seq: this_seq,
+                level: record.level.as_str(),
+                flags: record.flags,
+                message: record.message,
+            }
+            .encode(&mut blob, record.fields());
             doc.add_bytes(f.hit, &blob);
             out.push(doc);
         });
         if let Err(err) = walked {
             tracing::error!(position = entry.position, error = %err, "wal entry does not decode; not indexed");
         }
+    }
+}
+
+/// The stored form of a hit (version byte 0xB1): fixed-width numbers,
+/// length-prefixed strings and a counted list of fields, big-endian. No
+/// key names and no time formatting while indexing; [`decode_hit`] makes
+/// the [`Hit`] the API returns. Indexes written before it hold JSON, which
+/// starts with `{` and is still read.
+const STORED_HIT_V1: u8 = 0xB1;
+
+pub(crate) struct StoredHit<'a> {
+    pub(crate) id: u64,
+    pub(crate) timestamp_ns: i64,
+    pub(crate) received_ns: i64,
+    pub(crate) tenant: &'a str,
+    pub(crate) host: &'a str,
+    pub(crate) source: &'a str,
+    pub(crate) epoch: u64,
+    pub(crate) seq: u64,
+    pub(crate) level: &'a str,
+    /// The record's flag bits; `future` and `past` follow from the times.
+    pub(crate) flags: u8,
+    pub(crate) message: &'a str,
+}
+
+impl StoredHit<'_> {
+    pub(crate) fn encode<'f>(&self, out: &mut Vec<u8>, fields: impl Iterator<Item = (&'f str, &'f str)>) {
+        out.push(STORED_HIT_V1);
+        out.extend_from_slice(&self.id.to_be_bytes());
+        out.extend_from_slice(&self.timestamp_ns.to_be_bytes());
+        out.extend_from_slice(&self.received_ns.to_be_bytes());
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.push(self.flags);
+        for text in [self.tenant, self.host, self.source, self.level, self.message] {
+            put_text(out, text);
+        }
+        let count_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let mut count = 0u32;
+        for (name, value) in fields {
+            put_text(out, name);
+            put_text(out, value);
+            count += 1;
+        }
+        out[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
+    }
+}
+
+/// Lengths as u32: a record's parts are capped far below that on the way in.
+fn put_text(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// A stored hit back as the API returns it; `None` for bytes that are not
+/// one (every length is checked against what is left before it is used).
+pub(crate) fn decode_hit(blob: &[u8]) -> Option<Hit> {
+    if blob.first() == Some(&b'{') {
+        return serde_json::from_slice(blob).ok();
+    }
+    let (&version, rest) = blob.split_first()?;
+    if version != STORED_HIT_V1 {
+        return None;
+    }
+    let mut r = HitReader(rest);
+    let id = u64::from_be_bytes(r.number()?);
+    let timestamp_ns = i64::from_be_bytes(r.number()?);
+    let received_ns = i64::from_be_bytes(r.number()?);
+    let epoch = u64::from_be_bytes(r.number()?);
+    let seq = u64::from_be_bytes(r.number()?);
+    let flags = r.byte()?;
+    let (tenant, host, source, level, message) = (r.text()?, r.text()?, r.text()?, r.text()?, r.text()?);
+    let count = u32::from_be_bytes(*r.0.first_chunk::<4>()?);
+    r.0 = &r.0[4..];
+    let mut fields = serde_json::Map::new();
+    for _ in 0..count {
+        let (name, value) = (r.text()?, r.text()?);
+        fields.insert(name.to_owned(), serde_json::Value::String(value.to_owned()));
+    }
+    if !r.0.is_empty() {
+        return None;
+    }
+    Some(Hit {
+        id: id.to_string(),
+        timestamp: crate::time::format_ns(timestamp_ns),
+        received: crate::time::format_ns(received_ns),
+        tenant: tenant.to_owned(),
+        host: host.to_owned(),
+        source: source.to_owned(),
+        epoch,
+        seq,
+        level: level.to_owned(),
+        message: message.to_owned(),
+        fields,
+        flags: flag_names(flags, timestamp_ns, received_ns).map(str::to_owned).collect(),
+    })
+}
+
+/// What is left of a stored hit.
+struct HitReader<'a>(&'a [u8]);
+
+impl<'a> HitReader<'a> {
+    fn number(&mut self) -> Option<[u8; 8]> {
+        let (head, tail) = self.0.split_first_chunk::<8>()?;
+        self.0 = tail;
+        Some(*head)
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        let (&head, tail) = self.0.split_first()?;
+        self.0 = tail;
+        Some(head)
+    }
+
+    fn text(&mut self) -> Option<&'a str> {
+        let (len, tail) = self.0.split_first_chunk::<4>()?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if len > tail.len() {
+            return None;
+        }
+        let (text, tail) = tail.split_at(len);
+        self.0 = tail;
+        std::str::from_utf8(text).ok()
     }
 }
 
@@ -704,5 +816,65 @@ mod tests {
         assert_eq!(IndexedUpTo::parse(&up_to.payload()), Some(up_to));
         assert_eq!(IndexedUpTo::parse("123"), None);
         assert_eq!(IndexedUpTo::parse("1 x"), None);
+    }
+
+    mod stored_hit {
+        use super::super::{Hit, StoredHit, decode_hit};
+        use proptest::prelude::*;
+
+        proptest! {
+            /// What the index stores reads back as the hit the API
+            /// returned when hits were stored as JSON.
+            #[test]
+            fn a_stored_hit_reads_back_as_its_hit(
+                id in any::<u64>(),
+                timestamp_ns in any::<i64>(),
+                received_ns in any::<i64>(),
+                epoch in any::<u64>(),
+                seq in any::<u64>(),
+                flags in any::<u8>(),
+                texts in proptest::collection::vec(".{0,40}", 5),
+                fields in proptest::collection::vec((".{0,12}", ".{0,30}"), 0..6),
+            ) {
+                let stored = StoredHit {
+                    id, timestamp_ns, received_ns,
+                    tenant: &texts[0], host: &texts[1], source: &texts[2],
+                    epoch, seq, level: &texts[3], flags, message: &texts[4],
+                };
+                let mut blob = Vec::new();
+                stored.encode(&mut blob, fields.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+                let hit = decode_hit(&blob).expect("decodes");
+                let want = Hit {
+                    id: id.to_string(),
+                    timestamp: crate::time::format_ns(timestamp_ns),
+                    received: crate::time::format_ns(received_ns),
+                    tenant: texts[0].clone(),
+                    host: texts[1].clone(),
+                    source: texts[2].clone(),
+                    epoch,
+                    seq,
+                    level: texts[3].clone(),
+                    message: texts[4].clone(),
+                    fields: fields.iter().map(|(n, v)| (n.clone(), serde_json::Value::String(v.clone()))).collect(),
+                    flags: super::super::flag_names(flags, timestamp_ns, received_ns).map(str::to_owned).collect(),
+                };
+                prop_assert_eq!(&hit, &want);
+                // A JSON hit (an index written before) reads the same.
+                prop_assert_eq!(decode_hit(&serde_json::to_vec(&want).unwrap()), Some(want));
+                // Cut anywhere inside, it is refused, never misread.
+                for cut in 1..blob.len() {
+                    prop_assert_eq!(decode_hit(&blob[..cut]), None);
+                }
+            }
+
+            /// Any bytes: a hit or nothing, never a panic or a huge allocation.
+            #[test]
+            fn any_bytes_decode_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let _ = decode_hit(&bytes);
+                let mut tagged = vec![0xB1];
+                tagged.extend_from_slice(&bytes);
+                let _ = decode_hit(&tagged);
+            }
+        }
     }
 }

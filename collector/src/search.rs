@@ -446,7 +446,8 @@ impl LogIndex {
             .map(|address| {
                 let doc: TantivyDocument = searcher.doc(address).map_err(internal)?;
                 let blob = doc.get_first(self.fields.hit).and_then(|v| v.as_bytes()).unwrap_or_default();
-                serde_json::from_slice(blob).map_err(internal)
+                crate::index::decode_hit(blob)
+                    .ok_or_else(|| SearchError::Internal("a stored hit does not decode".into()))
             })
             .collect()
     }
