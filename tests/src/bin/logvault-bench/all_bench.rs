@@ -164,31 +164,25 @@ pub(crate) fn run(options: &AllOptions) -> Result<(), String> {
         details.insert(bench.into(), report);
     }
     let report = merge(details, options.scale, started.elapsed().as_secs_f64())?;
-    write_all(&report, &dir, "plots")?;
+    write_all(&report, &dir, &dir.join("BENCHMARKS.md"), "plots")?;
     if options.publish {
         let root = std::env::current_dir().map_err(|e| e.to_string())?;
-        let bench = root.join("tests/bench");
-        std::fs::create_dir_all(bench.join("plots")).map_err(|e| e.to_string())?;
-        write(&bench.join("report.json"), &(serde_json::to_string_pretty(&report).expect("json") + "\n"))?;
-        for (name, svg) in plots(&report) {
-            write(&bench.join("plots").join(name), &svg)?;
-        }
-        write(&root.join("BENCHMARKS.md"), &markdown(&report, "tests/bench/plots"))?;
-        println!("published: BENCHMARKS.md, tests/bench/report.json, tests/bench/plots/");
+        write_all(&report, &root.join("tests/bench"), &root.join("BENCHMARKS.md"), "tests/bench/plots")?;
     }
     Ok(())
 }
 
-/// `report.json`, `BENCHMARKS.md` and the plots under `dir`.
-fn write_all(report: &Value, dir: &Path, plots_dir: &str) -> Result<(), String> {
-    std::fs::create_dir_all(dir.join(plots_dir)).map_err(|e| e.to_string())?;
+/// `report.json` and the plots under `dir`, and the summary at `summary`,
+/// which links to the plots as `plots_link`.
+fn write_all(report: &Value, dir: &Path, summary: &Path, plots_link: &str) -> Result<(), String> {
+    let plots_dir = dir.join("plots");
+    std::fs::create_dir_all(&plots_dir).map_err(|e| format!("{}: {e}", plots_dir.display()))?;
     write(&dir.join("report.json"), &(serde_json::to_string_pretty(report).expect("json") + "\n"))?;
     for (name, svg) in plots(report) {
-        write(&dir.join(plots_dir).join(name), &svg)?;
+        write(&plots_dir.join(name), &svg)?;
     }
-    write(&dir.join("BENCHMARKS.md"), &markdown(report, plots_dir))?;
-    println!("report: {}", dir.join("report.json").display());
-    println!("summary: {}", dir.join("BENCHMARKS.md").display());
+    write(summary, &markdown(report, plots_link))?;
+    println!("report: {}, summary: {}", dir.join("report.json").display(), summary.display());
     Ok(())
 }
 
