@@ -19,12 +19,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use logvault_storage::batch::{BatchView, Inflater, Limits};
 use serde::{Deserialize, Serialize};
+use tantivy::schema::document::Document;
 use tantivy::schema::{
     DateOptions, DateTimePrecision, FAST, Field, IndexRecordOption, JsonObjectOptions, OwnedValue, STORED,
     Schema, TextFieldIndexing, TextOptions,
@@ -264,7 +265,7 @@ impl LogIndex {
     }
 
     /// Asks `writer` to delete the records past retention; true when it did.
-    fn expire(&self, writer: &IndexWriter) -> bool {
+    fn expire<D: Document>(&self, writer: &IndexWriter<D>) -> bool {
         let retention_ms = self.retention_ms.load(Ordering::Relaxed);
         let mut cutoff = if retention_ms == 0 {
             i64::MIN
@@ -378,7 +379,7 @@ impl LogIndex {
 
     /// A writer on this index, as the indexer thread uses (one indexing
     /// thread, 64 MiB): for tools that index outside a running collector.
-    pub fn writer(&self) -> Result<IndexWriter, IndexError> {
+    pub fn writer<D: Document>(&self) -> Result<IndexWriter<D>, IndexError> {
         let writer = self
             .index
             .writer_with_num_threads(1, WRITER_MEMORY)
@@ -393,7 +394,11 @@ impl LogIndex {
 
     /// Commits what `writer` holds as covering the WAL up to `up_to`, and
     /// makes it searchable.
-    pub fn commit(&self, writer: &mut IndexWriter, up_to: IndexedUpTo) -> Result<(), IndexError> {
+    pub fn commit<D: Document>(
+        &self,
+        writer: &mut IndexWriter<D>,
+        up_to: IndexedUpTo,
+    ) -> Result<(), IndexError> {
         let tantivy_err = |source| IndexError::Tantivy { path: self.path.clone(), source };
         let mut commit = writer.prepare_commit().map_err(tantivy_err)?;
         commit.set_payload(&up_to.payload());
@@ -478,6 +483,113 @@ impl LogIndex {
         if let Err(err) = walked {
             tracing::error!(position = entry.position, error = %err, "wal entry does not decode; not indexed");
         }
+    }
+}
+
+/// Documents handed to tantivy's indexing thread per call.
+const HAND_OVER_DOCS: usize = 64;
+/// Hand-overs that may wait in tantivy's queue: about 16,000 documents,
+/// so the queue never holds more than a few WAL reads.
+const MAX_QUEUED_HAND_OVERS: usize = 256;
+
+/// Hands documents to tantivy's indexing thread in groups of
+/// [`HAND_OVER_DOCS`] and keeps at most [`MAX_QUEUED_HAND_OVERS`] groups
+/// waiting. Tantivy bounds its queue by hand-overs, not documents, and one
+/// document per hand-over costs a thread wake-up each (a fifth of the
+/// indexer's CPU); the last document of each group carries a slot that is
+/// given back when the indexing thread takes it, so the queue stays
+/// bounded in documents too. When full, [`Feeder::add`] waits (at most a
+/// second per group, so a writer that failed reports it).
+pub struct Feeder {
+    writer: IndexWriter<Queued>,
+    queue: Arc<HandOvers>,
+}
+
+#[derive(Default)]
+struct HandOvers {
+    queued: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A document in tantivy's queue.
+pub struct Queued {
+    doc: TantivyDocument,
+    /// On the last document of a hand-over: frees its place when dropped.
+    _slot: Option<Slot>,
+}
+
+struct Slot(Arc<HandOvers>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut queued = self.0.queued.lock().unwrap_or_else(|e| e.into_inner());
+        *queued -= 1;
+        // Wake the feeder once the queue is half empty, not on every group.
+        if *queued == MAX_QUEUED_HAND_OVERS / 2 {
+            self.0.freed.notify_one();
+        }
+    }
+}
+
+impl Document for Queued {
+    type Value<'a> = <TantivyDocument as Document>::Value<'a>;
+    type FieldsValuesIter<'a> = <TantivyDocument as Document>::FieldsValuesIter<'a>;
+
+    fn iter_fields_and_values(&self) -> Self::FieldsValuesIter<'_> {
+        self.doc.iter_fields_and_values()
+    }
+
+    fn into_tantivy_document(self) -> TantivyDocument {
+        self.doc
+    }
+}
+
+impl Feeder {
+    /// A feeder with a writer on `index` (see [`LogIndex::writer`]).
+    pub fn new(index: &LogIndex) -> Result<Feeder, IndexError> {
+        Ok(Feeder { writer: index.writer()?, queue: Arc::default() })
+    }
+
+    /// Hands `docs` to the indexing thread, leaving `docs` empty; waits
+    /// while the queue is full.
+    pub fn add(&mut self, docs: &mut Vec<TantivyDocument>) -> tantivy::Result<()> {
+        while !docs.is_empty() {
+            let n = docs.len().min(HAND_OVER_DOCS);
+            {
+                let mut queued = self.queue.queued.lock().unwrap_or_else(|e| e.into_inner());
+                while *queued >= MAX_QUEUED_HAND_OVERS {
+                    let (guard, waited) = self
+                        .queue
+                        .freed
+                        .wait_timeout(queued, Duration::from_secs(1))
+                        .unwrap_or_else(|e| e.into_inner());
+                    queued = guard;
+                    // A writer that was killed never frees its queue; the
+                    // hand-over below then fails instead of waiting.
+                    if waited.timed_out() {
+                        break;
+                    }
+                }
+                *queued += 1;
+            }
+            let mut slot = Some(Slot(Arc::clone(&self.queue)));
+            let group = docs.drain(..n).enumerate().map(|(i, doc)| {
+                let slot = if i + 1 == n { slot.take() } else { None };
+                tantivy::indexer::UserOperation::Add(Queued { doc, _slot: slot })
+            });
+            self.writer.run(group)?;
+        }
+        Ok(())
+    }
+
+    /// The writer, to commit or delete with.
+    pub fn writer(&mut self) -> &mut IndexWriter<Queued> {
+        &mut self.writer
+    }
+
+    /// The writer, to wait for its merges with.
+    pub fn into_writer(self) -> IndexWriter<Queued> {
+        self.writer
     }
 }
 
@@ -660,7 +772,7 @@ fn index_until_stopped(
     cancel: &CancellationToken,
 ) -> Result<(), IndexError> {
     let tantivy_err = |source| IndexError::Tantivy { path: index.path.clone(), source };
-    let mut writer = index.writer()?;
+    let mut feeder = Feeder::new(index)?;
     let mut up_to = index.indexed_up_to();
     progress.committed.store(up_to.position, Ordering::Release);
     let mut pending = false;
@@ -696,32 +808,27 @@ fn index_until_stopped(
         }
         for entry in entries {
             index.documents(&entry, &mut inflater, &mut up_to.next_id, &mut docs);
-            // One document per hand-over: tantivy bounds its queue by
-            // hand-overs, so this keeps the indexer's memory bounded
-            // (whole batches per hand-over let it queue the WAL in RAM).
-            for doc in docs.drain(..) {
-                writer.add_document(doc).map_err(tantivy_err)?;
-            }
+            feeder.add(&mut docs).map_err(tantivy_err)?;
             up_to.position = entry.next;
             pending = true;
         }
         let check = Duration::from_millis(index.retention_check_ms.load(Ordering::Relaxed));
         if last_retention.is_none_or(|at| at.elapsed() >= check) {
             last_retention = Some(Instant::now());
-            pending |= index.expire(&writer);
+            pending |= index.expire(feeder.writer());
         }
         if pending
             && (stopping
                 || last_commit.elapsed() >= commit_interval
                 || (idle && last_commit.elapsed() >= commit_interval / 4))
         {
-            index.commit(&mut writer, up_to)?;
+            index.commit(feeder.writer(), up_to)?;
             progress.committed.store(up_to.position, Ordering::Release);
             pending = false;
             last_commit = Instant::now();
         }
         if stopping {
-            let _ = writer.wait_merging_threads();
+            let _ = feeder.into_writer().wait_merging_threads();
             return Ok(());
         }
         if idle {
@@ -745,6 +852,38 @@ mod tests {
         assert_eq!(names(0b010, received - PAST_SKEW_NS - 1), vec!["continued", "past"]);
         assert_eq!(names(0, i64::MIN), vec!["past"]);
         assert_eq!(flag_names(0, i64::MAX, i64::MAX).count(), 0);
+    }
+
+    /// The feeder hands every document over, never keeps more than its
+    /// bound of groups waiting, and every group's place comes back.
+    #[test]
+    fn the_feeder_hands_every_document_over_within_its_bound() {
+        let dir = std::env::temp_dir().join(format!("logvault-index-feeder-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let index = LogIndex::open(&dir).unwrap();
+        let mut feeder = Feeder::new(&index).unwrap();
+        let f = index.fields;
+        let (calls, per_call) = (200, HAND_OVER_DOCS * 3 + 5);
+        let mut docs = Vec::new();
+        for call in 0..calls {
+            for i in 0..per_call {
+                let mut doc = TantivyDocument::new();
+                doc.add_u64(f.id, (call * per_call + i) as u64);
+                doc.add_text(f.tenant, "t");
+                doc.add_text(f.message, "a line to index");
+                docs.push(doc);
+            }
+            feeder.add(&mut docs).unwrap();
+            assert!(docs.is_empty());
+            let queued = *feeder.queue.queued.lock().unwrap();
+            assert!(queued <= MAX_QUEUED_HAND_OVERS, "{queued} groups waiting");
+        }
+        let next_id = (calls * per_call) as u64;
+        index.commit(feeder.writer(), IndexedUpTo { position: 1, next_id }).unwrap();
+        assert_eq!(*feeder.queue.queued.lock().unwrap(), 0, "every group's place came back");
+        assert_eq!(index.reader.searcher().num_docs(), next_id);
+        drop(feeder.into_writer().wait_merging_threads());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// Field names are whatever a sender's JSON keys were: control

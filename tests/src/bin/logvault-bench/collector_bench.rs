@@ -14,6 +14,9 @@ use crate::{Options, cpu_time, machine, make_input, round};
 
 /// Connections sending at once, as three agents would.
 const SENDERS: usize = 3;
+/// Documents per hand-over to tantivy in the grouped bare run, as the
+/// collector's indexer hands them.
+const GROUP: usize = 64;
 /// Records per batch: the agent's default.
 const BATCH_RECORDS: usize = 2000;
 
@@ -30,9 +33,13 @@ pub(crate) fn run(options: &Options) -> Result<(), String> {
     let mb = input_bytes as f64 / 1e6;
 
     // Bare tantivy: the same lines, default tokenizer, positions, stored.
-    let tantivy_cpu = bare_tantivy(&dir.join("bare-index"), &lines)?;
+    let tantivy_cpu = bare_tantivy(&dir.join("bare-index"), &lines, 1)?;
     let tantivy = mb / tantivy_cpu.as_secs_f64();
     println!("   bare tantivy: {tantivy:>6.1} MB per CPU second ({:.2} s CPU)", tantivy_cpu.as_secs_f64());
+    // The same, handed over in groups as the collector's indexer does.
+    let grouped_cpu = bare_tantivy(&dir.join("bare-index"), &lines, GROUP)?;
+    let grouped = mb / grouped_cpu.as_secs_f64();
+    println!("   ... grouped: {grouped:>6.1} MB per CPU second ({:.2} s CPU)", grouped_cpu.as_secs_f64());
 
     // The real collector; three agent identities, each with its chain of
     // signed zstd batches, built before anything is measured.
@@ -146,6 +153,8 @@ pub(crate) fn run(options: &Options) -> Result<(), String> {
         "collector_vs_indexer_alone": round(end_to_end / indexer),
         "indexer_alone_mb_s_per_core": round(indexer),
         "bare_tantivy_mb_s_per_core": round(tantivy),
+        "bare_tantivy_grouped_mb_s_per_core": round(grouped),
+        "collector_vs_tantivy_grouped": round(end_to_end / grouped),
         "bare_wal_mb_s_per_core": round(wal),
         "collector_cpu_s": round(cpu.as_secs_f64()),
         "acked_s": round(acked.as_secs_f64()),
@@ -172,7 +181,8 @@ fn self_cpu() -> Duration {
     cpu_time(std::process::id()).unwrap_or_default()
 }
 
-fn bare_tantivy(path: &Path, lines: &[String]) -> Result<Duration, String> {
+/// Bare tantivy over `lines`, `group` documents per hand-over.
+fn bare_tantivy(path: &Path, lines: &[String], group: usize) -> Result<Duration, String> {
     use tantivy::schema::{STORED, Schema, TEXT};
     let _ = std::fs::remove_dir_all(path);
     std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
@@ -184,11 +194,15 @@ fn bare_tantivy(path: &Path, lines: &[String]) -> Result<Duration, String> {
     let mut writer: tantivy::IndexWriter =
         index.writer_with_num_threads(1, 64 << 20).map_err(|e| e.to_string())?;
     let now = tantivy::DateTime::from_timestamp_secs(1_800_000_000);
-    for line in lines {
-        let mut doc = tantivy::TantivyDocument::new();
-        doc.add_text(message, line);
-        doc.add_date(timestamp, now);
-        writer.add_document(doc).map_err(|e| e.to_string())?;
+    for lines in lines.chunks(group) {
+        let docs = lines.iter().map(|line| {
+            let mut doc = tantivy::TantivyDocument::new();
+            doc.add_text(message, line);
+            doc.add_date(timestamp, now);
+            tantivy::indexer::UserOperation::Add(doc)
+        });
+        // One document per call is what `add_document` does.
+        writer.run(docs).map_err(|e| e.to_string())?;
     }
     writer.commit().map_err(|e| e.to_string())?;
     writer.wait_merging_threads().map_err(|e| e.to_string())?;
@@ -221,7 +235,7 @@ fn indexer_alone(path: &Path, senders: &[(String, RawAgent, Stream)]) -> Result<
     let _ = std::fs::remove_dir_all(path);
     let index = logvault_collector::index::LogIndex::open(path).map_err(|e| e.to_string())?;
     let before = self_cpu();
-    let mut writer = index.writer().map_err(|e| e.to_string())?;
+    let mut feeder = logvault_collector::index::Feeder::new(&index).map_err(|e| e.to_string())?;
     let mut inflater = logvault_storage::batch::Inflater::new();
     let mut docs = Vec::new();
     let mut next_id = 0;
@@ -238,13 +252,11 @@ fn indexer_alone(path: &Path, senders: &[(String, RawAgent, Stream)]) -> Result<
                 batch: batch.clone(),
             };
             index.documents(&entry, &mut inflater, &mut next_id, &mut docs);
-            for doc in docs.drain(..) {
-                writer.add_document(doc).map_err(|e| e.to_string())?;
-            }
+            feeder.add(&mut docs).map_err(|e| e.to_string())?;
         }
     }
-    writer.commit().map_err(|e| e.to_string())?;
-    writer.wait_merging_threads().map_err(|e| e.to_string())?;
+    feeder.writer().commit().map_err(|e| e.to_string())?;
+    feeder.into_writer().wait_merging_threads().map_err(|e| e.to_string())?;
     Ok(self_cpu().saturating_sub(before))
 }
 

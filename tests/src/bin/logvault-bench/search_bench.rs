@@ -150,7 +150,7 @@ fn build_index(dir: &Path, records: u64) -> Result<Duration, String> {
     let _ = std::fs::remove_dir_all(dir);
     let started = Instant::now();
     let index = LogIndex::open(dir).map_err(|e| e.to_string())?;
-    let mut writer = index.writer().map_err(|e| e.to_string())?;
+    let mut feeder = logvault_collector::index::Feeder::new(&index).map_err(|e| e.to_string())?;
     let rng = ring::rand::SystemRandom::new();
     let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| e.to_string())?;
     let key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| e.to_string())?;
@@ -179,16 +179,14 @@ fn build_index(dir: &Path, records: u64) -> Result<Duration, String> {
             batch: builder.sign(&key),
         };
         index.documents(&entry, &mut inflater, &mut next_id, &mut docs);
-        for doc in docs.drain(..) {
-            writer.add_document(doc).map_err(|e| e.to_string())?;
-        }
+        feeder.add(&mut docs).map_err(|e| e.to_string())?;
         made += count;
         position += 1;
         if position % 200 == 0 {
             eprintln!("indexed {made} of {records} records");
         }
     }
-    index.commit(&mut writer, IndexedUpTo { position, next_id }).map_err(|e| e.to_string())?;
-    writer.wait_merging_threads().map_err(|e| e.to_string())?;
+    index.commit(feeder.writer(), IndexedUpTo { position, next_id }).map_err(|e| e.to_string())?;
+    feeder.into_writer().wait_merging_threads().map_err(|e| e.to_string())?;
     Ok(started.elapsed())
 }
