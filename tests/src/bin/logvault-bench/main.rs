@@ -35,7 +35,7 @@ use tokio::io::AsyncReadExt as _;
 const USAGE: &str = "usage: logvault-bench all [--scale full|tiny] [--dir DIR] [--publish]
        logvault-bench agent [--bytes N[K|M|G]] [--dir DIR] [--parser auto|none] \
 [--compression zstd|none] [--no-rsyslog] [--runs N] [--out FILE]
-       logvault-bench collector [--bytes N[K|M|G]] [--dir DIR] [--out FILE]
+       logvault-bench collector [--bytes N[K|M|G]] [--dir DIR] [--runs N] [--out FILE]
        logvault-bench search [--records N] [--dir DIR] [--out FILE]
        logvault-bench archive [--lines N] [--level L] [--dir DIR] [--out FILE]";
 
