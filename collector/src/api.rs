@@ -88,6 +88,14 @@ pub struct ApiState {
     pub max_tails: usize,
     /// Fires on shutdown; live tails end with it.
     pub cancel: CancellationToken,
+    /// Where HTTP senders' records go; None answers their routes 404.
+    pub senders: Option<Arc<crate::senders::HttpSenders>>,
+    /// Caps on a bulk request's items.
+    pub bulk_limits: crate::bulk::BulkLimits,
+    /// Bytes of one request body from an HTTP sender, at most.
+    pub max_body_bytes: usize,
+    /// Request bodies from HTTP senders read at once; the next waits.
+    pub bodies: Arc<Semaphore>,
 }
 
 /// An API error, rendered as JSON.
@@ -123,6 +131,16 @@ impl ApiError {
 
     fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// The answer's status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// What went wrong, for people.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
     }
 }
 
@@ -204,8 +222,13 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
         .routes(routes!(tail))
         .routes(routes!(context))
         .routes(routes!(metrics))
-        .with_state(state)
+        .with_state(state.clone())
         .split_for_parts();
+    let senders = axum::Router::new()
+        .route("/_bulk", axum::routing::post(crate::bulk::bulk).put(crate::bulk::bulk))
+        .route("/{index}/_bulk", axum::routing::post(crate::bulk::bulk_index).put(crate::bulk::bulk_index))
+        .route("/_license", get(crate::bulk::license))
+        .with_state(state);
     let openapi = openapi.to_pretty_json().expect("the OpenAPI document serialises");
     api.route(
         "/api/v1/openapi.json",
@@ -214,6 +237,7 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
             async move { ([(header::CONTENT_TYPE, "application/json")], body) }
         }),
     )
+    .merge(senders)
     .merge(crate::web::router())
     .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
     .layer(tower::util::MapResponseLayer::new(with_security_headers))
@@ -245,6 +269,52 @@ fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiErro
         });
     }
     Ok(claims)
+}
+
+/// As [`authenticate`], for the routes that read: a writer token does not.
+fn authenticate_reader(state: &ApiState, headers: &HeaderMap) -> Result<Claims, ApiError> {
+    let claims = authenticate(state, headers)?;
+    if claims.role == Role::Writer {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "a writer token cannot read"));
+    }
+    Ok(claims)
+}
+
+/// The caller's claims and the tenant it writes to, for the HTTP senders'
+/// routes: a `writer` or `admin` token; the tenant is the token's, or the
+/// one of its tenants `named` (a tenant the token does not name is
+/// refused).
+pub(crate) fn authenticate_writer(
+    state: &ApiState,
+    headers: &HeaderMap,
+    named: Option<&str>,
+) -> Result<(Claims, String), ApiError> {
+    let claims = authenticate(state, headers)?;
+    if !matches!(claims.role, Role::Writer | Role::Admin) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "shipping records needs a writer token",
+        ));
+    }
+    let tenants = claims.all_tenants();
+    let tenant = match named {
+        Some(named) if tenants.iter().any(|t| t == named) => named.to_owned(),
+        Some(named) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this token cannot write to tenant {named:?}"),
+            ));
+        }
+        None if tenants.len() == 1 => tenants[0].clone(),
+        None => {
+            return Err(ApiError::bad_request(
+                "this token names several tenants (or none): name one with ?tenant=",
+            ));
+        }
+    };
+    Ok((claims, tenant))
 }
 
 /// Runs `query` on a blocking slot under the query deadline. Waiting for
@@ -354,7 +424,7 @@ async fn search_get(
     headers: HeaderMap,
     params: Result<Query<SearchParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let claims = authenticate(&state, &headers)?;
+    let claims = authenticate_reader(&state, &headers)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     search(state, claims, params).await
 }
@@ -376,7 +446,7 @@ async fn search_post(
     headers: HeaderMap,
     body: Result<Json<SearchParams>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let claims = authenticate(&state, &headers)?;
+    let claims = authenticate_reader(&state, &headers)?;
     let Json(params) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     search(state, claims, params).await
 }
@@ -429,7 +499,7 @@ async fn aggregate(
     headers: HeaderMap,
     body: Result<Json<AggregateParams>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let claims = authenticate(&state, &headers)?;
+    let claims = authenticate_reader(&state, &headers)?;
     let Json(params) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let filter = parse_filter(&claims, params.q, params.from.as_deref(), params.to.as_deref())?;
     let (histogram, terms) = (params.histogram, params.terms);
@@ -471,7 +541,7 @@ async fn context(
     headers: HeaderMap,
     params: Result<Query<ContextParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let claims = authenticate(&state, &headers)?;
+    let claims = authenticate_reader(&state, &headers)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let id: u64 = params.id.parse().map_err(|_| ApiError::bad_request(format!("bad id {:?}", params.id)))?;
     let (before, after) = (params.before.unwrap_or(10), params.after.unwrap_or(10));
@@ -518,7 +588,7 @@ async fn tail(
     headers: HeaderMap,
     params: Result<Query<TailParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let claims = authenticate(&state, &headers)?;
+    let claims = authenticate_reader(&state, &headers)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let slot = TailSlot::take(&state)?;
     let filter = parse_filter(&claims, params.q, None, None)?;

@@ -35,6 +35,9 @@ pub enum AuthError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Ship records through the HTTP senders' APIs (Elasticsearch bulk,
+    /// OTLP); nothing else, no reading.
+    Writer,
     /// Search, aggregate, tail.
     Reader,
     /// Reader, plus audit.

@@ -304,6 +304,11 @@ pub struct ApiConfig {
     /// Default 64.
     #[serde(default = "default_max_tails")]
     pub max_tails: usize,
+    /// Bytes of one request body from an HTTP sender (Elasticsearch bulk,
+    /// OTLP); a larger one is answered 413 before it is read. Default
+    /// 33554432 (32 MiB).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
 }
 
 /// Tenant assignment: the first mapping whose pattern matches the agent's
@@ -469,6 +474,9 @@ fn default_max_concurrent_queries() -> usize {
 }
 fn default_max_tails() -> usize {
     64
+}
+fn default_max_body_bytes() -> usize {
+    32 * 1024 * 1024
 }
 fn default_tenant() -> String {
     "default".into()

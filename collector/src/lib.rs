@@ -23,6 +23,7 @@
 pub mod aggregate;
 pub mod api;
 pub mod auth;
+pub mod bulk;
 pub mod client;
 pub mod config;
 #[doc(hidden)]
@@ -35,6 +36,7 @@ pub mod reload;
 pub mod restore;
 pub mod seal;
 pub mod search;
+pub mod senders;
 pub mod server;
 pub mod syslog;
 pub mod time;

@@ -129,6 +129,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             requests_per_second: 50,
             max_concurrent_queries: 2,
             max_tails: 64,
+            max_body_bytes: 32 * 1024 * 1024,
             issuer: "logvault".into(),
             audience: "logvault".into(),
             max_limit: 1000,

@@ -11,6 +11,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
+
+/// Request bodies from HTTP senders read at once (each up to
+/// `api.max_body_bytes`); the next waits for a slot.
+const HTTP_BODIES: usize = 4;
 use crate::auth::Verifier;
 use crate::config::CollectorConfig;
 use crate::index::{IndexProgress, LogIndex};
@@ -184,6 +188,9 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         }
         None => (None, None, None),
     };
+    let http_key_path = config.data_dir.join("keys").join("http-batch.key");
+    let http_key = crate::syslog::load_or_create_key(&http_key_path)
+        .map_err(|source| ServerError::Key { path: http_key_path, source })?;
     tracing::info!(%ingest_addr, %api_addr, syslog_addr = ?syslog_addr, data_dir = %config.data_dir.display(), "collector listening");
 
     let ingest = Arc::new(Ingest {
@@ -253,6 +260,14 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         tails: std::sync::atomic::AtomicUsize::new(0),
         max_tails: config.api.max_tails,
         cancel: cancel.clone(),
+        senders: Some(Arc::new(crate::senders::HttpSenders::new(
+            ingest.wal.clone(),
+            ingest.stats.clone(),
+            http_key,
+        ))),
+        bulk_limits: crate::bulk::BulkLimits::default(),
+        max_body_bytes: config.api.max_body_bytes,
+        bodies: Arc::new(tokio::sync::Semaphore::new(HTTP_BODIES)),
     });
     tokio::spawn(ingest_tls.clone().watch(cancel.clone()));
     tokio::spawn(api_tls.clone().watch(cancel.clone()));

@@ -1,0 +1,185 @@
+//! Records from HTTP senders (the Elasticsearch bulk API, OTLP) into the
+//! WAL, with the guarantees of the native path.
+//!
+//! A sender authenticates with a bearer token whose role is `writer`; the
+//! tenant comes from the token and `host` is the token's subject, never a
+//! value from the payload (a host named in a record is kept as a field,
+//! a claim). Records are made into batches signed with the collector's own
+//! key (`DATA/keys/http-batch.key`), so the WAL and the archive hold only
+//! signed batches, and each (tenant, host, source) is one chained stream,
+//! with a fresh epoch each time the collector starts. A request is
+//! answered only once its batches are fsynced.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use logvault_storage::batch::{BatchBuilder, encoded_batch_hash, peek_header};
+use logvault_storage::record::Level;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+use crate::metrics::IngestStats;
+use crate::wal::{AppendRequest, Wal};
+
+/// Records in one batch, at most.
+const BATCH_RECORDS: u32 = 2000;
+/// Record bytes in one batch, at most.
+const BATCH_BYTES: usize = 1024 * 1024;
+/// Streams remembered at once; past it the idle ones are forgotten (a
+/// forgotten stream starts a new chain in a new epoch when it comes back).
+const MAX_STREAMS: usize = 4096;
+
+/// One record as an HTTP sender gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Event time, ns since the epoch.
+    pub timestamp_ns: i64,
+    /// Normalised severity.
+    pub level: Level,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    /// The line.
+    pub message: String,
+    /// Everything else, by dotted name.
+    pub fields: Vec<(String, String)>,
+}
+
+/// Why records were not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The WAL is at its cap or its disk past the high watermark: retry
+    /// later. Nothing of the batch was stored.
+    #[error("the collector is busy (its WAL is full); retry later")]
+    Busy,
+    /// The WAL failed; nothing of the batch was stored.
+    #[error("the collector could not store the records: {0}")]
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Chain {
+    epoch: u64,
+    next_seq: u64,
+    prev_hash: [u8; 32],
+}
+
+type StreamKey = (String, String, String);
+
+/// The HTTP senders' side of the WAL.
+pub struct HttpSenders {
+    wal: Wal,
+    stats: Arc<IngestStats>,
+    key: Ed25519KeyPair,
+    next_epoch: AtomicU64,
+    streams: std::sync::Mutex<HashMap<StreamKey, Arc<tokio::sync::Mutex<Chain>>>>,
+}
+
+impl std::fmt::Debug for HttpSenders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSenders").finish_non_exhaustive()
+    }
+}
+
+impl HttpSenders {
+    /// Senders storing into `wal`, batches signed with `key`.
+    pub fn new(wal: Wal, stats: Arc<IngestStats>, key: Ed25519KeyPair) -> Self {
+        HttpSenders {
+            wal,
+            stats,
+            key,
+            next_epoch: AtomicU64::new(crate::time::now_ns().max(0) as u64),
+            streams: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Whether a store would be refused as busy now.
+    pub fn is_busy(&self) -> bool {
+        self.wal.is_busy()
+    }
+
+    /// Stores `records` of `source` for `host` in `tenant`, in order, in
+    /// batches; returns once every batch is fsynced. On an error, the
+    /// records of the batches before it are stored and `Err` says how many
+    /// were: the caller answers the rest as not stored.
+    pub async fn store(
+        &self,
+        tenant: &str,
+        host: &str,
+        source: &str,
+        records: &[Record],
+    ) -> Result<(), (usize, StoreError)> {
+        let chain = self.chain(tenant, host, source);
+        // One request at a time per stream: its batches chain in order.
+        let mut chain = chain.lock().await;
+        let mut stored = 0;
+        while stored < records.len() {
+            let mut builder = BatchBuilder::new(host, source, chain.epoch, chain.next_seq, chain.prev_hash);
+            for record in &records[stored..] {
+                if builder.len() >= BATCH_RECORDS || builder.body_bytes() >= BATCH_BYTES {
+                    break;
+                }
+                builder.push_parts(
+                    record.timestamp_ns,
+                    record.level,
+                    record.flags,
+                    &record.message,
+                    &record.fields,
+                );
+            }
+            let count = builder.len() as usize;
+            let bytes = builder.sign(&self.key);
+            let (Ok(header), Ok(hash)) = (peek_header(&bytes), encoded_batch_hash(&bytes)) else {
+                return Err((stored, StoreError::Failed("a batch built here does not decode".into())));
+            };
+            if self.wal.is_busy() {
+                self.stats.refused(crate::metrics::Refusal::Busy);
+                return Err((stored, StoreError::Busy));
+            }
+            let size = bytes.len();
+            let request = AppendRequest {
+                tenant: tenant.to_owned(),
+                host: host.to_owned(),
+                received_ns: crate::time::now_ns(),
+                header,
+                batch: bytes,
+                signer: self.key.public_key().as_ref().to_vec(),
+            };
+            match self.wal.append(request).await {
+                Ok(_) => {
+                    chain.next_seq += count as u64;
+                    chain.prev_hash = hash;
+                    stored += count;
+                    self.stats.stored(tenant, size, count as u64);
+                }
+                Err(crate::wal::WalError::Full { .. }) => {
+                    self.stats.refused(crate::metrics::Refusal::Busy);
+                    return Err((stored, StoreError::Busy));
+                }
+                Err(err) => {
+                    tracing::error!(%tenant, %host, %source, error = %err, "wal append of an http sender's batch failed");
+                    return Err((stored, StoreError::Failed(err.to_string())));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn chain(&self, tenant: &str, host: &str, source: &str) -> Arc<tokio::sync::Mutex<Chain>> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (tenant.to_owned(), host.to_owned(), source.to_owned());
+        if let Some(chain) = streams.get(&key) {
+            return chain.clone();
+        }
+        if streams.len() >= MAX_STREAMS {
+            // Forget the streams no request holds.
+            streams.retain(|_, chain| Arc::strong_count(chain) > 1);
+        }
+        let chain = Arc::new(tokio::sync::Mutex::new(Chain {
+            epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),
+            next_seq: 0,
+            prev_hash: [0; 32],
+        }));
+        streams.insert(key, chain.clone());
+        chain
+    }
+}

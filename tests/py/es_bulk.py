@@ -1,0 +1,48 @@
+"""Ships a log file to logvault with the official Elasticsearch client's
+bulk helper, then sends one bulk request holding a malformed item, and
+prints what the client saw as JSON on the last line.
+
+usage: es_bulk.py URL CA_FILE TOKEN LOG_FILE INDEX
+"""
+import json
+import sys
+
+from elasticsearch import Elasticsearch, helpers
+
+url, ca, token, path, index = sys.argv[1:6]
+es = Elasticsearch(url, ca_certs=ca, bearer_auth=token, request_timeout=60)
+info = es.info()
+
+
+def actions():
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines.read().splitlines()):
+            yield {
+                "_index": index,
+                "_id": str(number),
+                "message": line,
+                "host": {"name": "claimed-by-payload"},
+                "line_number": number,
+            }
+
+
+shipped, errors = helpers.bulk(es, actions(), chunk_size=500, max_retries=5, raise_on_error=False)
+mixed = es.bulk(
+    operations=[
+        {"index": {"_index": index}},
+        {"message": "a good item beside a bad one"},
+        {"index": {"_index": index}},
+        {"@timestamp": "not a time", "message": "a bad item"},
+    ]
+)
+print(
+    json.dumps(
+        {
+            "version": info["version"]["number"],
+            "shipped": shipped,
+            "errors": len(errors),
+            "mixed_errors": mixed["errors"],
+            "mixed_statuses": [next(iter(item.values()))["status"] for item in mixed["items"]],
+        }
+    )
+)

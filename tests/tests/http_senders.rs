@@ -1,0 +1,182 @@
+//! Senders that speak Elasticsearch's bulk API, with the official Python
+//! client as the real sender (`tests/run` installs it in `target/py`):
+//! every line searchable with exact totals, each item answered on its own,
+//! the tenant and host from the token, and every refusal with its status.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use logvault_collector::auth::Role;
+use logvault_e2e::*;
+use logvault_storage::Level;
+
+fn python() -> PathBuf {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/py/bin/python");
+    assert!(python.exists(), "{} missing: tests/run installs the Python clients", python.display());
+    python
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
+}
+
+/// A raw request to the collector's API with `body` as is.
+fn post(collector: &Collector, path: &str, token: Option<&str>, body: &[u8]) -> (u16, serde_json::Value) {
+    let url = format!("{}{path}", collector.api_url());
+    let answer = runtime()
+        .block_on(logvault_collector::client::request(
+            "POST",
+            &url,
+            &collector.ca,
+            token,
+            Some(body.to_vec()),
+        ))
+        .unwrap();
+    (answer.status, serde_json::from_slice(&answer.body).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn the_elasticsearch_clients_bulk_helper_ships_hadoop_and_every_line_is_searchable() {
+    let setup = Setup::new("es-bulk");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    let writer = setup.token(&["default"], Role::Writer);
+    let reader = setup.token(&["default"], Role::Reader);
+    let log = loghub_dir().join("Hadoop_2k.log");
+    let output = Command::new(python())
+        .arg(script("es_bulk.py"))
+        .arg(collector.api_url())
+        .arg(&collector.ca)
+        .arg(&writer)
+        .arg(&log)
+        .arg("hadoop")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(seen["shipped"], 2000, "{seen}");
+    assert_eq!(seen["errors"], 0, "{seen}");
+    assert_eq!(seen["mixed_errors"], true, "{seen}");
+    assert_eq!(seen["mixed_statuses"], serde_json::json!([201, 400]), "the bad item alone fails: {seen}");
+
+    // Every line, once, plus the good item of the mixed request.
+    collector.wait_total(&reader, "source:hadoop", 2001, Duration::from_secs(60));
+    let lines = sample_lines("Hadoop_2k.log");
+    for word in ["info", "warn", "error", "mapreduce", "task", "container"] {
+        let want = lines_with_term(&lines, word);
+        assert!(want > 0, "{word} is in the sample");
+        assert_eq!(collector.total(&reader, &format!("source:hadoop AND {word}")), want, "{word}");
+    }
+    for level in [Level::Info, Level::Warn, Level::Error] {
+        let want = lines.iter().filter(|line| Level::sniff(line) == level).count() as u64;
+        assert_eq!(
+            collector.total(&reader, &format!("source:hadoop AND level:{}", level.as_str())),
+            want,
+            "{level:?}"
+        );
+    }
+    // The host is the token's subject; the payload's is a field.
+    let (status, body) =
+        collector.search_raw(Some(&reader), &[("q", "fields.line_number:7"), ("limit", "5")]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total"], 1, "{body}");
+    let hit = &body["hits"][0];
+    assert_eq!(hit["host"], "e2e", "{hit}");
+    assert_eq!(hit["fields"]["host.name"], "claimed-by-payload", "{hit}");
+    assert_eq!(hit["message"], lines[7].as_str(), "{hit}");
+    assert_eq!(collector.total(&reader, "fields.host.name:\"claimed-by-payload\""), 2000);
+    assert_eq!(collector.metric(&setup, "logvault_ingest_records_total{tenant=\"default\"}"), 2001);
+}
+
+#[test]
+fn bad_tokens_other_tenants_and_oversized_bodies_are_refused_with_their_status() {
+    let setup = Setup::new("es-refusals");
+    let options = CollectorOptions { api_toml: "max_body_bytes = 65536\n".into(), ..Default::default() };
+    let collector = Collector::start(&setup, &options);
+    let item = b"{\"index\":{\"_index\":\"app\"}}\n{\"message\":\"one line\"}\n";
+    let writer = setup.token(&["default"], Role::Writer);
+
+    let (status, body) = post(&collector, "/_bulk", None, item);
+    assert_eq!(status, 401, "no token: {body}");
+    let (status, body) = post(&collector, "/_bulk", Some("not.a.token"), item);
+    assert_eq!(status, 401, "a bad token: {body}");
+    let (status, body) = post(&collector, "/_bulk", Some(&setup.token(&["default"], Role::Reader)), item);
+    assert_eq!(status, 403, "a reader token: {body}");
+    let (status, body) = post(&collector, "/_bulk?tenant=other", Some(&writer), item);
+    assert_eq!(status, 403, "another tenant: {body}");
+    let (status, body) = post(&collector, "/_bulk", Some(&setup.token(&["a", "b"], Role::Writer)), item);
+    assert_eq!(status, 400, "two tenants and none named: {body}");
+    let (status, body) = collector.search_raw(Some(&writer), &[("q", "*")]);
+    assert_eq!(status, 403, "a writer token cannot read: {body}");
+    let big = format!("{{\"index\":{{}}}}\n{{\"message\":\"{}\"}}\n", "x".repeat(70_000));
+    let (status, body) = post(&collector, "/app/_bulk", Some(&writer), big.as_bytes());
+    assert_eq!(status, 413, "a body over the cap: {body}");
+    let (status, body) = post(&collector, "/_bulk", Some(&writer), b"{\"index\":{\"_index\":\"app\"}}\n");
+    assert_eq!(status, 400, "an action without its document: {body}");
+
+    // A token for two tenants names one of them; the records are there only.
+    let two = setup.token(&["default", "other"], Role::Writer);
+    let (status, body) = post(&collector, "/_bulk?tenant=other", Some(&two), item);
+    assert_eq!((status, body["errors"].as_bool()), (200, Some(false)), "{body}");
+    let (status, body) = post(&collector, "/_bulk", Some(&writer), item);
+    assert_eq!((status, body["errors"].as_bool()), (200, Some(false)), "{body}");
+    collector.wait_total(&setup.token(&["other"], Role::Reader), "source:app", 1, Duration::from_secs(30));
+    collector.wait_total(&setup.token(&["default"], Role::Reader), "source:app", 1, Duration::from_secs(30));
+}
+
+/// Under backpressure nothing is silently dropped: every item answered 201
+/// is stored, none answered 429 is, and a request that finds the WAL full
+/// is answered 429 with Retry-After.
+#[test]
+fn a_full_wal_answers_429_and_every_201_is_stored() {
+    let setup = Setup::new("es-busy");
+    let options = CollectorOptions { extra_toml: "[wal]\nmax_bytes = 300000\n".into(), ..Default::default() };
+    let collector = Collector::start(&setup, &options);
+    let writer = setup.token(&["default"], Role::Writer);
+    let lines = incompressible_lines(10_000);
+    let (mut created, mut rejected, mut refused_whole) = (0u64, 0u64, false);
+    for chunk in lines.chunks(250) {
+        let mut body = String::new();
+        for line in chunk {
+            body.push_str("{\"index\":{\"_index\":\"busy\"}}\n");
+            body.push_str(&serde_json::json!({ "message": line }).to_string());
+            body.push('\n');
+        }
+        let url = format!("{}/_bulk", collector.api_url());
+        let answer = runtime()
+            .block_on(logvault_collector::client::request(
+                "POST",
+                &url,
+                &collector.ca,
+                Some(&writer),
+                Some(body.into_bytes()),
+            ))
+            .unwrap();
+        if answer.status == 429 {
+            assert!(
+                answer.headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("retry-after")),
+                "429 without Retry-After"
+            );
+            refused_whole = true;
+            continue;
+        }
+        assert_eq!(answer.status, 200);
+        let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        for item in body["items"].as_array().unwrap() {
+            match item["index"]["status"].as_u64() {
+                Some(201) => created += 1,
+                Some(429) => rejected += 1,
+                other => panic!("unexpected item status {other:?}: {item}"),
+            }
+        }
+    }
+    assert!(refused_whole || rejected > 0, "the WAL never filled: {created} created");
+    assert!(created > 0, "nothing fit under the cap");
+    let reader = setup.token(&["default"], Role::Reader);
+    collector.wait_total(&reader, "source:busy", created, Duration::from_secs(30));
+}
