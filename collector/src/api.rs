@@ -228,6 +228,7 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
         .route("/_bulk", axum::routing::post(crate::bulk::bulk).put(crate::bulk::bulk))
         .route("/{index}/_bulk", axum::routing::post(crate::bulk::bulk_index).put(crate::bulk::bulk_index))
         .route("/_license", get(crate::bulk::license))
+        .route("/v1/logs", axum::routing::post(crate::otlp::logs))
         .with_state(state);
     let openapi = openapi.to_pretty_json().expect("the OpenAPI document serialises");
     api.route(

@@ -41,6 +41,81 @@ pub fn syslog(data: &[u8]) {
     }
 }
 
+/// Caps small enough that a fuzz run reaches them.
+const HTTP_LIMITS: crate::bulk::BulkLimits = crate::bulk::BulkLimits {
+    max_items: 64,
+    max_message_bytes: 256,
+    max_fields: 16,
+    max_field_value_bytes: 64,
+};
+
+fn check_records<'r>(records: impl Iterator<Item = &'r crate::senders::Record>, count: usize) {
+    assert!(count <= HTTP_LIMITS.max_items, "{count} items past the cap");
+    for record in records {
+        assert!(record.message.len() <= HTTP_LIMITS.max_message_bytes, "a message past the cap");
+        assert!(record.fields.len() <= HTTP_LIMITS.max_fields, "fields past the cap");
+        assert!(record.fields.iter().all(|(_, v)| v.len() <= HTTP_LIMITS.max_field_value_bytes));
+    }
+}
+
+/// An Elasticsearch bulk body, read within the caps or refused whole.
+pub fn bulk(data: &[u8]) {
+    if let Ok(items) = crate::bulk::parse_bulk(data, Some("fuzz"), &HTTP_LIMITS, 1) {
+        check_records(items.iter().filter_map(|item| item.outcome.as_ref().ok()), items.len());
+    }
+}
+
+/// An OTLP logs request as protobuf and as JSON, read within the caps or
+/// refused.
+pub fn otlp(data: &[u8]) {
+    let decoded = [
+        crate::otlp::decode_protobuf(data, &HTTP_LIMITS, 1),
+        crate::otlp::decode_json(data, &HTTP_LIMITS, 1),
+    ];
+    for records in decoded.into_iter().flatten() {
+        check_records(records.iter(), records.len());
+    }
+}
+
+/// Seeds for the HTTP senders' targets: bulk bodies and OTLP requests in
+/// both encodings.
+pub fn http_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let bulk = concat!(
+        "{\"index\":{\"_index\":\"app\",\"_id\":\"1\"}}\n",
+        "{\"@timestamp\":\"2024-05-01T10:00:00Z\",\"message\":\"disk full\",\"log\":{\"level\":\"warn\"},\"host\":{\"name\":\"web-1\"}}\n",
+        "{\"create\":{}}\n{\"level\":\"error\",\"tags\":[1,2],\"n\":null}\n",
+        "{\"delete\":{\"_id\":\"1\"}}\n{\"update\":{\"_id\":\"1\"}}\n{\"doc\":{}}\n",
+    );
+    let json = r#"{"resourceLogs":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"app"}}]},"scopeLogs":[{"scope":{"name":"s"},"logRecords":[{"timeUnixNano":"1700000000000000000","severityNumber":9,"body":{"stringValue":"hello"},"attributes":[{"key":"m","value":{"kvlistValue":{"values":[{"key":"k","value":{"intValue":"3"}}]}}}],"traceId":"ab"}]}]}]}"#;
+    // The same request in protobuf, written field by field.
+    fn field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
+        out.push(number << 3 | 2);
+        out.push(bytes.len() as u8);
+        out.extend_from_slice(bytes);
+    }
+    let mut value = Vec::new();
+    field(&mut value, 1, b"app");
+    let mut attribute = Vec::new();
+    field(&mut attribute, 1, b"service.name");
+    field(&mut attribute, 2, &value);
+    let mut resource = Vec::new();
+    field(&mut resource, 1, &attribute);
+    let mut body = Vec::new();
+    field(&mut body, 1, b"hello");
+    let mut record = vec![0x09];
+    record.extend_from_slice(&1_700_000_000_000_000_000u64.to_le_bytes());
+    record.extend_from_slice(&[0x10, 9]);
+    field(&mut record, 5, &body);
+    let mut scope_logs = Vec::new();
+    field(&mut scope_logs, 2, &record);
+    let mut resource_logs = Vec::new();
+    field(&mut resource_logs, 1, &resource);
+    field(&mut resource_logs, 2, &scope_logs);
+    let mut request = Vec::new();
+    field(&mut request, 1, &resource_logs);
+    vec![("bulk", bulk.as_bytes().to_vec()), ("otlp", json.as_bytes().to_vec()), ("otlp", request)]
+}
+
 /// An empty index to parse queries against, made once per process.
 fn index() -> &'static LogIndex {
     static INDEX: OnceLock<LogIndex> = OnceLock::new();

@@ -32,6 +32,7 @@ pub mod index;
 pub mod ingest;
 pub mod limits;
 pub mod metrics;
+pub mod otlp;
 pub mod reload;
 pub mod restore;
 pub mod seal;

@@ -23,7 +23,7 @@ use ring::signature::Ed25519KeyPair;
 pub type Target = fn(&[u8]);
 
 /// The names of the targets, as `fuzz_targets/` and `corpus/` know them.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 11] = [
     ("frame", frame),
     ("batch", batch),
     ("syslog", syslog),
@@ -33,6 +33,8 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("checkpoint", checkpoint),
     ("config", config),
     ("wal", wal),
+    ("bulk", bulk),
+    ("otlp", otlp),
 ];
 
 fn key() -> &'static Ed25519KeyPair {
@@ -89,6 +91,17 @@ pub fn batch(data: &[u8]) {
 /// Syslog framing and parsing, as the collector's listener runs them.
 pub fn syslog(data: &[u8]) {
     logvault_collector::fuzzing::syslog(data);
+}
+
+/// An Elasticsearch bulk body: read within its caps or refused.
+pub fn bulk(data: &[u8]) {
+    logvault_collector::fuzzing::bulk(data);
+}
+
+/// An OTLP logs request, as protobuf and as JSON: read within its caps or
+/// refused.
+pub fn otlp(data: &[u8]) {
+    logvault_collector::fuzzing::otlp(data);
 }
 
 /// Every line parser the agent offers, and redaction, on one line.
@@ -334,6 +347,9 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         }],
     };
     seeds.push(("checkpoint", body.sign(key())));
+    for seed in logvault_collector::fuzzing::http_seeds() {
+        seeds.push(seed);
+    }
     seeds.push(("config", COLLECTOR_CONFIG.as_bytes().to_vec()));
     seeds.push(("config", AGENT_CONFIG.as_bytes().to_vec()));
     for seed in logvault_collector::fuzzing::wal_seeds(&compressed) {

@@ -1,7 +1,8 @@
-//! Senders that speak Elasticsearch's bulk API, with the official Python
-//! client as the real sender (`tests/run` installs it in `target/py`):
-//! every line searchable with exact totals, each item answered on its own,
-//! the tenant and host from the token, and every refusal with its status.
+//! Senders that speak Elasticsearch's bulk API or OTLP, with the official
+//! Python clients as the real senders (`tests/run` installs them in
+//! `target/py`): every line searchable with exact totals, each bulk item
+//! answered on its own, the tenant and host from the token, and every
+//! refusal with its status.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -91,6 +92,69 @@ fn the_elasticsearch_clients_bulk_helper_ships_hadoop_and_every_line_is_searchab
     assert_eq!(hit["message"], lines[7].as_str(), "{hit}");
     assert_eq!(collector.total(&reader, "fields.host.name:\"claimed-by-payload\""), 2000);
     assert_eq!(collector.metric(&setup, "logvault_ingest_records_total{tenant=\"default\"}"), 2001);
+}
+
+#[test]
+fn the_opentelemetry_sdks_otlp_exporter_ships_spark_and_every_line_is_searchable() {
+    let setup = Setup::new("otlp");
+    let collector = Collector::start(&setup, &CollectorOptions::default());
+    let writer = setup.token(&["default"], Role::Writer);
+    let reader = setup.token(&["default"], Role::Reader);
+    let log = loghub_dir().join("Spark_2k.log");
+    let output = Command::new(python())
+        .arg(script("otlp_logs.py"))
+        .arg(collector.api_url())
+        .arg(&collector.ca)
+        .arg(&writer)
+        .arg(&log)
+        .arg("spark-app")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the exporter failed: {stderr}");
+    // The SDK logs an export it could not make instead of failing.
+    assert!(!stderr.contains("Failed to export"), "{stderr}");
+
+    collector.wait_total(&reader, "source:otlp", 2000, Duration::from_secs(60));
+    let lines = sample_lines("Spark_2k.log");
+    for word in ["info", "executor", "storage", "blockmanager", "memory"] {
+        let want = lines_with_term(&lines, word);
+        assert!(want > 0, "{word} is in the sample");
+        assert_eq!(collector.total(&reader, &format!("source:otlp AND {word}")), want, "{word}");
+    }
+    assert_eq!(collector.total(&reader, "source:otlp AND level:info"), 2000, "the severity is the level");
+    assert_eq!(collector.total(&reader, "fields.service.name:\"spark-app\""), 2000);
+    let (status, body) = collector.search_raw(Some(&reader), &[("q", "source:otlp"), ("limit", "1")]);
+    assert_eq!(status, 200, "{body}");
+    let hit = &body["hits"][0];
+    assert_eq!(hit["host"], "e2e", "the token's subject: {hit}");
+    assert_eq!(hit["fields"]["host.name"], "claimed-by-payload", "{hit}");
+    assert!(hit["fields"]["otel.scope.name"].as_str().is_some_and(|s| !s.is_empty()), "the scope: {hit}");
+    assert_eq!(hit["fields"]["telemetry.sdk.language"], "python", "the resource's attributes: {hit}");
+    assert!(lines.contains(&hit["message"].as_str().unwrap().to_owned()), "{hit}");
+
+    // OTLP's JSON encoding, and the refusals.
+    let json = serde_json::json!({"resourceLogs": [{"scopeLogs": [{"logRecords": [
+        {"timeUnixNano": "1700000000000000000", "severityNumber": 17, "body": {"stringValue": "json says hello"}}
+    ]}]}]});
+    let url = format!("{}/v1/logs", collector.api_url());
+    let answer = runtime()
+        .block_on(logvault_collector::client::request(
+            "POST",
+            &url,
+            &collector.ca,
+            Some(&writer),
+            Some(json.to_string().into_bytes()),
+        ))
+        .unwrap();
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    collector.wait_total(&reader, "source:otlp AND level:error AND json", 1, Duration::from_secs(30));
+    let (status, _) = post(&collector, "/v1/logs", None, b"");
+    assert_eq!(status, 401, "no token");
+    let (status, _) = post(&collector, "/v1/logs", Some(&reader), b"");
+    assert_eq!(status, 403, "a reader token");
+    let (status, _) = post(&collector, "/v1/logs", Some(&writer), &[0x0a, 0xff, 0xff]);
+    assert_eq!(status, 400, "a damaged request");
 }
 
 #[test]

@@ -1,0 +1,751 @@
+//! OpenTelemetry logs over HTTP (`POST /v1/logs`), protobuf or JSON, so
+//! OpenTelemetry SDKs and collectors ship to logvault unchanged.
+//!
+//! Each log record becomes a record of source `otlp`: its time (or the
+//! time it was observed, or when it arrived), its level from the severity
+//! number (or text), its body as the line (a body that is not a string is
+//! rendered as JSON), and as fields its attributes, its resource's
+//! attributes (`service.name`, `host.name`: claims, since `host` is the
+//! token's subject), its scope's name as `otel.scope.name`, its severity
+//! text as `severity_text` and its trace and span ids in hex. The answer is
+//! sent after the fsync; a full WAL is answered 429 with Retry-After (a
+//! request the WAL fills halfway has its first part stored, and stored
+//! again when it is resent).
+//!
+//! The protobuf decoder is our own and reads only what it needs: every
+//! length is checked against what is left before anything is taken,
+//! nesting and counts are capped, and unknown fields are skipped.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use logvault_storage::record::{FLAG_TRUNCATED, Level};
+use serde_json::Value;
+
+use crate::api::{ApiState, authenticate_writer};
+use crate::bulk::BulkLimits;
+use crate::senders::{Record, StoreError};
+
+/// The source of every OTLP record.
+pub const OTLP_SOURCE: &str = "otlp";
+/// Nesting of arrays and maps inside a value, at most.
+const MAX_DEPTH: usize = 8;
+
+/// Why a request cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(String);
+
+fn bad(what: impl Into<String>) -> DecodeError {
+    DecodeError(what.into())
+}
+
+/// A protobuf reader over a slice.
+struct Wire<'a> {
+    bytes: &'a [u8],
+}
+
+enum Field<'a> {
+    Varint(u64),
+    Fixed64(u64),
+    /// Read past: OTLP's only fixed32 field (a record's flags) is not kept.
+    Fixed32,
+    Bytes(&'a [u8]),
+}
+
+impl<'a> Wire<'a> {
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let (&byte, rest) = self.bytes.split_first().ok_or_else(|| bad("truncated varint"))?;
+            self.bytes = rest;
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(bad("varint longer than 10 bytes"))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if n > self.bytes.len() {
+            return Err(bad("a length runs past the end"));
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    /// The next field number and value, or None at the end.
+    fn next(&mut self) -> Result<Option<(u64, Field<'a>)>, DecodeError> {
+        if self.bytes.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let value = match key & 7 {
+            0 => Field::Varint(self.varint()?),
+            1 => Field::Fixed64(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"))),
+            2 => {
+                let len = usize::try_from(self.varint()?).map_err(|_| bad("length too large"))?;
+                Field::Bytes(self.take(len)?)
+            }
+            5 => {
+                self.take(4)?;
+                Field::Fixed32
+            }
+            other => return Err(bad(format!("wire type {other} is not used by OTLP"))),
+        };
+        Ok(Some((key >> 3, value)))
+    }
+}
+
+fn text(bytes: &[u8]) -> Result<String, DecodeError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| bad("a string is not UTF-8"))
+}
+
+/// What a request holds, before it becomes records.
+struct Builder<'l> {
+    limits: &'l BulkLimits,
+    now_ns: i64,
+    records: Vec<Record>,
+}
+
+/// One log record as read, its fields not yet joined with its resource's.
+#[derive(Default)]
+struct LogRecord {
+    time_ns: u64,
+    observed_ns: u64,
+    severity_number: u64,
+    severity_text: String,
+    body: Option<String>,
+    fields: Vec<(String, String)>,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, record: LogRecord, shared: &[(String, String)]) -> Result<(), DecodeError> {
+        if self.records.len() >= self.limits.max_items {
+            return Err(bad(format!("more than {} log records in one request", self.limits.max_items)));
+        }
+        let time = if record.time_ns != 0 { record.time_ns } else { record.observed_ns };
+        let timestamp_ns = if time == 0 { self.now_ns } else { i64::try_from(time).unwrap_or(i64::MAX) };
+        let level = level_of(record.severity_number, &record.severity_text);
+        let mut fields = record.fields;
+        if !record.severity_text.is_empty() {
+            fields.push(("severity_text".into(), record.severity_text));
+        }
+        fields.extend(shared.iter().cloned());
+        if fields.len() > self.limits.max_fields {
+            return Err(bad(format!(
+                "a log record has {} attributes, over the limit of {}",
+                fields.len(),
+                self.limits.max_fields
+            )));
+        }
+        let mut flags = 0;
+        let mut message = record.body.unwrap_or_default();
+        cut(&mut message, self.limits.max_message_bytes, &mut flags);
+        for (_, value) in &mut fields {
+            cut(value, self.limits.max_field_value_bytes, &mut flags);
+        }
+        self.records.push(Record { timestamp_ns, level, flags, message, fields });
+        Ok(())
+    }
+}
+
+/// The level of an OTLP severity number (1 to 24 in six bands), else of
+/// its text.
+fn level_of(number: u64, text: &str) -> Level {
+    match number {
+        1..=4 => Level::Trace,
+        5..=8 => Level::Debug,
+        9..=12 => Level::Info,
+        13..=16 => Level::Warn,
+        17..=20 => Level::Error,
+        21..=24 => Level::Fatal,
+        _ => Level::from_word(text.trim()).unwrap_or(Level::Unknown),
+    }
+}
+
+fn cut(text: &mut String, max: usize, flags: &mut u8) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        *flags |= FLAG_TRUNCATED;
+    }
+}
+
+/// Reads an `ExportLogsServiceRequest` in protobuf.
+pub fn decode_protobuf(bytes: &[u8], limits: &BulkLimits, now_ns: i64) -> Result<Vec<Record>, DecodeError> {
+    let mut builder = Builder { limits, now_ns, records: Vec::new() };
+    let mut request = Wire { bytes };
+    while let Some((number, field)) = request.next()? {
+        if let (1, Field::Bytes(resource_logs)) = (number, field) {
+            resource_logs_pb(resource_logs, &mut builder)?;
+        }
+    }
+    Ok(builder.records)
+}
+
+fn resource_logs_pb(bytes: &[u8], builder: &mut Builder<'_>) -> Result<(), DecodeError> {
+    // The resource may come after its scopes: read it first.
+    let mut shared = Vec::new();
+    let mut wire = Wire { bytes };
+    while let Some((number, field)) = wire.next()? {
+        if let (1, Field::Bytes(resource)) = (number, field) {
+            let mut inner = Wire { bytes: resource };
+            while let Some((number, field)) = inner.next()? {
+                if let (1, Field::Bytes(pair)) = (number, field) {
+                    key_value_pb(pair, "", 0, &mut shared, builder.limits)?;
+                }
+            }
+        }
+    }
+    let mut wire = Wire { bytes };
+    while let Some((number, field)) = wire.next()? {
+        if let (2, Field::Bytes(scope_logs)) = (number, field) {
+            let mut scope_shared = shared.clone();
+            let mut records = Vec::new();
+            let mut inner = Wire { bytes: scope_logs };
+            while let Some((number, field)) = inner.next()? {
+                match (number, field) {
+                    (1, Field::Bytes(scope)) => {
+                        let mut scope = Wire { bytes: scope };
+                        while let Some((number, field)) = scope.next()? {
+                            if let (1, Field::Bytes(name)) = (number, field)
+                                && !name.is_empty()
+                            {
+                                scope_shared.push(("otel.scope.name".into(), text(name)?));
+                            }
+                        }
+                    }
+                    (2, Field::Bytes(record)) => records.push(record),
+                    _ => {}
+                }
+            }
+            for record in records {
+                let record = log_record_pb(record, builder.limits)?;
+                builder.push(record, &scope_shared)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn log_record_pb(bytes: &[u8], limits: &BulkLimits) -> Result<LogRecord, DecodeError> {
+    let mut record = LogRecord::default();
+    let mut wire = Wire { bytes };
+    while let Some((number, field)) = wire.next()? {
+        match (number, field) {
+            (1, Field::Fixed64(ns)) => record.time_ns = ns,
+            (11, Field::Fixed64(ns)) => record.observed_ns = ns,
+            (2, Field::Varint(severity)) => record.severity_number = severity,
+            (3, Field::Bytes(severity)) => record.severity_text = text(severity)?,
+            (5, Field::Bytes(body)) => record.body = Some(any_value_pb(body, 0)?.into_text()),
+            (6, Field::Bytes(pair)) => key_value_pb(pair, "", 0, &mut record.fields, limits)?,
+            (9, Field::Bytes(id)) if !id.is_empty() => record.fields.push(("trace_id".into(), hex(id))),
+            (10, Field::Bytes(id)) if !id.is_empty() => record.fields.push(("span_id".into(), hex(id))),
+            _ => {}
+        }
+    }
+    Ok(record)
+}
+
+/// An attribute, flattened: a map's members under `key.member`.
+fn key_value_pb(
+    bytes: &[u8],
+    prefix: &str,
+    depth: usize,
+    out: &mut Vec<(String, String)>,
+    limits: &BulkLimits,
+) -> Result<(), DecodeError> {
+    let (mut key, mut value) = (String::new(), None);
+    let mut wire = Wire { bytes };
+    while let Some((number, field)) = wire.next()? {
+        match (number, field) {
+            (1, Field::Bytes(k)) => key = text(k)?,
+            (2, Field::Bytes(v)) => value = Some(v),
+            _ => {}
+        }
+    }
+    let name = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+    let Some(value) = value else { return Ok(()) };
+    match any_value_pb(value, depth)? {
+        Any::Map(pairs) => {
+            for pair in pairs {
+                key_value_pb(pair, &name, depth + 1, out, limits)?;
+            }
+        }
+        Any::Empty => {}
+        other => out.push((name, other.into_text())),
+    }
+    if out.len() > limits.max_fields {
+        return Err(bad(format!("more than {} attributes", limits.max_fields)));
+    }
+    Ok(())
+}
+
+/// An `AnyValue`: a scalar as text, an array as JSON text, a map kept for
+/// flattening.
+enum Any<'a> {
+    Empty,
+    Text(String),
+    Map(Vec<&'a [u8]>),
+}
+
+impl Any<'_> {
+    fn into_text(self) -> String {
+        match self {
+            Any::Empty => String::new(),
+            Any::Text(text) => text,
+            Any::Map(pairs) => {
+                // A map as a body: its members as JSON.
+                let mut object = serde_json::Map::new();
+                for pair in pairs {
+                    let mut flat = Vec::new();
+                    let limits = BulkLimits::default();
+                    if key_value_pb(pair, "", MAX_DEPTH, &mut flat, &limits).is_ok() {
+                        object.extend(flat.into_iter().map(|(k, v)| (k, Value::String(v))));
+                    }
+                }
+                Value::Object(object).to_string()
+            }
+        }
+    }
+}
+
+fn any_value_pb(bytes: &[u8], depth: usize) -> Result<Any<'_>, DecodeError> {
+    if depth > MAX_DEPTH {
+        return Err(bad(format!("values nested deeper than {MAX_DEPTH}")));
+    }
+    let mut out = Any::Empty;
+    let mut wire = Wire { bytes };
+    while let Some((number, field)) = wire.next()? {
+        out = match (number, field) {
+            (1, Field::Bytes(s)) => Any::Text(text(s)?),
+            (2, Field::Varint(b)) => Any::Text((b != 0).to_string()),
+            (3, Field::Varint(i)) => Any::Text((i as i64).to_string()),
+            (4, Field::Fixed64(d)) => Any::Text(number_text(f64::from_bits(d))),
+            (5, Field::Bytes(array)) => {
+                let mut items = Vec::new();
+                let mut inner = Wire { bytes: array };
+                while let Some((number, field)) = inner.next()? {
+                    if let (1, Field::Bytes(item)) = (number, field) {
+                        items.push(Value::String(any_value_pb(item, depth + 1)?.into_text()));
+                    }
+                }
+                Any::Text(Value::Array(items).to_string())
+            }
+            (6, Field::Bytes(list)) => {
+                let mut pairs = Vec::new();
+                let mut inner = Wire { bytes: list };
+                while let Some((number, field)) = inner.next()? {
+                    if let (1, Field::Bytes(pair)) = (number, field) {
+                        pairs.push(pair);
+                    }
+                }
+                Any::Map(pairs)
+            }
+            (7, Field::Bytes(b)) => Any::Text(hex(b)),
+            _ => continue,
+        };
+    }
+    Ok(out)
+}
+
+fn number_text(value: f64) -> String {
+    serde_json::Number::from_f64(value).map_or_else(|| value.to_string(), |n| n.to_string())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads an `ExportLogsServiceRequest` in OTLP's JSON encoding.
+pub fn decode_json(bytes: &[u8], limits: &BulkLimits, now_ns: i64) -> Result<Vec<Record>, DecodeError> {
+    let request: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let mut builder = Builder { limits, now_ns, records: Vec::new() };
+    for resource_logs in array(&request, "resourceLogs") {
+        let mut shared = Vec::new();
+        for pair in array(&resource_logs["resource"], "attributes") {
+            key_value_json(pair, "", 0, &mut shared)?;
+        }
+        for scope_logs in array(resource_logs, "scopeLogs") {
+            let mut scope_shared = shared.clone();
+            if let Some(name) = scope_logs["scope"]["name"].as_str().filter(|n| !n.is_empty()) {
+                scope_shared.push(("otel.scope.name".into(), name.to_owned()));
+            }
+            for log in array(scope_logs, "logRecords") {
+                let mut record = LogRecord {
+                    time_ns: json_u64(&log["timeUnixNano"]),
+                    observed_ns: json_u64(&log["observedTimeUnixNano"]),
+                    severity_number: json_u64(&log["severityNumber"]),
+                    severity_text: log["severityText"].as_str().unwrap_or_default().to_owned(),
+                    ..LogRecord::default()
+                };
+                if !log["body"].is_null() {
+                    record.body = Some(any_value_json(&log["body"], 0)?);
+                }
+                for pair in array(log, "attributes") {
+                    key_value_json(pair, "", 0, &mut record.fields)?;
+                }
+                for (key, name) in [("traceId", "trace_id"), ("spanId", "span_id")] {
+                    if let Some(id) = log[key].as_str().filter(|id| !id.is_empty()) {
+                        record.fields.push((name.into(), id.to_ascii_lowercase()));
+                    }
+                }
+                builder.push(record, &scope_shared)?;
+            }
+        }
+    }
+    Ok(builder.records)
+}
+
+fn array<'v>(value: &'v Value, key: &str) -> impl Iterator<Item = &'v Value> {
+    value[key].as_array().into_iter().flatten()
+}
+
+/// OTLP JSON carries 64-bit integers as strings or numbers.
+fn json_u64(value: &Value) -> u64 {
+    match value {
+        Value::String(text) => text.parse().unwrap_or(0),
+        other => other.as_u64().unwrap_or(0),
+    }
+}
+
+fn key_value_json(
+    pair: &Value,
+    prefix: &str,
+    depth: usize,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), DecodeError> {
+    if depth > MAX_DEPTH {
+        return Err(bad(format!("values nested deeper than {MAX_DEPTH}")));
+    }
+    let key = pair["key"].as_str().unwrap_or_default();
+    let name = if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") };
+    let value = &pair["value"];
+    if let Some(list) = value.get("kvlistValue") {
+        for inner in array(list, "values") {
+            key_value_json(inner, &name, depth + 1, out)?;
+        }
+    } else if !value.is_null() {
+        out.push((name, any_value_json(value, depth)?));
+    }
+    Ok(())
+}
+
+fn any_value_json(value: &Value, depth: usize) -> Result<String, DecodeError> {
+    if depth > MAX_DEPTH {
+        return Err(bad(format!("values nested deeper than {MAX_DEPTH}")));
+    }
+    Ok(if let Some(text) = value.get("stringValue").and_then(Value::as_str) {
+        text.to_owned()
+    } else if let Some(b) = value.get("boolValue").and_then(Value::as_bool) {
+        b.to_string()
+    } else if let Some(i) = value.get("intValue") {
+        match i {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        }
+    } else if let Some(d) = value.get("doubleValue") {
+        d.to_string()
+    } else if let Some(b) = value.get("bytesValue").and_then(Value::as_str) {
+        b.to_owned()
+    } else if let Some(list) = value.get("arrayValue") {
+        let items: Result<Vec<Value>, DecodeError> =
+            array(list, "values").map(|v| any_value_json(v, depth + 1).map(Value::String)).collect();
+        Value::Array(items?).to_string()
+    } else if let Some(list) = value.get("kvlistValue") {
+        let mut flat = Vec::new();
+        for inner in array(list, "values") {
+            key_value_json(inner, "", depth + 1, &mut flat)?;
+        }
+        Value::Object(flat.into_iter().map(|(k, v)| (k, Value::String(v))).collect()).to_string()
+    } else {
+        String::new()
+    })
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct OtlpParams {
+    tenant: Option<String>,
+}
+
+fn answer(status: StatusCode, message: &str) -> Response {
+    let mut response = (status, axum::Json(serde_json::json!({"code": status.as_u16(), "message": message})))
+        .into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+    }
+    response
+}
+
+/// `POST /v1/logs`.
+pub(crate) async fn logs(
+    State(state): State<Arc<ApiState>>,
+    Query(params): Query<OtlpParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let (claims, tenant) = match authenticate_writer(&state, &headers, params.tenant.as_deref()) {
+        Ok(who) => who,
+        Err(err) => return answer(err.status(), err.message()),
+    };
+    if headers.get(header::CONTENT_ENCODING).is_some_and(|e| e.as_bytes() != b"identity") {
+        return answer(StatusCode::UNSUPPORTED_MEDIA_TYPE, "compressed request bodies are not accepted");
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let Some(senders) = state.senders.as_ref() else {
+        return answer(StatusCode::NOT_FOUND, "no http senders on this collector");
+    };
+    if senders.is_busy() {
+        return answer(StatusCode::TOO_MANY_REQUESTS, "the collector is busy (its WAL is full); retry later");
+    }
+    let body = match crate::bulk::read_body(&state, &headers, body).await {
+        Ok(body) => body,
+        Err(response) => {
+            let status = response.status();
+            return answer(status, "the request body cannot be read");
+        }
+    };
+    let now = crate::time::now_ns();
+    let decoded = if json {
+        decode_json(&body.0, &state.bulk_limits, now)
+    } else {
+        decode_protobuf(&body.0, &state.bulk_limits, now)
+    };
+    drop(body);
+    let records = match decoded {
+        Ok(records) => records,
+        Err(err) => return answer(StatusCode::BAD_REQUEST, &err.to_string()),
+    };
+    match senders.store(&tenant, &claims.sub, OTLP_SOURCE, &records).await {
+        Ok(()) if json => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
+        // An empty ExportLogsServiceResponse.
+        Ok(()) => ([(header::CONTENT_TYPE, "application/x-protobuf")], Vec::new()).into_response(),
+        Err((_, StoreError::Busy)) => {
+            answer(StatusCode::TOO_MANY_REQUESTS, "the collector is busy (its WAL is full); retry later")
+        }
+        Err((_, err @ StoreError::Failed(_))) => answer(StatusCode::SERVICE_UNAVAILABLE, &err.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_700_000_000_000_000_000;
+
+    fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    fn bytes_field(out: &mut Vec<u8>, number: u64, bytes: &[u8]) {
+        put_varint(out, number << 3 | 2);
+        put_varint(out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+    }
+
+    fn string_value(text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        bytes_field(&mut out, 1, text.as_bytes());
+        out
+    }
+
+    fn key_value(key: &str, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        bytes_field(&mut out, 1, key.as_bytes());
+        bytes_field(&mut out, 2, value);
+        out
+    }
+
+    fn log_record(time: u64, severity: u64, body: &str, attributes: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_varint(&mut out, 1 << 3 | 1);
+        out.extend_from_slice(&time.to_le_bytes());
+        put_varint(&mut out, 2 << 3);
+        put_varint(&mut out, severity);
+        bytes_field(&mut out, 5, &string_value(body));
+        for attribute in attributes {
+            bytes_field(&mut out, 6, attribute);
+        }
+        bytes_field(&mut out, 9, &[0xab; 16]);
+        // An unknown field, skipped.
+        put_varint(&mut out, 99 << 3 | 5);
+        out.extend_from_slice(&[1, 2, 3, 4]);
+        out
+    }
+
+    fn request(resource: &[Vec<u8>], scope: &str, records: &[Vec<u8>]) -> Vec<u8> {
+        let mut resource_msg = Vec::new();
+        for attribute in resource {
+            bytes_field(&mut resource_msg, 1, attribute);
+        }
+        let mut scope_msg = Vec::new();
+        bytes_field(&mut scope_msg, 1, scope.as_bytes());
+        let mut scope_logs = Vec::new();
+        bytes_field(&mut scope_logs, 1, &scope_msg);
+        for record in records {
+            bytes_field(&mut scope_logs, 2, record);
+        }
+        let mut resource_logs = Vec::new();
+        // Scopes first, the resource after: both orders are read.
+        bytes_field(&mut resource_logs, 2, &scope_logs);
+        bytes_field(&mut resource_logs, 1, &resource_msg);
+        let mut out = Vec::new();
+        bytes_field(&mut out, 1, &resource_logs);
+        out
+    }
+
+    #[test]
+    fn a_protobuf_request_becomes_records_with_their_resource() {
+        let mut nested = Vec::new();
+        bytes_field(&mut nested, 1, &key_value("inner", &string_value("x")));
+        let mut map_value = Vec::new();
+        bytes_field(&mut map_value, 6, &nested);
+        let mut int_value = Vec::new();
+        put_varint(&mut int_value, 3 << 3);
+        put_varint(&mut int_value, (-5i64) as u64);
+        let body = request(
+            &[key_value("service.name", &string_value("spark")), key_value("host.name", &string_value("h1"))],
+            "app.logger",
+            &[
+                log_record(1_600_000_000_000_000_000, 13, "a warning", &[key_value("n", &int_value)]),
+                log_record(0, 0, "no time", &[key_value("m", &map_value)]),
+            ],
+        );
+        let records = decode_protobuf(&body, &BulkLimits::default(), NOW).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].timestamp_ns, 1_600_000_000_000_000_000);
+        assert_eq!(records[0].level, Level::Warn);
+        assert_eq!(records[0].message, "a warning");
+        let field = |r: &Record, name: &str| r.fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        assert_eq!(field(&records[0], "n").as_deref(), Some("-5"));
+        assert_eq!(field(&records[0], "service.name").as_deref(), Some("spark"));
+        assert_eq!(field(&records[0], "host.name").as_deref(), Some("h1"));
+        assert_eq!(field(&records[0], "otel.scope.name").as_deref(), Some("app.logger"));
+        assert_eq!(field(&records[0], "trace_id").as_deref(), Some("ab".repeat(16).as_str()));
+        assert_eq!((records[1].timestamp_ns, records[1].level), (NOW, Level::Unknown));
+        assert_eq!(field(&records[1], "m.inner").as_deref(), Some("x"), "a map's members are flattened");
+    }
+
+    #[test]
+    fn a_json_request_becomes_the_same_records() {
+        let body = serde_json::json!({"resourceLogs": [{
+            "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "spark"}}]},
+            "scopeLogs": [{"scope": {"name": "app.logger"}, "logRecords": [{
+                "timeUnixNano": "1600000000000000000", "severityNumber": 17, "severityText": "ERROR",
+                "body": {"stringValue": "it broke"},
+                "attributes": [{"key": "n", "value": {"intValue": "7"}},
+                               {"key": "tags", "value": {"arrayValue": {"values": [{"stringValue": "a"}, {"boolValue": true}]}}}],
+                "traceId": "ABCD"
+            }]}]
+        }]});
+        let records = decode_json(body.to_string().as_bytes(), &BulkLimits::default(), NOW).unwrap();
+        assert_eq!(records.len(), 1);
+        let record = &records[0];
+        assert_eq!(
+            (record.timestamp_ns, record.level, record.message.as_str()),
+            (1_600_000_000_000_000_000, Level::Error, "it broke")
+        );
+        let mut fields = record.fields.clone();
+        fields.sort();
+        assert_eq!(
+            fields,
+            vec![
+                ("n".to_owned(), "7".to_owned()),
+                ("otel.scope.name".to_owned(), "app.logger".to_owned()),
+                ("service.name".to_owned(), "spark".to_owned()),
+                ("severity_text".to_owned(), "ERROR".to_owned()),
+                ("tags".to_owned(), "[\"a\",\"true\"]".to_owned()),
+                ("trace_id".to_owned(), "abcd".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn caps_and_damage_are_refused() {
+        let limits = BulkLimits { max_items: 1, ..BulkLimits::default() };
+        let two = request(&[], "s", &[log_record(1, 9, "a", &[]), log_record(2, 9, "b", &[])]);
+        assert!(decode_protobuf(&two, &limits, NOW).is_err(), "over the record cap");
+        let one = request(&[], "s", &[log_record(1, 9, "a", &[])]);
+        for cut in 1..one.len() {
+            // A cut request is refused or reads fewer records; never more.
+            if let Ok(records) = decode_protobuf(&one[..cut], &BulkLimits::default(), NOW) {
+                assert!(records.len() <= 1);
+            }
+        }
+        let mut deep = string_value("leaf");
+        for _ in 0..20 {
+            let mut array = Vec::new();
+            bytes_field(&mut array, 1, &deep);
+            let mut value = Vec::new();
+            bytes_field(&mut value, 5, &array);
+            deep = value;
+        }
+        let nested = request(&[], "s", &[log_record(1, 9, "a", &[key_value("deep", &deep)])]);
+        assert!(decode_protobuf(&nested, &BulkLimits::default(), NOW).is_err(), "nested past the cap");
+        let limits = BulkLimits { max_message_bytes: 3, ..BulkLimits::default() };
+        let long = request(&[], "s", &[log_record(1, 9, "abcdef", &[])]);
+        let records = decode_protobuf(&long, &limits, NOW).unwrap();
+        assert_eq!((records[0].message.as_str(), records[0].flags), ("abc", FLAG_TRUNCATED));
+    }
+
+    #[test]
+    fn the_fuzz_seeds_read_as_one_record_each() {
+        for (target, seed) in crate::fuzzing::http_seeds().into_iter().filter(|(t, _)| *t == "otlp") {
+            let records = decode_json(&seed, &BulkLimits::default(), NOW)
+                .or_else(|_| decode_protobuf(&seed, &BulkLimits::default(), NOW))
+                .unwrap();
+            assert_eq!(records.len(), 1, "{target}");
+            assert_eq!(records[0].message, "hello");
+            assert_eq!(records[0].level, Level::Info);
+        }
+    }
+
+    proptest! {
+        /// No input panics either decoder, and what they read keeps to
+        /// the caps.
+        #[test]
+        fn any_bytes_decode_within_the_caps_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let limits = BulkLimits { max_items: 4, max_message_bytes: 16, max_fields: 4, max_field_value_bytes: 8 };
+            let decoded = [decode_protobuf(&bytes, &limits, NOW), decode_json(&bytes, &limits, NOW)];
+            for records in decoded.into_iter().flatten() {
+                prop_assert!(records.len() <= 4);
+                for record in records {
+                    prop_assert!(record.message.len() <= 16);
+                    prop_assert!(record.fields.len() <= 4);
+                }
+            }
+        }
+
+        /// Any body and attribute written in protobuf reads back.
+        #[test]
+        fn any_record_round_trips(body in ".{0,40}", key in "[a-z.]{1,10}", value in ".{0,20}", severity in 0u64..30) {
+            let encoded = request(&[], "", &[log_record(5, severity, &body, &[key_value(&key, &string_value(&value))])]);
+            let records = decode_protobuf(&encoded, &BulkLimits::default(), NOW).unwrap();
+            prop_assert_eq!(records.len(), 1);
+            prop_assert_eq!(&records[0].message, &body);
+            prop_assert_eq!(records[0].timestamp_ns, 5);
+            prop_assert_eq!(&records[0].fields[0], &(key, value));
+        }
+    }
+}
