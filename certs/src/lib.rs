@@ -34,6 +34,6 @@ mod tls;
 pub use identity::{IdentityError, PeerIdentity, key_ids, peer_name, validate_name};
 pub use pki::{Issued, Pki, PkiError, Role, write_private_file};
 pub use tls::{
-    ServerTls, TlsError, TlsFiles, api_server_config, client_config, https_client_config,
-    ingest_server_config, ingest_tls, load_certs, load_key, server_config,
+    ServerTls, TlsError, TlsFiles, api_server_config, api_tls_with_clients, client_config,
+    https_client_config, ingest_server_config, ingest_tls, load_certs, load_key, server_config,
 };

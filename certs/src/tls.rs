@@ -149,6 +149,30 @@ pub fn api_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, T
     Ok(Arc::new(config))
 }
 
+/// [`api_server_config`] that also asks for a client certificate from the
+/// CA in `files` (checked against `crl` when given) without requiring one:
+/// browsers and token holders connect without, senders may prove who they
+/// are with one. A certificate that does not verify fails the handshake.
+pub fn api_tls_with_clients(files: &TlsFiles, crl: Option<&Path>) -> Result<ServerTls, TlsError> {
+    let provider = provider();
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone());
+    if let Some(path) = crl {
+        let pem_err = |message: String| TlsError::Pem { path: path.to_owned(), message };
+        let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| pem_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(e.to_string()))?;
+        builder = builder.with_crls(crls).enforce_revocation_expiration();
+    }
+    let verifier = builder.allow_unauthenticated().build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier.clone())
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(ServerTls { config: Arc::new(config), client_verifier: Some(verifier) })
+}
+
 /// An HTTPS client trusting `ca`, for the CLI and tests.
 pub fn https_client_config(ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())

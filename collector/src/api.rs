@@ -281,15 +281,55 @@ fn authenticate_reader(state: &ApiState, headers: &HeaderMap) -> Result<Claims, 
     Ok(claims)
 }
 
-/// The caller's claims and the tenant it writes to, for the HTTP senders'
-/// routes: a `writer` or `admin` token; the tenant is the token's, or the
-/// one of its tenants `named` (a tenant the token does not name is
-/// refused).
+/// The verified client certificate of a request's connection, when the
+/// API asks for one (`api.client_certificates`).
+#[derive(Debug, Clone)]
+pub struct SenderCertificate {
+    /// The certificate's name.
+    pub name: String,
+    /// Its tenant, by the tenant mappings.
+    pub tenant: String,
+}
+
+/// Who writes through the HTTP senders' routes, and where.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    /// The record's `host`: the token's subject or the certificate's name.
+    pub(crate) host: String,
+    /// The tenant the records go to.
+    pub(crate) tenant: String,
+}
+
+/// The writer of an HTTP senders' request: a bearer token with the
+/// `writer` or `admin` role, or else the connection's client certificate.
+/// The tenant is the token's (or one of its tenants, `named`) or the
+/// certificate's; a tenant neither covers is refused.
 pub(crate) fn authenticate_writer(
     state: &ApiState,
     headers: &HeaderMap,
+    certificate: Option<&SenderCertificate>,
     named: Option<&str>,
-) -> Result<(Claims, String), ApiError> {
+) -> Result<Writer, ApiError> {
+    if let Some(sender) = certificate.filter(|_| !headers.contains_key(header::AUTHORIZATION)) {
+        if named.is_some_and(|named| named != sender.tenant) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this certificate writes to tenant {:?} only", sender.tenant),
+            ));
+        }
+        if let Err(wait) = state.rates.try_take(&format!("certificate\u{0}{}", sender.name), 1) {
+            return Err(ApiError {
+                retry_after: Some(wait.as_secs().max(1)),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_requests",
+                    "over this sender's request rate",
+                )
+            });
+        }
+        return Ok(Writer { host: sender.name.clone(), tenant: sender.tenant.clone() });
+    }
     let claims = authenticate(state, headers)?;
     if !matches!(claims.role, Role::Writer | Role::Admin) {
         return Err(ApiError::new(
@@ -315,7 +355,7 @@ pub(crate) fn authenticate_writer(
             ));
         }
     };
-    Ok((claims, tenant))
+    Ok(Writer { host: claims.sub, tenant })
 }
 
 /// Runs `query` on a blocking slot under the query deadline. Waiting for
@@ -726,6 +766,7 @@ pub async fn serve(
     listener: TcpListener,
     acceptor: Arc<crate::reload::ReloadingAcceptor>,
     app: axum::Router,
+    certificates: Option<Arc<crate::config::TenantResolver>>,
     cancel: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
@@ -742,7 +783,7 @@ pub async fn serve(
             },
         };
         let acceptor = acceptor.acceptor();
-        let service = TowerToHyperService::new(app.clone());
+        let (app, certificates) = (app.clone(), certificates.clone());
         let cancel = cancel.clone();
         tracker.spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -753,6 +794,23 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
+            // A client certificate (verified by the handshake) names a
+            // sender for every request on this connection.
+            let sender = certificates.and_then(|tenants| {
+                let cert = tls.get_ref().1.peer_certificates()?.first()?;
+                let name = logvault_certs::peer_name(cert).ok()?;
+                let tenant = tenants.resolve(&name, crate::ingest::authority_key(&tls).as_deref()).to_owned();
+                Some(SenderCertificate { name, tenant })
+            });
+            let service = tower::ServiceBuilder::new()
+                .map_request(move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    if let Some(sender) = &sender {
+                        request.extensions_mut().insert(sender.clone());
+                    }
+                    request
+                })
+                .service(app);
+            let service = TowerToHyperService::new(service);
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))

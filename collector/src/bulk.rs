@@ -19,14 +19,14 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use logvault_storage::record::{FLAG_TRUNCATED, Level};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::api::{ApiState, authenticate_writer};
+use crate::api::{ApiState, SenderCertificate, authenticate_writer};
 use crate::senders::{Record, StoreError};
 
 /// The version this API answers to, for senders that check it.
@@ -349,10 +349,11 @@ pub(crate) async fn license() -> Response {
 pub(crate) async fn bulk(
     State(state): State<Arc<ApiState>>,
     Query(params): Query<BulkParams>,
+    certificate: Option<Extension<SenderCertificate>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    store_bulk(state, None, params, headers, body).await
+    store_bulk(state, None, params, certificate, headers, body).await
 }
 
 /// `POST /{index}/_bulk`.
@@ -360,21 +361,28 @@ pub(crate) async fn bulk_index(
     State(state): State<Arc<ApiState>>,
     Path(index): Path<String>,
     Query(params): Query<BulkParams>,
+    certificate: Option<Extension<SenderCertificate>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    store_bulk(state, Some(index), params, headers, body).await
+    store_bulk(state, Some(index), params, certificate, headers, body).await
 }
 
 async fn store_bulk(
     state: Arc<ApiState>,
     index: Option<String>,
     params: BulkParams,
+    certificate: Option<Extension<SenderCertificate>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = std::time::Instant::now();
-    let (claims, tenant) = match authenticate_writer(&state, &headers, params.tenant.as_deref()) {
+    let writer = match authenticate_writer(
+        &state,
+        &headers,
+        certificate.as_ref().map(|c| &c.0),
+        params.tenant.as_deref(),
+    ) {
         Ok(who) => who,
         Err(err) => return es_error(err.status(), "security_exception", err.message()),
     };
@@ -423,7 +431,7 @@ async fn store_bulk(
             (0..items.len()).filter(|&i| items[i].index == *source && items[i].outcome.is_ok()).collect();
         let records: Vec<Record> =
             at.iter().filter_map(|&i| items[i].outcome.as_ref().ok().cloned()).collect();
-        if let Err((stored, err)) = senders.store(&tenant, &claims.sub, source, &records).await {
+        if let Err((stored, err)) = senders.store(&writer.tenant, &writer.host, source, &records).await {
             let failed = match err {
                 StoreError::Busy => item_error(429, "es_rejected_execution_exception", err.to_string()),
                 StoreError::Failed(_) => item_error(500, "exception", err.to_string()),

@@ -309,6 +309,12 @@ pub struct ApiConfig {
     /// 33554432 (32 MiB).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Ask clients of this port for a certificate from the ingest CA
+    /// (checked against `ingest.crl`), without requiring one: an HTTP
+    /// sender presenting one ships as that certificate's name and tenant,
+    /// with no token. Default false.
+    #[serde(default)]
+    pub client_certificates: bool,
 }
 
 /// Tenant assignment: the first mapping whose pattern matches the agent's

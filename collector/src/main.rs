@@ -34,7 +34,7 @@ enum Command {
     /// Manage the PKI: a CA and the certificates it issues.
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Mint a query token signed with an Ed25519 key.
+    /// Mint an API token (to query, or to ship with the HTTP senders' APIs) signed with an Ed25519 key.
     Token(TokenArgs),
     /// Create an Ed25519 token signing key (FILE, 0600) and its public
     /// half (FILE with .pub), which the collector's `api.jwt_public_key` names.
@@ -182,7 +182,7 @@ struct TokenArgs {
     /// Subject: who the token is for.
     #[arg(long)]
     sub: String,
-    /// Tenant the token may read; repeat for several.
+    /// Tenant the token may read (or write); repeat for several.
     #[arg(long, required = true)]
     tenant: Vec<String>,
     /// What the token may do.

@@ -19,13 +19,13 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use logvault_storage::record::{FLAG_TRUNCATED, Level};
 use serde_json::Value;
 
-use crate::api::{ApiState, authenticate_writer};
+use crate::api::{ApiState, SenderCertificate, authenticate_writer};
 use crate::bulk::BulkLimits;
 use crate::senders::{Record, StoreError};
 
@@ -490,10 +490,16 @@ fn answer(status: StatusCode, message: &str) -> Response {
 pub(crate) async fn logs(
     State(state): State<Arc<ApiState>>,
     Query(params): Query<OtlpParams>,
+    certificate: Option<Extension<SenderCertificate>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (claims, tenant) = match authenticate_writer(&state, &headers, params.tenant.as_deref()) {
+    let writer = match authenticate_writer(
+        &state,
+        &headers,
+        certificate.as_ref().map(|c| &c.0),
+        params.tenant.as_deref(),
+    ) {
         Ok(who) => who,
         Err(err) => return answer(err.status(), err.message()),
     };
@@ -528,7 +534,7 @@ pub(crate) async fn logs(
         Ok(records) => records,
         Err(err) => return answer(StatusCode::BAD_REQUEST, &err.to_string()),
     };
-    match senders.store(&tenant, &claims.sub, OTLP_SOURCE, &records).await {
+    match senders.store(&writer.tenant, &writer.host, OTLP_SOURCE, &records).await {
         Ok(()) if json => ([(header::CONTENT_TYPE, "application/json")], "{}").into_response(),
         // An empty ExportLogsServiceResponse.
         Ok(()) => ([(header::CONTENT_TYPE, "application/x-protobuf")], Vec::new()).into_response(),

@@ -130,6 +130,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
             max_concurrent_queries: 2,
             max_tails: 64,
             max_body_bytes: 32 * 1024 * 1024,
+            client_certificates: false,
             issuer: "logvault".into(),
             audience: "logvault".into(),
             max_limit: 1000,

@@ -129,12 +129,23 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         config.api.cert.clone().unwrap_or_else(|| config.ingest.cert.clone()),
         config.api.key.clone().unwrap_or_else(|| config.ingest.key.clone()),
     );
-    let api_tls = ReloadingAcceptor::new("api", vec![api_cert.clone(), api_key.clone()], move || {
-        Ok(logvault_certs::ServerTls {
-            config: logvault_certs::api_server_config(&api_cert, &api_key)?,
-            client_verifier: None,
-        })
-    })?;
+    let api_tls = if config.api.client_certificates {
+        // Senders may present a certificate from the ingest CA.
+        let files = TlsFiles { ca: config.ingest.ca.clone(), cert: api_cert.clone(), key: api_key.clone() };
+        let mut watched = vec![files.ca.clone(), api_cert, api_key];
+        watched.extend(config.ingest.crl.clone());
+        let crl = config.ingest.crl.clone();
+        ReloadingAcceptor::new("api", watched, move || {
+            logvault_certs::api_tls_with_clients(&files, crl.as_deref())
+        })?
+    } else {
+        ReloadingAcceptor::new("api", vec![api_cert.clone(), api_key.clone()], move || {
+            Ok(logvault_certs::ServerTls {
+                config: logvault_certs::api_server_config(&api_cert, &api_key)?,
+                client_verifier: None,
+            })
+        })?
+    };
     let key_sources = crate::auth::KeySources {
         files: config.api.jwt_public_key.iter().cloned().collect(),
         dir: config.api.jwt_keys_dir.clone(),
@@ -286,8 +297,14 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
     let syslog_task = syslog_listener.map(|listener| {
         tokio::spawn(ingest::serve(listener, ingest.clone(), ingest::Protocol::Syslog, cancel.clone()))
     });
-    let api_task =
-        tokio::spawn(api::serve(api_listener, api_tls.clone(), api::router(state), cancel.clone()));
+    let certificates = config.api.client_certificates.then(|| Arc::new(ingest.tenants.clone()));
+    let api_task = tokio::spawn(api::serve(
+        api_listener,
+        api_tls.clone(),
+        api::router(state),
+        certificates,
+        cancel.clone(),
+    ));
     let done = tokio::spawn(async move {
         let _ = ingest_task.await;
         if let Some(task) = syslog_task {

@@ -2,15 +2,21 @@
 bulk helper, then sends one bulk request holding a malformed item, and
 prints what the client saw as JSON on the last line.
 
-usage: es_bulk.py URL CA_FILE TOKEN LOG_FILE INDEX
+usage: es_bulk.py URL CA_FILE AUTH LOG_FILE INDEX
+
+AUTH is a bearer token, or cert:CERT_FILE:KEY_FILE for a client certificate.
 """
 import json
 import sys
 
 from elasticsearch import Elasticsearch, helpers
 
-url, ca, token, path, index = sys.argv[1:6]
-es = Elasticsearch(url, ca_certs=ca, bearer_auth=token, request_timeout=60)
+url, ca, auth, path, index = sys.argv[1:6]
+if auth.startswith("cert:"):
+    _, cert, key = auth.split(":", 2)
+    es = Elasticsearch(url, ca_certs=ca, client_cert=cert, client_key=key, request_timeout=60)
+else:
+    es = Elasticsearch(url, ca_certs=ca, bearer_auth=auth, request_timeout=60)
 info = es.info()
 
 

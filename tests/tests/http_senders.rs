@@ -157,6 +157,58 @@ fn the_opentelemetry_sdks_otlp_exporter_ships_spark_and_every_line_is_searchable
     assert_eq!(status, 400, "a damaged request");
 }
 
+/// With `api.client_certificates`, a sender's certificate from the ingest
+/// CA stands in for a token: its name is every record's host and its
+/// tenant mapping their tenant. Another CA's certificate fails the
+/// handshake; token holders and the page connect without one.
+#[test]
+fn a_client_certificate_ships_without_a_token_and_names_host_and_tenant() {
+    let setup = Setup::new("es-cert");
+    let options = CollectorOptions {
+        api_toml: "client_certificates = true\n".into(),
+        extra_toml: "[tenants]\n[[tenants.map]]\nagents = [\"shipper-*\"]\ntenant = \"shippers\"\n".into(),
+        ..Default::default()
+    };
+    let collector = Collector::start(&setup, &options);
+    let sender = setup.pki.ensure(logvault_certs::Role::Sender, "shipper-1", &[]).unwrap();
+    let ship = |auth: &str| {
+        Command::new(python())
+            .arg(script("es_bulk.py"))
+            .arg(collector.api_url())
+            .arg(&collector.ca)
+            .arg(auth)
+            .arg(loghub_dir().join("OpenSSH_2k.log"))
+            .arg("openssh")
+            .output()
+            .unwrap()
+    };
+    let output = ship(&format!("cert:{}:{}", sender.cert.display(), sender.key.display()));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reader = setup.token(&["shippers"], Role::Reader);
+    collector.wait_total(&reader, "source:openssh AND host:\"shipper-1\"", 2001, Duration::from_secs(60));
+    assert_eq!(
+        collector.total(&setup.token(&["default"], Role::Reader), "source:openssh"),
+        0,
+        "another tenant"
+    );
+
+    let other = logvault_certs::Pki::init(setup.path().join("other-pki")).unwrap();
+    let stranger = other.ensure(logvault_certs::Role::Sender, "shipper-2", &[]).unwrap();
+    let output = ship(&format!("cert:{}:{}", stranger.cert.display(), stranger.key.display()));
+    assert!(!output.status.success(), "another CA's certificate got in");
+    assert_eq!(collector.total(&reader, "host:\"shipper-2\""), 0);
+    // A token still works on this port, without a certificate.
+    let writer = setup.token(&["default"], Role::Writer);
+    let (status, body) =
+        post(&collector, "/_bulk", Some(&writer), b"{\"index\":{\"_index\":\"t\"}}\n{\"message\":\"m\"}\n");
+    assert_eq!((status, body["errors"].as_bool()), (200, Some(false)), "{body}");
+}
+
 #[test]
 fn bad_tokens_other_tenants_and_oversized_bodies_are_refused_with_their_status() {
     let setup = Setup::new("es-refusals");
