@@ -192,11 +192,17 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         role: Role::Reader,
     };
     let token = auth::mint(&jwt_key, &claims)?;
+    // For the Elasticsearch bulk API and OTLP: ships, never reads.
+    let writer_token = auth::mint(
+        &jwt_key,
+        &Claims { sub: "quickstart-writer".into(), role: Role::Writer, ..claims.clone() },
+    )?;
     let api_url = format!("https://{}", running.api_addr);
     let ca_file = pki.ca_cert();
     let details = serde_json::json!({
         "api_url": api_url,
         "token": token,
+        "writer_token": writer_token,
         "ca_file": ca_file,
         "ingest_addr": running.ingest_addr.to_string(),
         "syslog_addr": running.syslog_addr.map(|a| a.to_string()),
@@ -240,6 +246,16 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
     println!(
         "The web page: open {api_url}/ (trust {} or accept the certificate) and paste the token.",
         ca_file.display()
+    );
+    println!();
+    println!(
+        "Ship with the Elasticsearch bulk API (or OTLP at {api_url}/v1/logs); the writer token is writer_token in {}:",
+        json_path.display()
+    );
+    println!(
+        "  curl --cacert {} -H \"Authorization: Bearer $(jq -r .writer_token {})\" --data-binary $'{{\"index\":{{\"_index\":\"app\"}}}}\\n{{\"message\":\"hello from curl\"}}\\n' {api_url}/_bulk",
+        ca_file.display(),
+        json_path.display()
     );
     println!();
     println!("The same details for scripts: {}", json_path.display());

@@ -63,6 +63,7 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
     for key in [
         "api_url",
         "token",
+        "writer_token",
         "ca_file",
         "ingest_addr",
         "syslog_addr",
@@ -107,6 +108,7 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
         certs.join("collectors/collector.key"),
         data.join("jwt.key"),
         data.join("collector/keys/syslog-batch.key"),
+        data.join("collector/keys/http-batch.key"),
         PathBuf::from(info["kek_file"].as_str().unwrap()),
         data.join("keys/checkpoint.key"),
     ] {
@@ -148,11 +150,27 @@ fn quickstart_serves_the_samples_and_a_second_run_ships_nothing_twice() {
     });
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(curl_total(&info, "*"), all + 1, "nothing was shipped twice");
+    // The bulk API with the writer token, as the printed line sends it.
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--fail-with-body", "--cacert"])
+        .arg(info["ca_file"].as_str().unwrap())
+        .arg("-H")
+        .arg(format!("Authorization: Bearer {}", info["writer_token"].as_str().unwrap()))
+        .args(["--data-binary", "{\"index\":{\"_index\":\"app\"}}\n{\"message\":\"hello from curl\"}\n"])
+        .arg(format!("{}/_bulk", info["api_url"].as_str().unwrap()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["errors"], false, "{answer}");
+    wait_for(Duration::from_secs(10), "the bulk record", || {
+        (curl_total(&info, "source:app") == 1).then_some(())
+    });
     second.stop();
     let out = audit(&info);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(out.status.success(), "{report}");
-    assert_eq!(report["records"], all + 1, "the archive holds each line once: {report}");
+    assert_eq!(report["records"], all + 2, "the archive holds each line once: {report}");
 }
 
 /// What must never appear in a log: every private key under `data` (each
