@@ -105,15 +105,7 @@ pub fn ingest_tls(files: &TlsFiles, crl: Option<&Path>, allow_tls12: bool) -> Re
     let provider = provider();
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone());
     if let Some(path) = crl {
-        let pem_err = |message: String| TlsError::Pem { path: path.to_owned(), message };
-        let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(path)
-            .map_err(|e| pem_err(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err(e.to_string()))?;
-        if crls.is_empty() {
-            return Err(pem_err("no CRL found".into()));
-        }
-        builder = builder.with_crls(crls).enforce_revocation_expiration();
+        builder = builder.with_crls(load_crls(path)?).enforce_revocation_expiration();
     }
     let verifier = builder.build()?;
     let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
@@ -157,12 +149,7 @@ pub fn api_tls_with_clients(files: &TlsFiles, crl: Option<&Path>) -> Result<Serv
     let provider = provider();
     let mut builder = WebPkiClientVerifier::builder_with_provider(roots(&files.ca)?, provider.clone());
     if let Some(path) = crl {
-        let pem_err = |message: String| TlsError::Pem { path: path.to_owned(), message };
-        let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(path)
-            .map_err(|e| pem_err(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| pem_err(e.to_string()))?;
-        builder = builder.with_crls(crls).enforce_revocation_expiration();
+        builder = builder.with_crls(load_crls(path)?).enforce_revocation_expiration();
     }
     let verifier = builder.allow_unauthenticated().build()?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -171,6 +158,19 @@ pub fn api_tls_with_clients(files: &TlsFiles, crl: Option<&Path>) -> Result<Serv
         .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(ServerTls { config: Arc::new(config), client_verifier: Some(verifier) })
+}
+
+/// The CRLs in a PEM file; none is an error.
+fn load_crls(path: &Path) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    let pem_err = |message: String| TlsError::Pem { path: path.to_owned(), message };
+    let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| pem_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(e.to_string()))?;
+    if crls.is_empty() {
+        return Err(pem_err("no CRL found".into()));
+    }
+    Ok(crls)
 }
 
 /// An HTTPS client trusting `ca`, for the CLI and tests.

@@ -22,12 +22,13 @@ use axum::body::Body;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use logvault_storage::record::{FLAG_TRUNCATED, Level};
+use logvault_storage::record::Level;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::api::{ApiState, SenderCertificate, authenticate_writer};
-use crate::senders::{Record, StoreError};
+use crate::senders::{StoreError, cut};
+use logvault_storage::WireRecord as Record;
 
 /// The version this API answers to, for senders that check it.
 pub const COMPATIBLE_VERSION: &str = "8.11.0";
@@ -242,18 +243,6 @@ fn parse_timestamp(text: &str) -> Option<i64> {
     i64::try_from(parsed.unix_timestamp_nanos()).ok()
 }
 
-/// Cuts `text` to at most `max` bytes at a character boundary, flagging it.
-fn cut(text: &mut String, max: usize, flags: &mut u8) {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        *flags |= FLAG_TRUNCATED;
-    }
-}
-
 /// A request body read whole, with the slot it holds: a body is read only
 /// after the token checks, never past `max_body_bytes` (the declared
 /// length is checked first), and only `bodies` of them at once.
@@ -291,11 +280,11 @@ pub(crate) async fn read_body(
     Ok((bytes, slot))
 }
 
-/// Query parameters of a bulk request.
+/// Query parameters of the HTTP senders' routes.
 #[derive(Debug, Deserialize)]
-pub(crate) struct BulkParams {
+pub(crate) struct SenderParams {
     /// The tenant to store into, for a token that names several.
-    tenant: Option<String>,
+    pub(crate) tenant: Option<String>,
 }
 
 /// An Elasticsearch-shaped error answer.
@@ -348,7 +337,7 @@ pub(crate) async fn license() -> Response {
 /// `POST /_bulk`.
 pub(crate) async fn bulk(
     State(state): State<Arc<ApiState>>,
-    Query(params): Query<BulkParams>,
+    Query(params): Query<SenderParams>,
     certificate: Option<Extension<SenderCertificate>>,
     headers: HeaderMap,
     body: Body,
@@ -360,7 +349,7 @@ pub(crate) async fn bulk(
 pub(crate) async fn bulk_index(
     State(state): State<Arc<ApiState>>,
     Path(index): Path<String>,
-    Query(params): Query<BulkParams>,
+    Query(params): Query<SenderParams>,
     certificate: Option<Extension<SenderCertificate>>,
     headers: HeaderMap,
     body: Body,
@@ -371,7 +360,7 @@ pub(crate) async fn bulk_index(
 async fn store_bulk(
     state: Arc<ApiState>,
     index: Option<String>,
-    params: BulkParams,
+    params: SenderParams,
     certificate: Option<Extension<SenderCertificate>>,
     headers: HeaderMap,
     body: Body,
@@ -474,6 +463,7 @@ async fn store_bulk(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use logvault_storage::record::FLAG_TRUNCATED;
     use proptest::prelude::*;
 
     const NOW: i64 = 1_700_000_000_000_000_000;

@@ -49,7 +49,7 @@ const HTTP_LIMITS: crate::bulk::BulkLimits = crate::bulk::BulkLimits {
     max_field_value_bytes: 64,
 };
 
-fn check_records<'r>(records: impl Iterator<Item = &'r crate::senders::Record>, count: usize) {
+fn check_records<'r>(records: impl Iterator<Item = &'r logvault_storage::WireRecord>, count: usize) {
     assert!(count <= HTTP_LIMITS.max_items, "{count} items past the cap");
     for record in records {
         assert!(record.message.len() <= HTTP_LIMITS.max_message_bytes, "a message past the cap");

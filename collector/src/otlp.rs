@@ -22,12 +22,13 @@ use axum::body::Body;
 use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use logvault_storage::record::{FLAG_TRUNCATED, Level};
+use logvault_storage::record::Level;
 use serde_json::Value;
 
 use crate::api::{ApiState, SenderCertificate, authenticate_writer};
-use crate::bulk::BulkLimits;
-use crate::senders::{Record, StoreError};
+use crate::bulk::{BulkLimits, SenderParams};
+use crate::senders::{StoreError, cut};
+use logvault_storage::WireRecord as Record;
 
 /// The source of every OTLP record.
 pub const OTLP_SOURCE: &str = "otlp";
@@ -166,17 +167,6 @@ fn level_of(number: u64, text: &str) -> Level {
         17..=20 => Level::Error,
         21..=24 => Level::Fatal,
         _ => Level::from_word(text.trim()).unwrap_or(Level::Unknown),
-    }
-}
-
-fn cut(text: &mut String, max: usize, flags: &mut u8) {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        *flags |= FLAG_TRUNCATED;
     }
 }
 
@@ -472,11 +462,6 @@ fn any_value_json(value: &Value, depth: usize) -> Result<String, DecodeError> {
     })
 }
 
-#[derive(Debug, serde::Deserialize)]
-pub(crate) struct OtlpParams {
-    tenant: Option<String>,
-}
-
 fn answer(status: StatusCode, message: &str) -> Response {
     let mut response = (status, axum::Json(serde_json::json!({"code": status.as_u16(), "message": message})))
         .into_response();
@@ -489,7 +474,7 @@ fn answer(status: StatusCode, message: &str) -> Response {
 /// `POST /v1/logs`.
 pub(crate) async fn logs(
     State(state): State<Arc<ApiState>>,
-    Query(params): Query<OtlpParams>,
+    Query(params): Query<SenderParams>,
     certificate: Option<Extension<SenderCertificate>>,
     headers: HeaderMap,
     body: Body,
@@ -548,6 +533,7 @@ pub(crate) async fn logs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use logvault_storage::record::FLAG_TRUNCATED;
     use proptest::prelude::*;
 
     const NOW: i64 = 1_700_000_000_000_000_000;

@@ -14,8 +14,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use logvault_storage::WireRecord;
 use logvault_storage::batch::{BatchBuilder, encoded_batch_hash, peek_header};
-use logvault_storage::record::Level;
+use logvault_storage::record::FLAG_TRUNCATED;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use crate::metrics::IngestStats;
@@ -28,21 +29,6 @@ const BATCH_BYTES: usize = 1024 * 1024;
 /// Streams remembered at once; past it the idle ones are forgotten (a
 /// forgotten stream starts a new chain in a new epoch when it comes back).
 const MAX_STREAMS: usize = 4096;
-
-/// One record as an HTTP sender gave it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Record {
-    /// Event time, ns since the epoch.
-    pub timestamp_ns: i64,
-    /// Normalised severity.
-    pub level: Level,
-    /// `FLAG_*` bits.
-    pub flags: u8,
-    /// The line.
-    pub message: String,
-    /// Everything else, by dotted name.
-    pub fields: Vec<(String, String)>,
-}
 
 /// Why records were not stored.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +92,7 @@ impl HttpSenders {
         tenant: &str,
         host: &str,
         source: &str,
-        records: &[Record],
+        records: &[WireRecord],
     ) -> Result<(), (usize, StoreError)> {
         let chain = self.chain(tenant, host, source);
         // One request at a time per stream: its batches chain in order.
@@ -181,5 +167,18 @@ impl HttpSenders {
         }));
         streams.insert(key, chain.clone());
         chain
+    }
+}
+
+/// Cuts `text` to at most `max` bytes at a character boundary, setting
+/// `FLAG_TRUNCATED` in `flags` when it did.
+pub(crate) fn cut(text: &mut String, max: usize, flags: &mut u8) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        *flags |= FLAG_TRUNCATED;
     }
 }

@@ -22,6 +22,26 @@ fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
 }
 
+/// Runs a Python client `script` against `collector` with `auth` (a token,
+/// or `cert:CERT:KEY`), shipping `log` under `name`.
+fn client(
+    script_name: &str,
+    collector: &Collector,
+    auth: &str,
+    log: &str,
+    name: &str,
+) -> std::process::Output {
+    Command::new(python())
+        .arg(script(script_name))
+        .arg(collector.api_url())
+        .arg(&collector.ca)
+        .arg(auth)
+        .arg(loghub_dir().join(log))
+        .arg(name)
+        .output()
+        .unwrap()
+}
+
 /// A raw request to the collector's API with `body` as is.
 fn post(collector: &Collector, path: &str, token: Option<&str>, body: &[u8]) -> (u16, serde_json::Value) {
     let url = format!("{}{path}", collector.api_url());
@@ -43,16 +63,7 @@ fn the_elasticsearch_clients_bulk_helper_ships_hadoop_and_every_line_is_searchab
     let collector = Collector::start(&setup, &CollectorOptions::default());
     let writer = setup.token(&["default"], Role::Writer);
     let reader = setup.token(&["default"], Role::Reader);
-    let log = loghub_dir().join("Hadoop_2k.log");
-    let output = Command::new(python())
-        .arg(script("es_bulk.py"))
-        .arg(collector.api_url())
-        .arg(&collector.ca)
-        .arg(&writer)
-        .arg(&log)
-        .arg("hadoop")
-        .output()
-        .unwrap();
+    let output = client("es_bulk.py", &collector, &writer, "Hadoop_2k.log", "hadoop");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -100,16 +111,7 @@ fn the_opentelemetry_sdks_otlp_exporter_ships_spark_and_every_line_is_searchable
     let collector = Collector::start(&setup, &CollectorOptions::default());
     let writer = setup.token(&["default"], Role::Writer);
     let reader = setup.token(&["default"], Role::Reader);
-    let log = loghub_dir().join("Spark_2k.log");
-    let output = Command::new(python())
-        .arg(script("otlp_logs.py"))
-        .arg(collector.api_url())
-        .arg(&collector.ca)
-        .arg(&writer)
-        .arg(&log)
-        .arg("spark-app")
-        .output()
-        .unwrap();
+    let output = client("otlp_logs.py", &collector, &writer, "Spark_2k.log", "spark-app");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "the exporter failed: {stderr}");
     // The SDK logs an export it could not make instead of failing.
@@ -171,17 +173,7 @@ fn a_client_certificate_ships_without_a_token_and_names_host_and_tenant() {
     };
     let collector = Collector::start(&setup, &options);
     let sender = setup.pki.ensure(logvault_certs::Role::Sender, "shipper-1", &[]).unwrap();
-    let ship = |auth: &str| {
-        Command::new(python())
-            .arg(script("es_bulk.py"))
-            .arg(collector.api_url())
-            .arg(&collector.ca)
-            .arg(auth)
-            .arg(loghub_dir().join("OpenSSH_2k.log"))
-            .arg("openssh")
-            .output()
-            .unwrap()
-    };
+    let ship = |auth: &str| client("es_bulk.py", &collector, auth, "OpenSSH_2k.log", "openssh");
     let output = ship(&format!("cert:{}:{}", sender.cert.display(), sender.key.display()));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
