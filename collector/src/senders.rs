@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use logvault_storage::WireRecord;
-use logvault_storage::batch::{BatchBuilder, encoded_batch_hash, peek_header};
+use logvault_storage::batch::{BatchBuilder, Deflater, encoded_batch_hash, peek_header};
 use logvault_storage::record::FLAG_TRUNCATED;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
@@ -97,6 +97,9 @@ impl HttpSenders {
         let chain = self.chain(tenant, host, source);
         // One request at a time per stream: its batches chain in order.
         let mut chain = chain.lock().await;
+        // Compressed as an agent's batches are, so the archive stores them
+        // as they are.
+        let mut deflater = Deflater::zstd(1).map_err(|e| (0, StoreError::Failed(e.to_string())))?;
         let mut stored = 0;
         while stored < records.len() {
             let mut builder = BatchBuilder::new(host, source, chain.epoch, chain.next_seq, chain.prev_hash);
@@ -113,7 +116,7 @@ impl HttpSenders {
                 );
             }
             let count = builder.len() as usize;
-            let bytes = builder.sign(&self.key);
+            let bytes = builder.sign_with(&self.key, Some(&mut deflater));
             let (Ok(header), Ok(hash)) = (peek_header(&bytes), encoded_batch_hash(&bytes)) else {
                 return Err((stored, StoreError::Failed("a batch built here does not decode".into())));
             };

@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use logvault_parse::{Parser, ParserKind};
-use logvault_storage::batch::{BatchBuilder, encoded_batch_hash, peek_header};
+use logvault_storage::batch::{BatchBuilder, Deflater, encoded_batch_hash, peek_header};
 use logvault_storage::record::{FLAG_INVALID_UTF8, FLAG_TRUNCATED, Level};
 use ring::signature::Ed25519KeyPair;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -194,6 +194,13 @@ pub(crate) async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest
         next_seq: 0,
         prev_hash: [0; 32],
         batch: None,
+        deflater: match Deflater::zstd(1) {
+            Ok(deflater) => deflater,
+            Err(err) => {
+                tracing::error!(%peer, error = %err, "zstd does not start; closing the syslog connection");
+                return;
+            }
+        },
     };
     let idle = Duration::from_millis(settings.idle_timeout_ms);
     let max = settings.max_message_bytes as usize;
@@ -250,6 +257,9 @@ struct Stream<'a> {
     next_seq: u64,
     prev_hash: [u8; 32],
     batch: Option<BatchBuilder>,
+    /// Batches are compressed as an agent's are, so the archive stores
+    /// them as they are.
+    deflater: Deflater,
 }
 
 impl Stream<'_> {
@@ -267,7 +277,7 @@ impl Stream<'_> {
     /// what its own queue still holds).
     async fn flush(&mut self, cancel: &CancellationToken) -> bool {
         let Some(batch) = self.batch.take() else { return true };
-        let bytes = batch.sign(self.key);
+        let bytes = batch.sign_with(self.key, Some(&mut self.deflater));
         self.ingest.pace(&self.name, bytes.len(), cancel).await;
         let (Ok(header), Ok(hash)) = (peek_header(&bytes), encoded_batch_hash(&bytes)) else {
             return false;

@@ -288,6 +288,15 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push(("segment", entries.clone()));
     let (_, kek) = keyring();
     seeds.push(("segment", segment::seal(header(4096, 0), &entries, 3, kek).bytes));
+    // Every batch compressed by its sender: the entries sealed as they are.
+    let mut compressed_entries = Vec::new();
+    segment::encode_entry_parts(&mut compressed_entries, 1_700_000_000_000_000_000, 0, 0, &compressed);
+    let stored = segment::seal(header(4096, 0), &compressed_entries, 3, kek);
+    assert_eq!(
+        segment::SegmentView::parse(&stored.bytes).map(|v| v.header.algorithm).ok(),
+        Some(segment::ALGORITHM_AES256GCM)
+    );
+    seeds.push(("segment", stored.bytes));
     let mut octets = Vec::new();
     let mut newlines = Vec::new();
     for (i, line) in lines.iter().enumerate() {

@@ -1,11 +1,15 @@
 //! Archive segments: the signed batches of one tenant's host, as received,
-//! compressed with zstd and encrypted in chunks with AES-256-GCM.
+//! compressed with zstd and encrypted in chunks with AES-256-GCM. When
+//! every batch is already compressed by its sender (agents compress theirs,
+//! and so does the collector for the batches it builds), zstd would find
+//! nothing left, and the entries are encrypted as they are (algorithm 2).
 //!
 //! ```text
 //! magic "LVSG" | version u8 = 1 | header_len u32 | header | wrap_len u16 | wrap | chunks
 //!
 //! header (bound: the associated data of every chunk and of the key wrap)
-//!   algorithm u8 (1 = zstd, then AES-256-GCM) | chunk_size u32
+//!   algorithm u8 (1 = zstd, then AES-256-GCM; 2 = AES-256-GCM of the
+//!   entries as they are) | chunk_size u32
 //!   | segment_id u16+UTF-8 | collector u16+UTF-8 | tenant u16+UTF-8 | host u16+UTF-8
 //!   | first_ns i64 | last_ns i64 | created_ns i64
 //!   | batches u32 | records u64 | raw_len u64 (bytes before compression)
@@ -13,7 +17,8 @@
 //! wrap (the data key, sealed under a key-encryption key)
 //!   kek_id u8+UTF-8 | nonce 12 | AES-256-GCM(KEK, DEK) 48, associated data: SHA-256(prefix)
 //! chunk i: AES-256-GCM(DEK, nonce = 0 0 0 last | i u64, aad = SHA-256(prefix),
-//!          the i-th chunk_size bytes of the zstd stream); every chunk but
+//!          the i-th chunk_size bytes of the zstd stream, or of the
+//!          entries for algorithm 2); every chunk but
 //!          the last is full, the last has the `last` flag (it may be empty)
 //! ```
 //!
@@ -43,6 +48,9 @@ pub const MAGIC: [u8; 4] = *b"LVSG";
 pub const VERSION: u8 = 1;
 /// zstd, then AES-256-GCM in chunks.
 pub const ALGORITHM_ZSTD_AES256GCM: u8 = 1;
+/// The entries as they are (every batch compressed by its sender), then
+/// AES-256-GCM in chunks.
+pub const ALGORITHM_AES256GCM: u8 = 2;
 /// The default plaintext bytes per chunk.
 pub const DEFAULT_CHUNK: u32 = 1 << 20;
 /// Chunk sizes a reader accepts.
@@ -96,7 +104,8 @@ pub enum SegmentError {
 /// What a segment says about itself, in clear and bound to its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentHeader {
-    /// The algorithm; only [`ALGORITHM_ZSTD_AES256GCM`].
+    /// The algorithm: [`ALGORITHM_ZSTD_AES256GCM`] or
+    /// [`ALGORITHM_AES256GCM`]; [`seal`] picks it.
     pub algorithm: u8,
     /// Plaintext bytes per chunk.
     pub chunk_size: u32,
@@ -227,7 +236,7 @@ impl<'a> Reader<'a> {
 fn decode_header(bytes: &[u8]) -> Result<SegmentHeader, SegmentError> {
     let mut r = Reader { bytes };
     let algorithm = r.array::<1>("algorithm")?[0];
-    if algorithm != ALGORITHM_ZSTD_AES256GCM {
+    if algorithm != ALGORITHM_ZSTD_AES256GCM && algorithm != ALGORITHM_AES256GCM {
         return Err(SegmentError::Malformed("unknown algorithm"));
     }
     let chunk_size = u32::from_be_bytes(r.array("chunk size")?);
@@ -303,15 +312,33 @@ pub fn encode_entry_parts(out: &mut Vec<u8>, received_ns: i64, skip: u32, signer
 }
 
 /// Seals `entries` (the plaintext [`encode_entry`] wrote) under a fresh
-/// random data key wrapped by `kek`: compresses at `level`, then encrypts
-/// in chunks. `header.raw_len` is set from `entries`.
+/// random data key wrapped by `kek`: compresses at `level` unless every
+/// batch in them is already compressed, then encrypts in chunks.
+/// `header.raw_len` and `header.algorithm` are set here.
 pub fn seal(mut header: SegmentHeader, entries: &[u8], level: i32, kek: &Kek) -> Sealed {
     header.raw_len = entries.len() as u64;
+    if all_compressed(entries) {
+        header.algorithm = ALGORITHM_AES256GCM;
+        return seal_compressed(header, entries, kek);
+    }
+    header.algorithm = ALGORITHM_ZSTD_AES256GCM;
     let compressed = zstd::bulk::compress(entries, level).expect("zstd compresses any input in memory");
     seal_compressed(header, &compressed, kek)
 }
 
-/// As [`seal`], for a zstd stream the caller compressed.
+/// Whether every entry holds a batch whose records its sender compressed
+/// (and there is at least one).
+fn all_compressed(entries: &[u8]) -> bool {
+    entry_refs(entries).is_ok_and(|entries| {
+        !entries.is_empty()
+            && entries.iter().all(|entry| {
+                crate::batch::peek_header(entry.batch).is_ok_and(|h| h.codec == crate::batch::Codec::Zstd)
+            })
+    })
+}
+
+/// As [`seal`], for the stream `header.algorithm` names (zstd of the
+/// entries, or the entries) as the caller made it.
 pub fn seal_compressed(header: SegmentHeader, compressed: &[u8], kek: &Kek) -> Sealed {
     let rng = SystemRandom::new();
     let mut dek = [0u8; DEK_LEN];
@@ -471,8 +498,18 @@ impl<'a> SegmentView<'a> {
                 cap: max_raw,
             });
         }
-        let compressed = self.decrypt(keyring)?;
-        decompress_capped(&compressed, self.header.raw_len as usize)
+        let decrypted = self.decrypt(keyring)?;
+        if self.header.algorithm == ALGORITHM_AES256GCM {
+            if decrypted.len() as u64 != self.header.raw_len {
+                return Err(SegmentError::Contents(format!(
+                    "{} bytes decrypted, the header says {}",
+                    decrypted.len(),
+                    self.header.raw_len
+                )));
+            }
+            return Ok(decrypted);
+        }
+        decompress_capped(&decrypted, self.header.raw_len as usize)
     }
 
     /// Wraps this segment's data key under `new`: the same segment, the
@@ -727,5 +764,41 @@ mod tests {
                 prop_assert!(view.entries(&keyring, 1 << 20).is_err() || view.hash() == sealed.hash);
             }
         }
+    }
+
+    /// Entries whose batches their senders compressed are sealed without
+    /// a second zstd pass and open to the same bytes; one uncompressed
+    /// batch among them makes the segment zstd again.
+    #[test]
+    fn compressed_batches_are_sealed_as_they_are() {
+        use crate::batch::{BatchBuilder, Deflater};
+        use crate::record::{Level, WireRecord};
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[3; 32]).unwrap();
+        let batch = |compress: bool| {
+            let mut builder = BatchBuilder::new("web-1", "/var/log/a.log", 1, 0, [0; 32]);
+            for i in 0..200 {
+                builder.push(WireRecord::new(
+                    i,
+                    Level::Info,
+                    format!("line {i} of a log that repeats itself"),
+                ));
+            }
+            builder.sign_with(&key, compress.then(|| Deflater::zstd(1).unwrap()).as_mut())
+        };
+        let (keyring, kek) = keyring();
+        let mut entries = Vec::new();
+        encode_entry_parts(&mut entries, 5, 0, 0, &batch(true));
+        encode_entry_parts(&mut entries, 6, 0, 0, &batch(true));
+        let sealed = seal(header(4096), &entries, 3, &kek);
+        let view = SegmentView::parse(&sealed.bytes).unwrap();
+        assert_eq!(view.header.algorithm, ALGORITHM_AES256GCM);
+        assert_eq!(view.plaintext(&keyring, u64::MAX).unwrap(), entries);
+        assert_eq!(view.hash(), sealed.hash);
+        encode_entry_parts(&mut entries, 7, 0, 0, &batch(false));
+        let sealed = seal(header(4096), &entries, 3, &kek);
+        let view = SegmentView::parse(&sealed.bytes).unwrap();
+        assert_eq!(view.header.algorithm, ALGORITHM_ZSTD_AES256GCM);
+        assert_eq!(view.plaintext(&keyring, u64::MAX).unwrap(), entries);
+        assert!(sealed.bytes.len() < entries.len(), "the plain batch was compressed");
     }
 }
