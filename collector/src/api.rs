@@ -228,6 +228,7 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
         .route("/_bulk", axum::routing::post(crate::bulk::bulk).put(crate::bulk::bulk))
         .route("/{index}/_bulk", axum::routing::post(crate::bulk::bulk_index).put(crate::bulk::bulk_index))
         .route("/_license", get(crate::bulk::license))
+        .route("/_cluster/health", get(crate::bulk::cluster_health))
         .route("/v1/logs", axum::routing::post(crate::otlp::logs))
         .with_state(state);
     let openapi = openapi.to_pretty_json().expect("the OpenAPI document serialises");
@@ -305,6 +306,29 @@ pub(crate) struct Writer {
 /// The tenant is the token's (or one of its tenants, `named`) or the
 /// certificate's; a tenant neither covers is refused.
 pub(crate) fn authenticate_writer(
+    state: &ApiState,
+    headers: &HeaderMap,
+    certificate: Option<&SenderCertificate>,
+    named: Option<&str>,
+) -> Result<Writer, ApiError> {
+    let writer = writer_of(state, headers, certificate, named)?;
+    // Both name the archive's objects: refused here, not after the records
+    // are acked and their segment cannot be named.
+    for (what, part) in
+        [("host (the token's sub or the certificate's name)", &writer.host), ("tenant", &writer.tenant)]
+    {
+        if !logvault_storage::archive::valid_part(part) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("the {what} {part:?} is not 1 to 128 letters, digits, dots and dashes"),
+            ));
+        }
+    }
+    Ok(writer)
+}
+
+fn writer_of(
     state: &ApiState,
     headers: &HeaderMap,
     certificate: Option<&SenderCertificate>,
@@ -782,6 +806,7 @@ pub async fn serve(
                 }
             },
         };
+        let reloading = acceptor.clone();
         let acceptor = acceptor.acceptor();
         let (app, certificates) = (app.clone(), certificates.clone());
         let cancel = cancel.clone();
@@ -794,6 +819,12 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
+            // A connection with a client certificate is checked again when
+            // the CA or CRL changes, and closed once its certificate is no
+            // longer accepted (revoked, say).
+            let closed = cancel.child_token();
+            let chain = tls.get_ref().1.peer_certificates().unwrap_or_default().to_vec();
+            let _live = (!chain.is_empty()).then(|| reloading.register(peer, &chain, closed.clone()));
             // A client certificate (verified by the handshake) names a
             // sender for every request on this connection.
             let sender = certificates.and_then(|tenants| {
@@ -818,7 +849,7 @@ pub async fn serve(
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
-                _ = cancel.cancelled() => {
+                _ = closed.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
                 }

@@ -34,6 +34,15 @@ use logvault_storage::WireRecord as Record;
 pub const COMPATIBLE_VERSION: &str = "8.11.0";
 /// Depth of nested objects flattened into fields, at most.
 const MAX_DEPTH: usize = 16;
+/// Bytes of a field's dotted name, at most.
+const MAX_NAME_BYTES: usize = 512;
+/// Bytes of an index name, at most (Elasticsearch's own cap).
+const MAX_INDEX_BYTES: usize = 255;
+/// Distinct indices (streams) in one request, at most; items naming more
+/// are refused on their own.
+pub const MAX_INDICES_PER_REQUEST: usize = 32;
+/// How long reading a request body may take.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Caps on one bulk request's items, checked while reading them.
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +101,9 @@ pub fn parse_bulk(
     limits: &BulkLimits,
     now_ns: i64,
 ) -> Result<Vec<BulkItem>, String> {
+    if default_index.is_some_and(|index| index.len() > MAX_INDEX_BYTES) {
+        return Err(format!("the index in the path is longer than {MAX_INDEX_BYTES} bytes"));
+    }
     // The last line's newline ends it; it does not start another.
     let body = body.strip_suffix(b"\n").unwrap_or(body);
     let mut lines = body.split(|&b| b == b'\n').map(|line| line.strip_suffix(b"\r").unwrap_or(line));
@@ -112,6 +124,9 @@ pub fn parse_bulk(
             return Err(format!("line {number}: an action line holds one action and its metadata object"));
         };
         let index = match meta.get("_index") {
+            Some(Value::String(index)) if index.len() > MAX_INDEX_BYTES => {
+                return Err(format!("line {number}: _index is longer than {MAX_INDEX_BYTES} bytes"));
+            }
             Some(Value::String(index)) => index.clone(),
             Some(_) => return Err(format!("line {number}: _index is not a string")),
             None => default_index.unwrap_or_default().to_owned(),
@@ -179,7 +194,8 @@ fn document(line: &[u8], limits: &BulkLimits, now_ns: i64) -> Result<Record, Ite
         return Err(parse_error("the document is not a JSON object".into()));
     };
     let mut fields = Vec::new();
-    flatten("", object, 0, &mut fields).map_err(parse_error)?;
+    // Three names may be taken out below (time, message, level).
+    flatten("", object, 0, limits.max_fields + 3, &mut fields).map_err(parse_error)?;
     let mut take = |name: &str| fields.iter().position(|(n, _)| n == name).map(|at| fields.remove(at).1);
     let timestamp_ns = match take("@timestamp") {
         Some(text) => parse_timestamp(&text)
@@ -217,18 +233,28 @@ fn flatten(
     prefix: &str,
     object: &Map<String, Value>,
     depth: usize,
+    max_fields: usize,
     out: &mut Vec<(String, String)>,
 ) -> Result<(), String> {
     if depth > MAX_DEPTH {
         return Err(format!("objects nested deeper than {MAX_DEPTH}"));
     }
     for (key, value) in object {
+        if prefix.len() + 1 + key.len() > MAX_NAME_BYTES {
+            return Err(format!("a field name is longer than {MAX_NAME_BYTES} bytes"));
+        }
         let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         match value {
-            Value::Null => {}
+            Value::Null => continue,
+            Value::Object(inner) => {
+                flatten(&name, inner, depth + 1, max_fields, out)?;
+                continue;
+            }
             Value::String(text) => out.push((name, text.clone())),
-            Value::Object(inner) => flatten(&name, inner, depth + 1, out)?,
             other => out.push((name, other.to_string())),
+        }
+        if out.len() > max_fields {
+            return Err(format!("the document has more than {} fields", max_fields - 3));
         }
     }
     Ok(())
@@ -276,7 +302,17 @@ pub(crate) async fn read_body(
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
             Box::new(response)
         })?;
-    let bytes = axum::body::to_bytes(body, state.max_body_bytes).await.map_err(|_| too_large())?;
+    let bytes =
+        match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, state.max_body_bytes)).await {
+            Ok(read) => read.map_err(|_| too_large())?,
+            Err(_) => {
+                return Err(Box::new(es_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout_exception",
+                    &format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()),
+                )));
+            }
+        };
     Ok((bytes, slot))
 }
 
@@ -321,6 +357,17 @@ pub(crate) fn info() -> Response {
                 "minimum_index_compatibility_version": "7.0.0",
             },
             "tagline": "You Know, for Search",
+        }))
+        .into_response(),
+    )
+}
+
+/// `GET /_cluster/health`, which some senders (Vector) check first.
+pub(crate) async fn cluster_health() -> Response {
+    with_product(
+        axum::Json(json!({
+            "cluster_name": "logvault", "status": "green", "timed_out": false,
+            "number_of_nodes": 1, "number_of_data_nodes": 1,
         }))
         .into_response(),
     )
@@ -402,19 +449,36 @@ async fn store_bulk(
         Ok(body) => body,
         Err(response) => return *response,
     };
-    let mut items = match parse_bulk(&body.0, index.as_deref(), &state.bulk_limits, crate::time::now_ns()) {
-        Ok(items) => items,
-        Err(reason) => return es_error(StatusCode::BAD_REQUEST, "illegal_argument_exception", &reason),
-    };
-    drop(body);
-    // Each index is a stream: its records in the order sent.
-    let mut order: Vec<&str> = Vec::new();
-    for item in &items {
-        if item.outcome.is_ok() && !order.contains(&item.index.as_str()) {
-            order.push(&item.index);
+    let limits = state.bulk_limits;
+    let (bytes, slot) = body;
+    let parsed = tokio::task::spawn_blocking(move || {
+        parse_bulk(&bytes, index.as_deref(), &limits, crate::time::now_ns())
+    })
+    .await;
+    drop(slot);
+    let mut items = match parsed {
+        Ok(Ok(items)) => items,
+        Ok(Err(reason)) => return es_error(StatusCode::BAD_REQUEST, "illegal_argument_exception", &reason),
+        Err(_) => {
+            return es_error(StatusCode::INTERNAL_SERVER_ERROR, "exception", "reading the request failed");
         }
+    };
+    // Each index is a stream: its records in the order sent.
+    let mut order: Vec<String> = Vec::new();
+    for item in &mut items {
+        if item.outcome.is_err() || order.contains(&item.index) {
+            continue;
+        }
+        if order.len() == MAX_INDICES_PER_REQUEST {
+            item.outcome = Err(item_error(
+                400,
+                "illegal_argument_exception",
+                format!("more than {MAX_INDICES_PER_REQUEST} indices in one request"),
+            ));
+            continue;
+        }
+        order.push(item.index.clone());
     }
-    let order: Vec<String> = order.into_iter().map(str::to_owned).collect();
     for source in &order {
         let at: Vec<usize> =
             (0..items.len()).filter(|&i| items[i].index == *source && items[i].outcome.is_ok()).collect();

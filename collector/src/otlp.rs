@@ -107,51 +107,113 @@ fn text(bytes: &[u8]) -> Result<String, DecodeError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| bad("a string is not UTF-8"))
 }
 
-/// What a request holds, before it becomes records.
+/// Bytes of an attribute's dotted name, at most; longer ones are dropped.
+const MAX_NAME_BYTES: usize = 512;
+
+/// Attributes as they are read: values cut to the cap at once, at most
+/// `max_fields` kept (the rest dropped), names past [`MAX_NAME_BYTES`]
+/// dropped; `truncated` says whether anything was cut or dropped.
+struct Attributes<'l> {
+    limits: &'l BulkLimits,
+    pairs: Vec<(String, String)>,
+    truncated: bool,
+}
+
+impl<'l> Attributes<'l> {
+    fn new(limits: &'l BulkLimits) -> Self {
+        Attributes { limits, pairs: Vec::new(), truncated: false }
+    }
+
+    fn push(&mut self, name: String, mut value: String) {
+        if self.pairs.len() >= self.limits.max_fields || name.len() > MAX_NAME_BYTES {
+            self.truncated = true;
+            return;
+        }
+        let mut flags = 0;
+        cut(&mut value, self.limits.max_field_value_bytes, &mut flags);
+        self.truncated |= flags != 0;
+        self.pairs.push((name, value));
+    }
+
+    fn bytes(&self) -> usize {
+        self.pairs.iter().map(|(name, value)| name.len() + value.len()).sum()
+    }
+}
+
+/// What a request holds, before it becomes records. `budget` is what the
+/// records may still take in bytes: resource and scope attributes are
+/// repeated on each of their records, so a request cannot make many times
+/// its own size.
 struct Builder<'l> {
     limits: &'l BulkLimits,
     now_ns: i64,
+    budget: usize,
     records: Vec<Record>,
 }
 
 /// One log record as read, its fields not yet joined with its resource's.
-#[derive(Default)]
-struct LogRecord {
+struct LogRecord<'l> {
     time_ns: u64,
     observed_ns: u64,
     severity_number: u64,
     severity_text: String,
     body: Option<String>,
-    fields: Vec<(String, String)>,
+    fields: Attributes<'l>,
 }
 
-impl Builder<'_> {
-    fn push(&mut self, record: LogRecord, shared: &[(String, String)]) -> Result<(), DecodeError> {
+impl<'l> LogRecord<'l> {
+    fn new(limits: &'l BulkLimits) -> Self {
+        LogRecord {
+            time_ns: 0,
+            observed_ns: 0,
+            severity_number: 0,
+            severity_text: String::new(),
+            body: None,
+            fields: Attributes::new(limits),
+        }
+    }
+}
+
+impl<'l> Builder<'l> {
+    fn new(limits: &'l BulkLimits, now_ns: i64, request_bytes: usize) -> Self {
+        Builder {
+            limits,
+            now_ns,
+            budget: request_bytes.saturating_mul(4).saturating_add(1 << 20),
+            records: Vec::new(),
+        }
+    }
+
+    /// Adds a record with its scope's and its resource's attributes.
+    fn push(&mut self, record: LogRecord<'_>, shared: [&Attributes<'_>; 2]) -> Result<(), DecodeError> {
         if self.records.len() >= self.limits.max_items {
             return Err(bad(format!("more than {} log records in one request", self.limits.max_items)));
         }
         let time = if record.time_ns != 0 { record.time_ns } else { record.observed_ns };
         let timestamp_ns = if time == 0 { self.now_ns } else { i64::try_from(time).unwrap_or(i64::MAX) };
         let level = level_of(record.severity_number, &record.severity_text);
-        let mut fields = record.fields;
-        if !record.severity_text.is_empty() {
-            fields.push(("severity_text".into(), record.severity_text));
-        }
-        fields.extend(shared.iter().cloned());
-        if fields.len() > self.limits.max_fields {
-            return Err(bad(format!(
-                "a log record has {} attributes, over the limit of {}",
-                fields.len(),
-                self.limits.max_fields
-            )));
-        }
         let mut flags = 0;
         let mut message = record.body.unwrap_or_default();
         cut(&mut message, self.limits.max_message_bytes, &mut flags);
-        for (_, value) in &mut fields {
-            cut(value, self.limits.max_field_value_bytes, &mut flags);
+        let mut fields = record.fields;
+        if !record.severity_text.is_empty() {
+            fields.push("severity_text".into(), record.severity_text);
         }
-        self.records.push(Record { timestamp_ns, level, flags, message, fields });
+        let cost = 64 + message.len() + fields.bytes() + shared.iter().map(|s| s.bytes()).sum::<usize>();
+        if cost > self.budget {
+            return Err(bad("the request's records would take more than four times its size"));
+        }
+        self.budget -= cost;
+        for attributes in shared {
+            for (name, value) in &attributes.pairs {
+                fields.push(name.clone(), value.clone());
+            }
+            fields.truncated |= attributes.truncated;
+        }
+        if fields.truncated {
+            flags |= logvault_storage::record::FLAG_TRUNCATED;
+        }
+        self.records.push(Record { timestamp_ns, level, flags, message, fields: fields.pairs });
         Ok(())
     }
 }
@@ -172,7 +234,7 @@ fn level_of(number: u64, text: &str) -> Level {
 
 /// Reads an `ExportLogsServiceRequest` in protobuf.
 pub fn decode_protobuf(bytes: &[u8], limits: &BulkLimits, now_ns: i64) -> Result<Vec<Record>, DecodeError> {
-    let mut builder = Builder { limits, now_ns, records: Vec::new() };
+    let mut builder = Builder::new(limits, now_ns, bytes.len());
     let mut request = Wire { bytes };
     while let Some((number, field)) = request.next()? {
         if let (1, Field::Bytes(resource_logs)) = (number, field) {
@@ -183,52 +245,52 @@ pub fn decode_protobuf(bytes: &[u8], limits: &BulkLimits, now_ns: i64) -> Result
 }
 
 fn resource_logs_pb(bytes: &[u8], builder: &mut Builder<'_>) -> Result<(), DecodeError> {
+    let limits = builder.limits;
     // The resource may come after its scopes: read it first.
-    let mut shared = Vec::new();
+    let mut resource_attributes = Attributes::new(limits);
     let mut wire = Wire { bytes };
     while let Some((number, field)) = wire.next()? {
         if let (1, Field::Bytes(resource)) = (number, field) {
             let mut inner = Wire { bytes: resource };
             while let Some((number, field)) = inner.next()? {
                 if let (1, Field::Bytes(pair)) = (number, field) {
-                    key_value_pb(pair, "", 0, &mut shared, builder.limits)?;
+                    key_value_pb(pair, "", 0, &mut resource_attributes)?;
                 }
             }
         }
     }
     let mut wire = Wire { bytes };
     while let Some((number, field)) = wire.next()? {
-        if let (2, Field::Bytes(scope_logs)) = (number, field) {
-            let mut scope_shared = shared.clone();
-            let mut records = Vec::new();
-            let mut inner = Wire { bytes: scope_logs };
-            while let Some((number, field)) = inner.next()? {
-                match (number, field) {
-                    (1, Field::Bytes(scope)) => {
-                        let mut scope = Wire { bytes: scope };
-                        while let Some((number, field)) = scope.next()? {
-                            if let (1, Field::Bytes(name)) = (number, field)
-                                && !name.is_empty()
-                            {
-                                scope_shared.push(("otel.scope.name".into(), text(name)?));
-                            }
+        let (2, Field::Bytes(scope_logs)) = (number, field) else { continue };
+        let mut shared = Attributes::new(limits);
+        let mut records = Vec::new();
+        let mut inner = Wire { bytes: scope_logs };
+        while let Some((number, field)) = inner.next()? {
+            match (number, field) {
+                (1, Field::Bytes(scope)) => {
+                    let mut scope = Wire { bytes: scope };
+                    while let Some((number, field)) = scope.next()? {
+                        if let (1, Field::Bytes(name)) = (number, field)
+                            && !name.is_empty()
+                        {
+                            shared.push("otel.scope.name".into(), text(name)?);
                         }
                     }
-                    (2, Field::Bytes(record)) => records.push(record),
-                    _ => {}
                 }
+                (2, Field::Bytes(record)) => records.push(record),
+                _ => {}
             }
-            for record in records {
-                let record = log_record_pb(record, builder.limits)?;
-                builder.push(record, &scope_shared)?;
-            }
+        }
+        for record in records {
+            let record = log_record_pb(record, limits)?;
+            builder.push(record, [&shared, &resource_attributes])?;
         }
     }
     Ok(())
 }
 
-fn log_record_pb(bytes: &[u8], limits: &BulkLimits) -> Result<LogRecord, DecodeError> {
-    let mut record = LogRecord::default();
+fn log_record_pb<'l>(bytes: &[u8], limits: &'l BulkLimits) -> Result<LogRecord<'l>, DecodeError> {
+    let mut record = LogRecord::new(limits);
     let mut wire = Wire { bytes };
     while let Some((number, field)) = wire.next()? {
         match (number, field) {
@@ -236,10 +298,10 @@ fn log_record_pb(bytes: &[u8], limits: &BulkLimits) -> Result<LogRecord, DecodeE
             (11, Field::Fixed64(ns)) => record.observed_ns = ns,
             (2, Field::Varint(severity)) => record.severity_number = severity,
             (3, Field::Bytes(severity)) => record.severity_text = text(severity)?,
-            (5, Field::Bytes(body)) => record.body = Some(any_value_pb(body, 0)?.into_text()),
-            (6, Field::Bytes(pair)) => key_value_pb(pair, "", 0, &mut record.fields, limits)?,
-            (9, Field::Bytes(id)) if !id.is_empty() => record.fields.push(("trace_id".into(), hex(id))),
-            (10, Field::Bytes(id)) if !id.is_empty() => record.fields.push(("span_id".into(), hex(id))),
+            (5, Field::Bytes(body)) => record.body = Some(body_text(any_value_pb(body, 0)?, limits)?),
+            (6, Field::Bytes(pair)) => key_value_pb(pair, "", 0, &mut record.fields)?,
+            (9, Field::Bytes(id)) if !id.is_empty() => record.fields.push("trace_id".into(), hex(id)),
+            (10, Field::Bytes(id)) if !id.is_empty() => record.fields.push("span_id".into(), hex(id)),
             _ => {}
         }
     }
@@ -251,8 +313,7 @@ fn key_value_pb(
     bytes: &[u8],
     prefix: &str,
     depth: usize,
-    out: &mut Vec<(String, String)>,
-    limits: &BulkLimits,
+    out: &mut Attributes<'_>,
 ) -> Result<(), DecodeError> {
     let (mut key, mut value) = (String::new(), None);
     let mut wire = Wire { bytes };
@@ -264,72 +325,103 @@ fn key_value_pb(
         }
     }
     let name = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+    if name.len() > MAX_NAME_BYTES {
+        out.truncated = true;
+        return Ok(());
+    }
     let Some(value) = value else { return Ok(()) };
     match any_value_pb(value, depth)? {
         Any::Map(pairs) => {
             for pair in pairs {
-                key_value_pb(pair, &name, depth + 1, out, limits)?;
+                key_value_pb(pair, &name, depth + 1, out)?;
             }
         }
-        Any::Empty => {}
-        other => out.push((name, other.into_text())),
-    }
-    if out.len() > limits.max_fields {
-        return Err(bad(format!("more than {} attributes", limits.max_fields)));
+        Any::Value(Value::Null) => {}
+        Any::Value(value) => out.push(name, value_text(value)),
     }
     Ok(())
 }
 
-/// An `AnyValue`: a scalar as text, an array as JSON text, a map kept for
+/// An `AnyValue`: a scalar or an array as a JSON value, a map kept for
 /// flattening.
 enum Any<'a> {
-    Empty,
-    Text(String),
+    Value(Value),
     Map(Vec<&'a [u8]>),
 }
 
-impl Any<'_> {
-    fn into_text(self) -> String {
-        match self {
-            Any::Empty => String::new(),
-            Any::Text(text) => text,
-            Any::Map(pairs) => {
-                // A map as a body: its members as JSON.
-                let mut object = serde_json::Map::new();
-                for pair in pairs {
-                    let mut flat = Vec::new();
-                    let limits = BulkLimits::default();
-                    if key_value_pb(pair, "", MAX_DEPTH, &mut flat, &limits).is_ok() {
-                        object.extend(flat.into_iter().map(|(k, v)| (k, Value::String(v))));
-                    }
-                }
-                Value::Object(object).to_string()
-            }
-        }
+/// A JSON value as a field's text: a string as it is, anything else as
+/// JSON.
+fn value_text(value: Value) -> String {
+    match value {
+        Value::String(text) => text,
+        other => other.to_string(),
     }
+}
+
+/// A record's body as its line: a map's members as one JSON object.
+fn body_text(body: Any<'_>, limits: &BulkLimits) -> Result<String, DecodeError> {
+    Ok(match body {
+        Any::Value(Value::Null) => String::new(),
+        Any::Value(value) => value_text(value),
+        Any::Map(pairs) => {
+            let mut members = Attributes::new(limits);
+            for pair in pairs {
+                key_value_pb(pair, "", 1, &mut members)?;
+            }
+            Value::Object(members.pairs.into_iter().map(|(k, v)| (k, Value::String(v))).collect()).to_string()
+        }
+    })
 }
 
 fn any_value_pb(bytes: &[u8], depth: usize) -> Result<Any<'_>, DecodeError> {
     if depth > MAX_DEPTH {
         return Err(bad(format!("values nested deeper than {MAX_DEPTH}")));
     }
-    let mut out = Any::Empty;
+    let mut out = Any::Value(Value::Null);
     let mut wire = Wire { bytes };
     while let Some((number, field)) = wire.next()? {
         out = match (number, field) {
-            (1, Field::Bytes(s)) => Any::Text(text(s)?),
-            (2, Field::Varint(b)) => Any::Text((b != 0).to_string()),
-            (3, Field::Varint(i)) => Any::Text((i as i64).to_string()),
-            (4, Field::Fixed64(d)) => Any::Text(number_text(f64::from_bits(d))),
+            (1, Field::Bytes(s)) => Any::Value(Value::String(text(s)?)),
+            (2, Field::Varint(b)) => Any::Value(Value::Bool(b != 0)),
+            (3, Field::Varint(i)) => Any::Value(Value::from(i as i64)),
+            (4, Field::Fixed64(d)) => Any::Value(
+                serde_json::Number::from_f64(f64::from_bits(d))
+                    .map_or_else(|| Value::String(f64::from_bits(d).to_string()), Value::Number),
+            ),
             (5, Field::Bytes(array)) => {
                 let mut items = Vec::new();
                 let mut inner = Wire { bytes: array };
                 while let Some((number, field)) = inner.next()? {
                     if let (1, Field::Bytes(item)) = (number, field) {
-                        items.push(Value::String(any_value_pb(item, depth + 1)?.into_text()));
+                        items.push(match any_value_pb(item, depth + 1)? {
+                            Any::Value(value) => value,
+                            // A map inside an array: its members' names, as
+                            // an object of their texts.
+                            Any::Map(pairs) => {
+                                let mut members = Vec::new();
+                                for pair in pairs {
+                                    let mut wire = Wire { bytes: pair };
+                                    let (mut key, mut value) = (String::new(), Value::Null);
+                                    while let Some((number, field)) = wire.next()? {
+                                        match (number, field) {
+                                            (1, Field::Bytes(k)) => key = text(k)?,
+                                            (2, Field::Bytes(v)) => {
+                                                value = match any_value_pb(v, depth + 2)? {
+                                                    Any::Value(value) => value,
+                                                    Any::Map(_) => Value::String("{...}".into()),
+                                                }
+                                            }
+                                            _ => {}
+                                        }
+                                    }
+                                    members.push((key, value));
+                                }
+                                Value::Object(members.into_iter().collect())
+                            }
+                        });
                     }
                 }
-                Any::Text(Value::Array(items).to_string())
+                Any::Value(Value::Array(items))
             }
             (6, Field::Bytes(list)) => {
                 let mut pairs = Vec::new();
@@ -341,15 +433,11 @@ fn any_value_pb(bytes: &[u8], depth: usize) -> Result<Any<'_>, DecodeError> {
                 }
                 Any::Map(pairs)
             }
-            (7, Field::Bytes(b)) => Any::Text(hex(b)),
+            (7, Field::Bytes(b)) => Any::Value(Value::String(hex(b))),
             _ => continue,
         };
     }
     Ok(out)
-}
-
-fn number_text(value: f64) -> String {
-    serde_json::Number::from_f64(value).map_or_else(|| value.to_string(), |n| n.to_string())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -359,16 +447,16 @@ fn hex(bytes: &[u8]) -> String {
 /// Reads an `ExportLogsServiceRequest` in OTLP's JSON encoding.
 pub fn decode_json(bytes: &[u8], limits: &BulkLimits, now_ns: i64) -> Result<Vec<Record>, DecodeError> {
     let request: Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let mut builder = Builder { limits, now_ns, records: Vec::new() };
+    let mut builder = Builder::new(limits, now_ns, bytes.len());
     for resource_logs in array(&request, "resourceLogs") {
-        let mut shared = Vec::new();
+        let mut resource_attributes = Attributes::new(limits);
         for pair in array(&resource_logs["resource"], "attributes") {
-            key_value_json(pair, "", 0, &mut shared)?;
+            key_value_json(pair, "", 0, &mut resource_attributes)?;
         }
         for scope_logs in array(resource_logs, "scopeLogs") {
-            let mut scope_shared = shared.clone();
+            let mut shared = Attributes::new(limits);
             if let Some(name) = scope_logs["scope"]["name"].as_str().filter(|n| !n.is_empty()) {
-                scope_shared.push(("otel.scope.name".into(), name.to_owned()));
+                shared.push("otel.scope.name".into(), name.to_owned());
             }
             for log in array(scope_logs, "logRecords") {
                 let mut record = LogRecord {
@@ -376,20 +464,23 @@ pub fn decode_json(bytes: &[u8], limits: &BulkLimits, now_ns: i64) -> Result<Vec
                     observed_ns: json_u64(&log["observedTimeUnixNano"]),
                     severity_number: json_u64(&log["severityNumber"]),
                     severity_text: log["severityText"].as_str().unwrap_or_default().to_owned(),
-                    ..LogRecord::default()
+                    ..LogRecord::new(limits)
                 };
                 if !log["body"].is_null() {
-                    record.body = Some(any_value_json(&log["body"], 0)?);
+                    record.body = Some(match any_value_json(&log["body"], 0)? {
+                        Value::Null => String::new(),
+                        value => value_text(value),
+                    });
                 }
                 for pair in array(log, "attributes") {
                     key_value_json(pair, "", 0, &mut record.fields)?;
                 }
                 for (key, name) in [("traceId", "trace_id"), ("spanId", "span_id")] {
                     if let Some(id) = log[key].as_str().filter(|id| !id.is_empty()) {
-                        record.fields.push((name.into(), id.to_ascii_lowercase()));
+                        record.fields.push(name.into(), id.to_ascii_lowercase());
                     }
                 }
-                builder.push(record, &scope_shared)?;
+                builder.push(record, [&shared, &resource_attributes])?;
             }
         }
     }
@@ -412,53 +503,63 @@ fn key_value_json(
     pair: &Value,
     prefix: &str,
     depth: usize,
-    out: &mut Vec<(String, String)>,
+    out: &mut Attributes<'_>,
 ) -> Result<(), DecodeError> {
     if depth > MAX_DEPTH {
         return Err(bad(format!("values nested deeper than {MAX_DEPTH}")));
     }
     let key = pair["key"].as_str().unwrap_or_default();
     let name = if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") };
+    if name.len() > MAX_NAME_BYTES {
+        out.truncated = true;
+        return Ok(());
+    }
     let value = &pair["value"];
     if let Some(list) = value.get("kvlistValue") {
         for inner in array(list, "values") {
             key_value_json(inner, &name, depth + 1, out)?;
         }
-    } else if !value.is_null() {
-        out.push((name, any_value_json(value, depth)?));
+    } else {
+        match any_value_json(value, depth)? {
+            Value::Null => {}
+            value => out.push(name, value_text(value)),
+        }
     }
     Ok(())
 }
 
-fn any_value_json(value: &Value, depth: usize) -> Result<String, DecodeError> {
+/// An OTLP JSON `AnyValue` as a JSON value (arrays and maps kept as JSON,
+/// never as text inside text).
+fn any_value_json(value: &Value, depth: usize) -> Result<Value, DecodeError> {
     if depth > MAX_DEPTH {
         return Err(bad(format!("values nested deeper than {MAX_DEPTH}")));
     }
     Ok(if let Some(text) = value.get("stringValue").and_then(Value::as_str) {
-        text.to_owned()
+        Value::String(text.to_owned())
     } else if let Some(b) = value.get("boolValue").and_then(Value::as_bool) {
-        b.to_string()
+        Value::Bool(b)
     } else if let Some(i) = value.get("intValue") {
         match i {
-            Value::String(text) => text.clone(),
-            other => other.to_string(),
+            Value::String(text) => Value::String(text.clone()),
+            other => other.clone(),
         }
     } else if let Some(d) = value.get("doubleValue") {
-        d.to_string()
+        d.clone()
     } else if let Some(b) = value.get("bytesValue").and_then(Value::as_str) {
-        b.to_owned()
+        Value::String(b.to_owned())
     } else if let Some(list) = value.get("arrayValue") {
         let items: Result<Vec<Value>, DecodeError> =
-            array(list, "values").map(|v| any_value_json(v, depth + 1).map(Value::String)).collect();
-        Value::Array(items?).to_string()
+            array(list, "values").map(|v| any_value_json(v, depth + 1)).collect();
+        Value::Array(items?)
     } else if let Some(list) = value.get("kvlistValue") {
-        let mut flat = Vec::new();
+        let mut members = serde_json::Map::new();
         for inner in array(list, "values") {
-            key_value_json(inner, "", depth + 1, &mut flat)?;
+            let key = inner["key"].as_str().unwrap_or_default().to_owned();
+            members.insert(key, any_value_json(&inner["value"], depth + 1)?);
         }
-        Value::Object(flat.into_iter().map(|(k, v)| (k, Value::String(v))).collect()).to_string()
+        Value::Object(members)
     } else {
-        String::new()
+        Value::Null
     })
 }
 
@@ -508,13 +609,17 @@ pub(crate) async fn logs(
             return answer(status, "the request body cannot be read");
         }
     };
-    let now = crate::time::now_ns();
-    let decoded = if json {
-        decode_json(&body.0, &state.bulk_limits, now)
-    } else {
-        decode_protobuf(&body.0, &state.bulk_limits, now)
+    let limits = state.bulk_limits;
+    let (bytes, slot) = body;
+    let decoded = tokio::task::spawn_blocking(move || {
+        let now = crate::time::now_ns();
+        if json { decode_json(&bytes, &limits, now) } else { decode_protobuf(&bytes, &limits, now) }
+    })
+    .await;
+    drop(slot);
+    let Ok(decoded) = decoded else {
+        return answer(StatusCode::INTERNAL_SERVER_ERROR, "reading the request failed");
     };
-    drop(body);
     let records = match decoded {
         Ok(records) => records,
         Err(err) => return answer(StatusCode::BAD_REQUEST, &err.to_string()),
@@ -667,7 +772,7 @@ mod tests {
                 ("otel.scope.name".to_owned(), "app.logger".to_owned()),
                 ("service.name".to_owned(), "spark".to_owned()),
                 ("severity_text".to_owned(), "ERROR".to_owned()),
-                ("tags".to_owned(), "[\"a\",\"true\"]".to_owned()),
+                ("tags".to_owned(), "[\"a\",true]".to_owned()),
                 ("trace_id".to_owned(), "abcd".to_owned()),
             ]
         );
@@ -699,6 +804,55 @@ mod tests {
         let long = request(&[], "s", &[log_record(1, 9, "abcdef", &[])]);
         let records = decode_protobuf(&long, &limits, NOW).unwrap();
         assert_eq!((records[0].message.as_str(), records[0].flags), ("abc", FLAG_TRUNCATED));
+    }
+
+    /// A request cannot make many times its size: resource attributes
+    /// repeated on many records stop at the budget; attributes past the
+    /// cap are dropped and the record flagged, not the request refused;
+    /// nested arrays and map bodies stay JSON, never text inside text.
+    #[test]
+    fn amplification_is_bounded_and_extra_attributes_are_dropped() {
+        let big = string_value(&"v".repeat(60_000));
+        let resource: Vec<Vec<u8>> = (0..200).map(|i| key_value(&format!("k{i}"), &big)).collect();
+        let records: Vec<Vec<u8>> = (0..2_000).map(|_| Vec::new()).collect();
+        let request_bytes = request(&resource, "s", &records);
+        assert!(decode_protobuf(&request_bytes, &BulkLimits::default(), NOW).is_err(), "past the budget");
+
+        let many: Vec<Vec<u8>> = (0..300).map(|i| key_value(&format!("a{i}"), &string_value("x"))).collect();
+        let records =
+            decode_protobuf(&request(&[], "s", &[log_record(1, 9, "m", &many)]), &BulkLimits::default(), NOW)
+                .unwrap();
+        assert_eq!(records[0].fields.len(), 256);
+        assert_eq!(records[0].flags, FLAG_TRUNCATED);
+
+        let mut nested = string_value("\"q\"");
+        for _ in 0..6 {
+            let mut array = Vec::new();
+            bytes_field(&mut array, 1, &nested);
+            let mut value = Vec::new();
+            bytes_field(&mut value, 5, &array);
+            nested = value;
+        }
+        let records = decode_protobuf(
+            &request(&[], "s", &[log_record(1, 9, "m", &[key_value("deep", &nested)])]),
+            &BulkLimits::default(),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(records[0].fields[0].1, "[[[[[[\"\\\"q\\\"\"]]]]]]", "escaped once");
+
+        let mut inner = Vec::new();
+        bytes_field(&mut inner, 1, &key_value("id", &string_value("7")));
+        let mut user = Vec::new();
+        bytes_field(&mut user, 6, &inner);
+        let mut members = Vec::new();
+        bytes_field(&mut members, 1, &key_value("user", &user));
+        let mut body = Vec::new();
+        bytes_field(&mut body, 6, &members);
+        let mut record = Vec::new();
+        bytes_field(&mut record, 5, &body);
+        let records = decode_protobuf(&request(&[], "s", &[record]), &BulkLimits::default(), NOW).unwrap();
+        assert_eq!(records[0].message, "{\"user.id\":\"7\"}", "a map body keeps its nested members");
     }
 
     #[test]

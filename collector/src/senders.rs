@@ -20,7 +20,7 @@ use logvault_storage::record::FLAG_TRUNCATED;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use crate::metrics::IngestStats;
-use crate::wal::{AppendRequest, Wal};
+use crate::wal::{AppendRequest, Appended, Wal};
 
 /// Records in one batch, at most.
 const BATCH_RECORDS: u32 = 2000;
@@ -100,7 +100,7 @@ impl HttpSenders {
         // Compressed as an agent's batches are, so the archive stores them
         // as they are.
         let mut deflater = Deflater::zstd(1).map_err(|e| (0, StoreError::Failed(e.to_string())))?;
-        let mut stored = 0;
+        let (mut stored, mut collisions) = (0, 0);
         while stored < records.len() {
             let mut builder = BatchBuilder::new(host, source, chain.epoch, chain.next_seq, chain.prev_hash);
             for record in &records[stored..] {
@@ -134,11 +134,22 @@ impl HttpSenders {
                 signer: self.key.public_key().as_ref().to_vec(),
             };
             match self.wal.append(request).await {
-                Ok(_) => {
+                Ok(Appended::Stored { skipped: 0 }) => {
                     chain.next_seq += count as u64;
                     chain.prev_hash = hash;
                     stored += count;
                     self.stats.stored(tenant, size, count as u64);
+                }
+                Ok(_) => {
+                    // The WAL held records of this stream and epoch already:
+                    // an epoch used before (a clock set back across a
+                    // restart). A fresh epoch, and the same records again.
+                    collisions += 1;
+                    if collisions > 3 {
+                        return Err((stored, StoreError::Failed("no fresh epoch for the stream".into())));
+                    }
+                    tracing::warn!(%tenant, %host, %source, epoch = chain.epoch, "stream epoch used before; starting a new one");
+                    *chain = self.fresh_chain();
                 }
                 Err(crate::wal::WalError::Full { .. }) => {
                     self.stats.refused(crate::metrics::Refusal::Busy);
@@ -163,13 +174,14 @@ impl HttpSenders {
             // Forget the streams no request holds.
             streams.retain(|_, chain| Arc::strong_count(chain) > 1);
         }
-        let chain = Arc::new(tokio::sync::Mutex::new(Chain {
-            epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed),
-            next_seq: 0,
-            prev_hash: [0; 32],
-        }));
+        let chain = Arc::new(tokio::sync::Mutex::new(self.fresh_chain()));
         streams.insert(key, chain.clone());
         chain
+    }
+
+    /// A chain in an epoch no other chain of this process had.
+    fn fresh_chain(&self) -> Chain {
+        Chain { epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed), next_seq: 0, prev_hash: [0; 32] }
     }
 }
 

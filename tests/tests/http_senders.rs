@@ -226,6 +226,28 @@ fn bad_tokens_other_tenants_and_oversized_bodies_are_refused_with_their_status()
     assert_eq!(status, 413, "a body over the cap: {body}");
     let (status, body) = post(&collector, "/_bulk", Some(&writer), b"{\"index\":{\"_index\":\"app\"}}\n");
     assert_eq!(status, 400, "an action without its document: {body}");
+    // A subject that cannot name the archive's objects is refused before
+    // anything is stored.
+    let claims = logvault_collector::auth::Claims {
+        sub: "fluent_bit@prod".into(),
+        ..setup.claims(&["default"], Role::Writer, logvault_collector::auth::now_secs())
+    };
+    let odd = logvault_collector::auth::mint(&setup.jwt_key, &claims).unwrap();
+    let (status, body) = post(&collector, "/_bulk", Some(&odd), item);
+    assert_eq!(status, 403, "a sub that cannot be a host: {body}");
+    // Items naming more indices than one request may hold fail on their own.
+    let mut many = String::new();
+    for i in 0..40 {
+        many.push_str(&format!("{{\"index\":{{\"_index\":\"i{i}\"}}}}\n{{\"message\":\"m\"}}\n"));
+    }
+    let (status, body) = post(&collector, "/_bulk", Some(&writer), many.as_bytes());
+    assert_eq!(status, 200, "{body}");
+    let statuses: Vec<u64> =
+        body["items"].as_array().unwrap().iter().map(|i| i["index"]["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 32, "{body}");
+    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 8, "{body}");
+    let (status, body) = collector.call("GET", "/_cluster/health", None, None);
+    assert_eq!((status, body["status"].as_str()), (200, Some("green")), "Vector's health check");
 
     // A token for two tenants names one of them; the records are there only.
     let two = setup.token(&["default", "other"], Role::Writer);
