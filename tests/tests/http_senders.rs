@@ -310,3 +310,73 @@ fn a_full_wal_answers_429_and_every_201_is_stored() {
     let reader = setup.token(&["default"], Role::Reader);
     collector.wait_total(&reader, "source:busy", created, Duration::from_secs(30));
 }
+
+/// A sender's certificate revoked while its keep-alive connection to the
+/// API port is open: the connection is closed at once and the next
+/// handshake refused.
+#[test]
+fn a_revoked_sender_certificate_closes_its_api_connection() {
+    use std::io::{Read, Write};
+    let setup = Setup::new("es-revoke");
+    let crl = setup.pki.write_crl().unwrap();
+    let options = CollectorOptions {
+        crl: Some(crl),
+        api_toml: "client_certificates = true\n".into(),
+        ..Default::default()
+    };
+    let collector = Collector::start(&setup, &options);
+    let sender = setup.pki.ensure(logvault_certs::Role::Sender, "shipper-9", &[]).unwrap();
+    let config = client_tls(&collector.ca, Some((&sender.cert, &sender.key)), &[&rustls::version::TLS13]);
+    let connect = || {
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tcp = std::net::TcpStream::connect(collector.api).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        rustls::StreamOwned::new(rustls::ClientConnection::new(config.clone(), name).unwrap(), tcp)
+    };
+    let body = b"{\"index\":{\"_index\":\"kept\"}}\n{\"message\":\"over a kept-alive connection\"}\n";
+    let request = |tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| {
+        let head =
+            format!("POST /_bulk HTTP/1.1\r\nhost: logvault\r\ncontent-length: {}\r\n\r\n", body.len());
+        tls.write_all(head.as_bytes())?;
+        tls.write_all(body)?;
+        // Read the answer's head and its announced body.
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\n") {
+            if tls.read(&mut byte)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            answer.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&answer).to_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .map_or(0, |n| n.trim().parse().unwrap());
+        let mut rest = vec![0u8; length];
+        tls.read_exact(&mut rest)?;
+        Ok::<_, std::io::Error>(head)
+    };
+    let mut tls = connect();
+    let head = request(&mut tls).unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+
+    let out = Command::new(bin("logvault"))
+        .args(["certs", "revoke", "--dir"])
+        .arg(setup.pki.dir())
+        .arg("shipper-9")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for(Duration::from_secs(10), "the connection to be closed", || {
+        collector.process.log_text().contains("client certificate no longer accepted").then_some(())
+    });
+    // The same connection takes nothing more; a new one is refused.
+    assert!(request(&mut tls).is_err(), "the revoked sender's connection still took a request");
+    let mut again = connect();
+    assert!(request(&mut again).is_err(), "a revoked certificate completed a handshake");
+    let reader = setup.token(&["default"], Role::Reader);
+    collector.wait_total(&reader, "source:kept", 1, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(collector.total(&reader, "source:kept"), 1, "only the request before the revocation");
+}
