@@ -461,9 +461,9 @@ apart from the text), and a level between 3 and 6, traded against the seal's 200
         }
         "audit_mb_s" => {
             "every byte is hashed twice with SHA-256 (the segment, then each batch's record section, \
-which its signature covers through `body_sha`), the segment is decrypted and inflated, and each \
-batch costs one Ed25519 verification. The audit hashes the segment on one core while the other \
-decrypts and inflates it, then checks signatures on every core. What would move it: larger batches \
+which its signature covers through `body_sha`), the segment is decrypted (and inflated when it \
+was compressed), and each batch costs one Ed25519 verification. The audit hashes the segment on \
+one core while the other decrypts it, then checks signatures on every core. What would move it: larger batches \
 (fewer signatures per MB), and more cores."
         }
         "agent_mb_s_per_core" | "agent_vs_rsyslog" | "agent_rss_mib" => {
