@@ -26,8 +26,8 @@ use logvault_storage::record::Level;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::api::{ApiState, SenderCertificate, authenticate_writer};
-use crate::senders::{StoreError, cut};
+use crate::api::{ApiState, SenderCertificate};
+use crate::senders::{Admitted, StoreError, admit, cut};
 use logvault_storage::WireRecord as Record;
 
 /// The version this API answers to, for senders that check it.
@@ -41,8 +41,6 @@ const MAX_INDEX_BYTES: usize = 255;
 /// Distinct indices (streams) in one request, at most; items naming more
 /// are refused on their own.
 pub const MAX_INDICES_PER_REQUEST: usize = 32;
-/// How long reading a request body may take.
-const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Caps on one bulk request's items, checked while reading them.
 #[derive(Debug, Clone, Copy)]
@@ -269,53 +267,6 @@ fn parse_timestamp(text: &str) -> Option<i64> {
     i64::try_from(parsed.unix_timestamp_nanos()).ok()
 }
 
-/// A request body read whole, with the slot it holds: a body is read only
-/// after the token checks, never past `max_body_bytes` (the declared
-/// length is checked first), and only `bodies` of them at once.
-pub(crate) async fn read_body(
-    state: &ApiState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<(axum::body::Bytes, tokio::sync::OwnedSemaphorePermit), Box<Response>> {
-    let too_large = || {
-        Box::new(es_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "content_too_long_exception",
-            &format!("the request body is over {} bytes", state.max_body_bytes),
-        ))
-    };
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
-        return Err(too_large());
-    }
-    let slot = tokio::time::timeout(std::time::Duration::from_secs(10), state.bodies.clone().acquire_owned())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .ok_or_else(|| {
-            let mut response = es_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "es_rejected_execution_exception",
-                "too many requests being read at once; retry later",
-            );
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
-            Box::new(response)
-        })?;
-    let bytes =
-        match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, state.max_body_bytes)).await {
-            Ok(read) => read.map_err(|_| too_large())?,
-            Err(_) => {
-                return Err(Box::new(es_error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "timeout_exception",
-                    &format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()),
-                )));
-            }
-        };
-    Ok((bytes, slot))
-}
-
 /// Query parameters of the HTTP senders' routes.
 #[derive(Debug, Deserialize)]
 pub(crate) struct SenderParams {
@@ -413,44 +364,19 @@ async fn store_bulk(
     body: Body,
 ) -> Response {
     let started = std::time::Instant::now();
-    let writer = match authenticate_writer(
-        &state,
-        &headers,
-        certificate.as_ref().map(|c| &c.0),
-        params.tenant.as_deref(),
-    ) {
-        Ok(who) => who,
-        Err(err) => return es_error(err.status(), "security_exception", err.message()),
-    };
-    if headers.get(header::CONTENT_ENCODING).is_some_and(|e| e.as_bytes() != b"identity") {
-        return es_error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "illegal_argument_exception",
-            "compressed request bodies are not accepted; send the body as is",
-        );
-    }
-    let Some(senders) = state.senders.as_ref() else {
-        return es_error(
-            StatusCode::NOT_FOUND,
-            "illegal_argument_exception",
-            "no http senders on this collector",
-        );
-    };
-    if senders.is_busy() {
-        let mut response = es_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "es_rejected_execution_exception",
-            "the collector is busy (its WAL is full); retry later",
-        );
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
-        return response;
-    }
-    let body = match read_body(&state, &headers, body).await {
-        Ok(body) => body,
-        Err(response) => return *response,
-    };
+    let certificate = certificate.as_ref().map(|c| &c.0);
+    let Admitted { writer, senders, body: bytes, slot } =
+        match admit(&state, &headers, certificate, params.tenant.as_deref(), body).await {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                let mut response = es_error(refusal.status, refusal.kind, &refusal.reason);
+                if refusal.status == StatusCode::TOO_MANY_REQUESTS {
+                    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+                }
+                return response;
+            }
+        };
     let limits = state.bulk_limits;
-    let (bytes, slot) = body;
     let parsed = tokio::task::spawn_blocking(move || {
         parse_bulk(&bytes, index.as_deref(), &limits, crate::time::now_ns())
     })

@@ -25,9 +25,9 @@ use axum::response::{IntoResponse, Response};
 use logvault_storage::record::Level;
 use serde_json::Value;
 
-use crate::api::{ApiState, SenderCertificate, authenticate_writer};
+use crate::api::{ApiState, SenderCertificate};
 use crate::bulk::{BulkLimits, SenderParams};
-use crate::senders::{StoreError, cut};
+use crate::senders::{Admitted, StoreError, admit, cut};
 use logvault_storage::WireRecord as Record;
 
 /// The source of every OTLP record.
@@ -580,37 +580,17 @@ pub(crate) async fn logs(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let writer = match authenticate_writer(
-        &state,
-        &headers,
-        certificate.as_ref().map(|c| &c.0),
-        params.tenant.as_deref(),
-    ) {
-        Ok(who) => who,
-        Err(err) => return answer(err.status(), err.message()),
-    };
-    if headers.get(header::CONTENT_ENCODING).is_some_and(|e| e.as_bytes() != b"identity") {
-        return answer(StatusCode::UNSUPPORTED_MEDIA_TYPE, "compressed request bodies are not accepted");
-    }
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let Some(senders) = state.senders.as_ref() else {
-        return answer(StatusCode::NOT_FOUND, "no http senders on this collector");
-    };
-    if senders.is_busy() {
-        return answer(StatusCode::TOO_MANY_REQUESTS, "the collector is busy (its WAL is full); retry later");
-    }
-    let body = match crate::bulk::read_body(&state, &headers, body).await {
-        Ok(body) => body,
-        Err(response) => {
-            let status = response.status();
-            return answer(status, "the request body cannot be read");
-        }
-    };
+    let certificate = certificate.as_ref().map(|c| &c.0);
+    let Admitted { writer, senders, body: bytes, slot } =
+        match admit(&state, &headers, certificate, params.tenant.as_deref(), body).await {
+            Ok(admitted) => admitted,
+            Err(refusal) => return answer(refusal.status, &refusal.reason),
+        };
     let limits = state.bulk_limits;
-    let (bytes, slot) = body;
     let decoded = tokio::task::spawn_blocking(move || {
         let now = crate::time::now_ns();
         if json { decode_json(&bytes, &limits, now) } else { decode_protobuf(&bytes, &limits, now) }

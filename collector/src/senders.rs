@@ -185,6 +185,103 @@ impl HttpSenders {
     }
 }
 
+/// Why an HTTP sender's request is refused before its records are read:
+/// each route renders it in its own protocol's shape.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    /// The answer's status (429 answers carry Retry-After).
+    pub(crate) status: axum::http::StatusCode,
+    /// Elasticsearch's error type for it.
+    pub(crate) kind: &'static str,
+    /// For people.
+    pub(crate) reason: String,
+}
+
+/// A request the HTTP senders' routes take: who writes, where to, and its
+/// body, read while holding one of the body slots.
+pub(crate) struct Admitted {
+    pub(crate) writer: crate::api::Writer,
+    pub(crate) senders: Arc<HttpSenders>,
+    pub(crate) body: axum::body::Bytes,
+    pub(crate) slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// How long reading a request body may take.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The checks both HTTP senders' routes make, in order: the writer (token
+/// or certificate), an uncompressed body, a WAL that is not full, then the
+/// body itself: never past `max_body_bytes` (the declared length is
+/// checked before reading), within a deadline, at most `bodies` at once.
+pub(crate) async fn admit(
+    state: &crate::api::ApiState,
+    headers: &axum::http::HeaderMap,
+    certificate: Option<&crate::api::SenderCertificate>,
+    tenant: Option<&str>,
+    body: axum::body::Body,
+) -> Result<Admitted, Refusal> {
+    use axum::http::{StatusCode, header};
+    let refuse = |status, kind, reason: String| Refusal { status, kind, reason };
+    let writer = crate::api::authenticate_writer(state, headers, certificate, tenant)
+        .map_err(|err| refuse(err.status(), "security_exception", err.message().to_owned()))?;
+    if headers.get(header::CONTENT_ENCODING).is_some_and(|e| e.as_bytes() != b"identity") {
+        return Err(refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "illegal_argument_exception",
+            "compressed request bodies are not accepted; send the body as is".into(),
+        ));
+    }
+    let Some(senders) = state.senders.clone() else {
+        return Err(refuse(
+            StatusCode::NOT_FOUND,
+            "illegal_argument_exception",
+            "no http senders on this collector".into(),
+        ));
+    };
+    if senders.is_busy() {
+        return Err(refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "es_rejected_execution_exception",
+            StoreError::Busy.to_string(),
+        ));
+    }
+    let too_large = || {
+        refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "content_too_long_exception",
+            format!("the request body is over {} bytes", state.max_body_bytes),
+        )
+    };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    let slot = tokio::time::timeout(std::time::Duration::from_secs(10), state.bodies.clone().acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "es_rejected_execution_exception",
+                "too many requests being read at once; retry later".into(),
+            )
+        })?;
+    let body =
+        match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, state.max_body_bytes)).await {
+            Ok(read) => read.map_err(|_| too_large())?,
+            Err(_) => {
+                return Err(refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout_exception",
+                    format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()),
+                ));
+            }
+        };
+    Ok(Admitted { writer, senders, body, slot })
+}
+
 /// Cuts `text` to at most `max` bytes at a character boundary, setting
 /// `FLAG_TRUNCATED` in `flags` when it did.
 pub(crate) fn cut(text: &mut String, max: usize, flags: &mut u8) {
