@@ -42,6 +42,52 @@ fn client(
         .unwrap()
 }
 
+type RawTls = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// A TLS connection to the API port by hand, with a client certificate
+/// when given (its files read once, when called).
+fn raw_client(
+    collector: &Collector,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> impl Fn() -> RawTls {
+    let config = client_tls(&collector.ca, client, &[&rustls::version::TLS13]);
+    let api = collector.api;
+    move || connect_raw(api, config.clone())
+}
+
+fn connect_raw(api: std::net::SocketAddr, config: std::sync::Arc<rustls::ClientConfig>) -> RawTls {
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tcp = std::net::TcpStream::connect(api).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    rustls::StreamOwned::new(rustls::ClientConnection::new(config, name).unwrap(), tcp)
+}
+
+/// `POST /_bulk` by hand: the head declares `length` bytes, `body` is
+/// sent after it; returns the answer's head, lower-cased, its body read.
+fn raw_bulk(tls: &mut RawTls, token: Option<&str>, length: usize, body: &[u8]) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!("POST /_bulk HTTP/1.1\r\nhost: logvault\r\n{auth}content-length: {length}\r\n\r\n");
+    tls.write_all(head.as_bytes())?;
+    tls.write_all(body)?;
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        if tls.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        answer.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&answer).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(0, |n| n.trim().parse().unwrap());
+    let mut rest = vec![0u8; length];
+    tls.read_exact(&mut rest)?;
+    Ok(head)
+}
+
 /// A raw request to the collector's API with `body` as is.
 fn post(collector: &Collector, path: &str, token: Option<&str>, body: &[u8]) -> (u16, serde_json::Value) {
     let url = format!("{}{path}", collector.api_url());
@@ -221,9 +267,9 @@ fn bad_tokens_other_tenants_and_oversized_bodies_are_refused_with_their_status()
     assert_eq!(status, 400, "two tenants and none named: {body}");
     let (status, body) = collector.search_raw(Some(&writer), &[("q", "*")]);
     assert_eq!(status, 403, "a writer token cannot read: {body}");
-    let big = format!("{{\"index\":{{}}}}\n{{\"message\":\"{}\"}}\n", "x".repeat(70_000));
-    let (status, body) = post(&collector, "/app/_bulk", Some(&writer), big.as_bytes());
-    assert_eq!(status, 413, "a body over the cap: {body}");
+    // A body declared over the cap is refused before any of it is sent.
+    let head = raw_bulk(&mut raw_client(&collector, None)(), Some(&writer), 70_000, b"").unwrap();
+    assert!(head.starts_with("http/1.1 413"), "a body over the cap: {head}");
     let (status, body) = post(&collector, "/_bulk", Some(&writer), b"{\"index\":{\"_index\":\"app\"}}\n");
     assert_eq!(status, 400, "an action without its document: {body}");
     // A subject that cannot name the archive's objects is refused before
@@ -316,7 +362,6 @@ fn a_full_wal_answers_429_and_every_201_is_stored() {
 /// handshake refused.
 #[test]
 fn a_revoked_sender_certificate_closes_its_api_connection() {
-    use std::io::{Read, Write};
     let setup = Setup::new("es-revoke");
     let crl = setup.pki.write_crl().unwrap();
     let options = CollectorOptions {
@@ -326,37 +371,9 @@ fn a_revoked_sender_certificate_closes_its_api_connection() {
     };
     let collector = Collector::start(&setup, &options);
     let sender = setup.pki.ensure(logvault_certs::Role::Sender, "shipper-9", &[]).unwrap();
-    let config = client_tls(&collector.ca, Some((&sender.cert, &sender.key)), &[&rustls::version::TLS13]);
-    let connect = || {
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let tcp = std::net::TcpStream::connect(collector.api).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        rustls::StreamOwned::new(rustls::ClientConnection::new(config.clone(), name).unwrap(), tcp)
-    };
+    let connect = raw_client(&collector, Some((&sender.cert, &sender.key)));
     let body = b"{\"index\":{\"_index\":\"kept\"}}\n{\"message\":\"over a kept-alive connection\"}\n";
-    let request = |tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>| {
-        let head =
-            format!("POST /_bulk HTTP/1.1\r\nhost: logvault\r\ncontent-length: {}\r\n\r\n", body.len());
-        tls.write_all(head.as_bytes())?;
-        tls.write_all(body)?;
-        // Read the answer's head and its announced body.
-        let mut answer = Vec::new();
-        let mut byte = [0u8; 1];
-        while !answer.ends_with(b"\r\n\r\n") {
-            if tls.read(&mut byte)? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            answer.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&answer).to_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|line| line.strip_prefix("content-length:"))
-            .map_or(0, |n| n.trim().parse().unwrap());
-        let mut rest = vec![0u8; length];
-        tls.read_exact(&mut rest)?;
-        Ok::<_, std::io::Error>(head)
-    };
+    let request = |tls: &mut RawTls| raw_bulk(tls, None, body.len(), body);
     let mut tls = connect();
     let head = request(&mut tls).unwrap();
     assert!(head.starts_with("http/1.1 200"), "{head}");
