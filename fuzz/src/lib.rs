@@ -73,8 +73,8 @@ pub fn batch(data: &[u8]) {
         let _ = view.records(&LIMITS, &mut inflater);
     }
     let raw_len = data.first().map_or(0, |&b| u32::from(b) << 8) + data.len() as u32;
-    for codec in [0, 1, 2] {
-        let forged = forge_batch(key(), "fuzz", "/fuzz", codec, raw_len, data);
+    for (version, codec) in [(2, 0), (2, 1), (3, 0), (3, 1), (3, 2)] {
+        let forged = forge_batch(key(), "fuzz", "/fuzz", version, codec, raw_len, data);
         if let Ok(view) = BatchView::parse(&forged, &LIMITS) {
             let _ = view.records(&LIMITS, &mut inflater);
         }

@@ -855,7 +855,7 @@ impl RawAgent {
         builder.sign(&self.key)
     }
 
-    /// A version-2 batch of one record whose stored section is `stored`
+    /// A version-3 batch of one record whose stored section is `stored`
     /// with the given codec byte and declared decoded length, hashed and
     /// signed like a real one: for compressed input that lies.
     pub fn forge_batch(&self, agent_id: &str, codec: u8, raw_len: u32, stored: &[u8]) -> Vec<u8> {
@@ -863,6 +863,7 @@ impl RawAgent {
             &self.key,
             agent_id,
             "/var/log/forged-codec.log",
+            3,
             codec,
             raw_len,
             stored,
