@@ -289,7 +289,8 @@ impl SourceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
-    /// Most records in a batch. Default 2000.
+    /// Most records in a batch. Default 10000: with `max_bytes`, about
+    /// 1 MiB of lines, so each signature covers that much.
     #[serde(default = "default_max_records")]
     pub max_records: u32,
     /// Most message bytes in a batch. Default 1 MiB.
@@ -348,7 +349,7 @@ fn default_max_line_bytes() -> usize {
     64 * 1024
 }
 fn default_max_records() -> u32 {
-    2000
+    10_000
 }
 fn default_max_bytes() -> usize {
     1024 * 1024

@@ -220,28 +220,21 @@ pub async fn audit(
                 continue;
             }
         };
-        // The segment's hash on one core while the other decrypts and
-        // inflates it for the batch checks.
-        let (hash, plaintext) = match &options.keyring {
-            None => (view.hash(), None),
+        // With the key, the segment's hash runs on its own thread while the
+        // other cores decrypt it and check its batches; the batches' chain
+        // is taken up once the hash says the segment is the one signed.
+        let settle = |report: &mut Report, hash: [u8; 32]| settle_hash(report, record, &hash_to_key, &hash);
+        match &options.keyring {
+            None => {
+                settle(&mut report, view.hash());
+            }
             Some(keyring) => std::thread::scope(|scope| {
                 let hashing = scope.spawn(|| view.hash());
                 let plaintext = view.plaintext(keyring, crate::archive::MAX_OBJECT * 64);
-                (hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), Some(plaintext))
+                check_batches(&mut report, &record.key, &view, plaintext, &mut streams, |report| {
+                    settle(report, hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                });
             }),
-        };
-        let hash = hex(&hash);
-        if hash != record.hash {
-            match hash_to_key.get(hash.as_str()) {
-                Some(other) => {
-                    report.add(Kind::Reordered, &record.key, format!("holds the segment signed as {other}"));
-                    continue;
-                }
-                None => report.add(Kind::Modified, &record.key, "its hash is not the one signed"),
-            }
-        }
-        if let Some(plaintext) = plaintext {
-            check_batches(&mut report, &record.key, &view, plaintext, &mut streams);
         }
     }
     progress(total, total);
@@ -270,26 +263,58 @@ pub async fn audit(
     Ok(report)
 }
 
+/// Compares a segment's hash with the one its checkpoint signed. False
+/// when the bytes are another listed segment's: its batches are checked
+/// under that name, not this one.
+fn settle_hash(
+    report: &mut Report,
+    record: &SegmentRecord,
+    hash_to_key: &HashMap<&str, &str>,
+    hash: &[u8; 32],
+) -> bool {
+    let hash = hex(hash);
+    if hash == record.hash {
+        return true;
+    }
+    match hash_to_key.get(hash.as_str()) {
+        Some(other) => {
+            report.add(Kind::Reordered, &record.key, format!("holds the segment signed as {other}"));
+            false
+        }
+        None => {
+            report.add(Kind::Modified, &record.key, "its hash is not the one signed");
+            true
+        }
+    }
+}
+
 /// Checks each batch of a decrypted segment: the agent's signature, the
-/// hash chain and the sequence numbers of its stream.
+/// hash chain and the sequence numbers of its stream. `settle` gives the
+/// segment's hash verdict (false: skip the chain), asked for once the
+/// signatures are checked, so both run at once.
 fn check_batches(
     report: &mut Report,
     key: &str,
     view: &SegmentView<'_>,
     plaintext: Result<Vec<u8>, SegmentError>,
     streams: &mut HashMap<(String, String, String, u64), StreamEnd>,
+    settle: impl FnOnce(&mut Report) -> bool,
 ) {
     let raw = match plaintext {
         Ok(raw) => raw,
         Err(err) => {
-            report.add(Kind::Modified, key, err.to_string());
+            if settle(report) {
+                report.add(Kind::Modified, key, err.to_string());
+            }
             return;
         }
     };
     let entries = match entry_refs(&raw) {
         Ok(entries) => entries,
         Err(err) => {
-            report.add(Kind::Modified, key, err.to_string());
+            if settle(report) {
+                report.add(Kind::Modified, key, err.to_string());
+            }
             return;
         }
     };
@@ -305,6 +330,9 @@ fn check_batches(
             .is_some_and(|signer| batch.verify(signer).is_ok());
         Ok::<_, crate::batch::BatchError>((batch, signed))
     });
+    if !settle(report) {
+        return;
+    }
     for (index, (entry, checked)) in entries.iter().zip(checked).enumerate() {
         // The segment decrypted, so these bytes are what its sealer wrote;
         // a batch that does not even parse is not one its agent signed.
@@ -367,23 +395,39 @@ fn check_batches(
     }
 }
 
-/// `f` over `items` on every core, the results in the items' order.
+/// `f` over `items` on every core, the results in the items' order. Items
+/// are handed out a few at a time, so a core busy with something else (the
+/// segment's hash) takes fewer.
 fn parallel_map<'a, T: Sync, R: Send>(items: &'a [T], f: impl Fn(&'a T) -> R + Sync) -> Vec<R> {
+    const BLOCK: usize = 4;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Below a few items per worker, threads cost more than they save.
     if workers < 2 || items.len() < 4 * workers {
         return items.iter().map(&f).collect();
     }
-    let chunk = items.len().div_ceil(workers);
-    std::thread::scope(|scope| {
-        let f = &f;
-        let handles: Vec<_> = items
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, Vec<R>)> = std::thread::scope(|scope| {
+        let (f, next) = (&f, &next);
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(move || {
+                    let mut taken = Vec::new();
+                    loop {
+                        let start = next.fetch_add(BLOCK, std::sync::atomic::Ordering::Relaxed);
+                        if start >= items.len() {
+                            return taken;
+                        }
+                        let block = &items[start..(start + BLOCK).min(items.len())];
+                        taken.push((start, block.iter().map(f).collect::<Vec<R>>()));
+                    }
+                })
+            })
             .collect();
         handles
             .into_iter()
             .flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
             .collect()
-    })
+    });
+    done.sort_unstable_by_key(|(start, _)| *start);
+    done.into_iter().flat_map(|(_, results)| results).collect()
 }

@@ -35,7 +35,7 @@
 //! `len u32 | received_ns i64 | skip u32 | signer u8 | batch` (`len` counts
 //! what follows it), the WAL's entries as the collector stored them.
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, Tag, UnboundKey};
 use ring::digest::{Context, SHA256};
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -447,38 +447,72 @@ impl<'a> SegmentView<'a> {
     }
 
     /// Decrypts the chunks: the zstd stream, whole, or the first error.
+    ///
+    /// Every chunk but the last holds `chunk_size` bytes and a tag; each is
+    /// opened into its own place in the output, so chunks are opened on
+    /// every core at once. The error is the first chunk's, in order.
     pub fn decrypt(&self, keyring: &Keyring) -> Result<Vec<u8>, SegmentError> {
         let key = self.data_key(keyring)?;
         let aad = sha256(&[self.prefix]);
-        let sealed_chunk = self.header.chunk_size as usize + TAG;
-        // One copy of the ciphertext, decrypted in place, each chunk's
-        // plaintext moved down over the tags before it.
-        let mut buffer = self.chunks.to_vec();
-        let (mut read, mut written, mut index) = (0usize, 0usize, 0u64);
-        loop {
-            let rest = buffer.len() - read;
-            if rest < TAG {
-                return Err(SegmentError::Truncated);
-            }
-            let last = rest <= sealed_chunk;
-            let take = if last { rest } else { sealed_chunk };
-            let plain_len = key
-                .open_within(
-                    chunk_nonce(index, last),
-                    Aad::from(aad),
-                    &mut buffer[written..read + take],
-                    read - written..,
-                )
-                .map_err(|_| if last { SegmentError::Truncated } else { SegmentError::Chunk(index) })?
-                .len();
-            written += plain_len;
-            read += take;
-            index += 1;
-            if last {
-                buffer.truncate(written);
-                return Ok(buffer);
-            }
+        let chunk = self.header.chunk_size as usize;
+        let sealed_chunk = chunk + TAG;
+        let total = self.chunks.len();
+        if total < TAG {
+            return Err(SegmentError::Truncated);
         }
+        // Chunks before the last, and the last's sealed length.
+        let full = (total - 1) / sealed_chunk;
+        let last_len = total - full * sealed_chunk;
+        if last_len < TAG {
+            return Err(SegmentError::Truncated);
+        }
+        let mut out = vec![0u8; full * chunk + last_len - TAG];
+        let mut places: Vec<&mut [u8]> = out.chunks_mut(chunk.max(1)).collect();
+        if places.len() == full {
+            places.push(&mut []); // a last chunk with no bytes, only its tag
+        }
+        let open = |index: usize, plain: &mut [u8]| -> Result<(), SegmentError> {
+            let last = index == full;
+            let start = index * sealed_chunk;
+            let sealed = &self.chunks[start..start + if last { last_len } else { sealed_chunk }];
+            let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG);
+            plain.copy_from_slice(ciphertext);
+            let tag = Tag::from(<[u8; TAG]>::try_from(tag).expect("split at TAG"));
+            key.open_in_place_separate_tag(chunk_nonce(index as u64, last), Aad::from(aad), tag, plain, 0..)
+                .map(|_| ())
+                .map_err(|_| if last { SegmentError::Truncated } else { SegmentError::Chunk(index as u64) })
+        };
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(places.len());
+        let per_worker = places.len().div_ceil(workers.max(1));
+        let opened: Vec<Result<(), SegmentError>> = if workers < 2 {
+            places.into_iter().enumerate().map(|(index, plain)| open(index, plain)).collect()
+        } else {
+            std::thread::scope(|scope| {
+                let open = &open;
+                let handles: Vec<_> = places
+                    .chunks_mut(per_worker)
+                    .enumerate()
+                    .map(|(group, plains)| {
+                        scope.spawn(move || {
+                            let first = group * per_worker;
+                            // Stop at the first failure: the ones after it are never reported.
+                            plains
+                                .iter_mut()
+                                .enumerate()
+                                .map(|(offset, plain)| open(first + offset, plain))
+                                .find(Result::is_err)
+                                .unwrap_or(Ok(()))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                    .collect()
+            })
+        };
+        opened.into_iter().collect::<Result<(), _>>()?;
+        Ok(out)
     }
 
     /// Decrypts and decompresses the entries, with every size capped
@@ -655,13 +689,19 @@ mod tests {
         let view = SegmentView::parse(&sealed.bytes).unwrap();
         let chunks_at = sealed.bytes.len() - view.chunks.len();
         let sealed_chunk = 4096 + TAG;
-        assert!(view.chunks.len() > 2 * sealed_chunk, "several chunks");
+        assert!(view.chunks.len() > 4 * sealed_chunk, "several chunks");
 
         // A flipped byte in a chunk.
         let mut flipped = sealed.bytes.clone();
         flipped[chunks_at + 10] ^= 1;
         assert_eq!(SegmentView::parse(&flipped).unwrap().decrypt(&keyring), Err(SegmentError::Chunk(0)));
         assert_ne!(SegmentView::parse(&flipped).unwrap().hash(), sealed.hash);
+        // Chunks are opened on every core; the error is still the first
+        // damaged chunk's, in order.
+        let mut two = sealed.bytes.clone();
+        two[chunks_at + 3 * sealed_chunk + 1] ^= 1;
+        two[chunks_at + sealed_chunk + 1] ^= 1;
+        assert_eq!(SegmentView::parse(&two).unwrap().decrypt(&keyring), Err(SegmentError::Chunk(1)));
 
         // Cut at a chunk boundary: the new last chunk was not sealed as last.
         let truncated = &sealed.bytes[..chunks_at + sealed_chunk];

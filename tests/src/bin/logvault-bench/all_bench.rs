@@ -419,7 +419,8 @@ tops out near {} MB/s and two, even perfectly shared, near {} MB/s. The audit it
             )
         }
         "compression_ratio" | "seal_vs_zstd" => format!(
-            " In this run bare zstd of the batches gave {}x.",
+            " In this run each sample's text alone gave {}x at zstd -1 (the batches' level), and bare zstd of the batches {}x.",
+            number(archive["compression_ratio_text_alone"].as_f64().unwrap_or(f64::NAN)),
             number(archive["bare_zstd_ratio_of_batches"].as_f64().unwrap_or(f64::NAN))
         ),
         _ => String::new(),
@@ -445,26 +446,21 @@ over one and wakes the thread for each; bare tantivy fed in the same groups is i
 only, filtered by column."
         }
         "compression_ratio" | "seal_vs_zstd" => {
-            "the batch format. Agents compress each batch with zstd -1 and sign the compressed \
-bytes, and segments keep batches as signed, so a segment's own zstd pass finds almost nothing left \
-(about 1.0x on the batches); the sealer no longer makes that pass when every batch in a segment is \
-compressed (it encrypts the entries as they are), which is why sealing runs faster than bare zstd \
-over the same bytes. Signing the decoded record section instead, with segments holding records \
-plain and compressing runs of batches together, was measured on this machine (1 M generated lines \
-and the samples, zstd -3): the generated archive went from 6.8x to 9.9x, but the samples fell from \
-7.9x to 7.5x, since rows interleave a time and a length with every line, which zstd -3 of a whole \
-segment packs worse than zstd -1 of each 2,000-record batch; and sealing fell to 0.40 of bare zstd, \
-as it then inflates the agents' batches and bare zstd of plain text runs at about 760 MB/s. The \
-samples' raw text alone gives 9.55x at zstd -3 and 10.9x at -6 (about 180 MB/s). What would move \
-it: the decoded section signed, records laid out as columns in the segment (times and lengths \
-apart from the text), and a level between 3 and 6, traded against the seal's 200 MB/s."
+            "the text itself. Agents compress each 2,000-record batch with zstd -1 and sign the \
+compressed bytes; segments keep batches as signed and encrypt them without a second zstd pass. \
+Batches lay their records out by column (version 3: the lines one after another, then times, \
+levels, flags and fields), so a batch compresses to within about 2% of its lines alone and the \
+archive's ratio follows the text's (`compression_ratio_text_alone` in the details). What would \
+move it: a higher agent level (zstd -6 gives about 11x on the samples, at under a third of -1's \
+speed, which the agent's 200 MB/s per core cannot pay)."
         }
         "audit_mb_s" => {
             "every byte is hashed twice with SHA-256 (the segment, then each batch's record section, \
 which its signature covers through `body_sha`), the segment is decrypted (and inflated when it \
 was compressed), and each batch costs one Ed25519 verification. The audit hashes the segment on \
-one core while the other decrypts it, then checks signatures on every core. What would move it: larger batches \
-(fewer signatures per MB), and more cores."
+its own thread while every core decrypts it and checks its batches' signatures, a few batches at a \
+time. Batches that compress better carry more records per MB of archive, so each MB costs more \
+signatures. What would move it: larger batches (fewer signatures per MB), and more cores."
         }
         "agent_mb_s_per_core" | "agent_vs_rsyslog" | "agent_rss_mib" => {
             "the figure is the median of three runs (all three under `agent_runs_mb_s_per_core` in \
