@@ -573,9 +573,17 @@ impl<'s> Records<'s> {
         fields.take(fields_at, "fields")?;
         let (mut message_at, mut time_at, mut timestamp_ns) = (0usize, 0usize, 0i64);
         for index in 0..count {
+            // 0xFF is never UTF-8, so one pass both finds the message's end
+            // and checks everything before it.
             let rest = &messages[message_at..];
-            let len =
-                rest.iter().position(|byte| *byte == MESSAGE_END).ok_or(BatchError::Truncated("message"))?;
+            let Some(chunk) = rest.utf8_chunks().next().filter(|chunk| !chunk.invalid().is_empty()) else {
+                return Err(BatchError::Truncated("message"));
+            };
+            if chunk.invalid()[0] != MESSAGE_END {
+                return Err(BatchError::NotUtf8("message"));
+            }
+            let message = chunk.valid();
+            let len = message.len();
             if len > limits.max_message_bytes as usize {
                 return Err(BatchError::OverLimit {
                     what: "message",
@@ -583,7 +591,6 @@ impl<'s> Records<'s> {
                     limit: limits.max_message_bytes.into(),
                 });
             }
-            let message = std::str::from_utf8(&rest[..len]).map_err(|_| BatchError::NotUtf8("message"))?;
             message_at += len + 1;
             let delta = read_varint(times, &mut time_at)?;
             timestamp_ns = timestamp_ns.wrapping_add(unzigzag(delta));
@@ -1016,6 +1023,13 @@ mod tests {
         let mut unended = good.clone();
         unended[5] = b'!';
         assert_eq!(refused(&unended), BatchError::Truncated("message"));
+        // A message that is not UTF-8, and one cut inside a character.
+        let mut latin1 = good.clone();
+        latin1[1] = 0xE9;
+        assert_eq!(refused(&latin1), BatchError::NotUtf8("message"));
+        let mut cut = good.clone();
+        cut[4] = 0xE2;
+        assert_eq!(refused(&cut), BatchError::NotUtf8("message"));
         // A timestamp varint that runs past 64 bits.
         let mut section = b"hi\xff".to_vec();
         section.extend_from_slice(&[0xff; 10]);
