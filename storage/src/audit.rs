@@ -11,10 +11,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::archive::{Archive, ArchiveError, CHECKPOINT_PREFIX};
-use crate::batch::{BatchView, Limits};
+use crate::batch::{BatchError, BatchHeader, BatchView, Limits};
 use crate::checkpoint::{Checkpoint, SegmentRecord, hex, parse_hash};
 use crate::keyring::Keyring;
-use crate::segment::{SegmentError, SegmentView, entry_refs};
+use crate::segment::{
+    ALGORITHM_AES256GCM, EntryRef, Opener, SegmentError, SegmentView, TAG, entry_len, entry_ref, entry_refs,
+};
 
 /// What kind of problem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -211,30 +213,46 @@ pub async fn audit(
             report.add(Kind::Missing, &record.key, format!("listed in {checkpoint_key}"));
             continue;
         }
-        let bytes = &buffer;
-        report.summary.bytes += bytes.len() as u64;
-        let view = match SegmentView::parse(bytes) {
+        report.summary.bytes += buffer.len() as u64;
+        let view = match SegmentView::parse(&buffer) {
             Ok(view) => view,
             Err(err) => {
                 report.add(Kind::Modified, &record.key, err.to_string());
                 continue;
             }
         };
-        // With the key, the segment's hash runs on its own thread while the
-        // other cores decrypt it and check its batches; the batches' chain
-        // is taken up once the hash says the segment is the one signed.
         let settle = |report: &mut Report, hash: [u8; 32]| settle_hash(report, record, &hash_to_key, &hash);
-        match &options.keyring {
-            None => {
-                settle(&mut report, view.hash());
+        let Some(keyring) = &options.keyring else {
+            settle(&mut report, view.hash());
+            continue;
+        };
+        let (tenant, host) = (view.header.tenant.clone(), view.header.host.clone());
+        let (hash, checked) = if view.header.algorithm == ALGORITHM_AES256GCM {
+            // Entries as they were: opened in place behind the hash.
+            let signers = view.header.signers.clone();
+            let raw_len = view.header.raw_len;
+            match view.opener(keyring, buffer.len()) {
+                Ok(opener) => check_in_place(&mut buffer, &opener, &signers, raw_len),
+                Err(err) => (view.hash(), Err(err)),
             }
-            Some(keyring) => std::thread::scope(|scope| {
+        } else {
+            // A compressed segment inflates whole: its hash runs on its own
+            // thread while every core decrypts it and checks its batches.
+            std::thread::scope(|scope| {
                 let hashing = scope.spawn(|| view.hash());
-                let plaintext = view.plaintext(keyring, crate::archive::MAX_OBJECT * 64);
-                check_batches(&mut report, &record.key, &view, plaintext, &mut streams, |report| {
-                    settle(report, hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                let checked = view.plaintext(keyring, crate::archive::MAX_OBJECT * 64).and_then(|raw| {
+                    let entries = entry_refs(&raw)?;
+                    Ok(parallel_map(&entries, |entry| check_entry(entry, &view.header.signers)))
                 });
-            }),
+                (hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), checked)
+            })
+        };
+        if !settle(&mut report, hash) {
+            continue;
+        }
+        match checked {
+            Ok(checked) => chain_batches(&mut report, &record.key, (&tenant, &host), checked, &mut streams),
+            Err(err) => report.add(Kind::Modified, &record.key, err.to_string()),
         }
     }
     progress(total, total);
@@ -288,55 +306,188 @@ fn settle_hash(
     }
 }
 
-/// Checks each batch of a decrypted segment: the agent's signature, the
-/// hash chain and the sequence numbers of its stream. `settle` gives the
-/// segment's hash verdict (false: skip the chain), asked for once the
-/// signatures are checked, so both run at once.
-fn check_batches(
+/// Each batch's check in a segment, in order, or what made its plaintext
+/// unreadable.
+type SegmentChecks = Result<Vec<Result<Checked, BatchError>>, SegmentError>;
+
+/// What the chain check needs of one batch, once its signature is checked.
+struct Checked {
+    header: BatchHeader,
+    hash: [u8; 32],
+    signed: bool,
+    skip: u32,
+}
+
+/// Parses one entry's batch (its record section's hash included) and checks
+/// its signature under the key the segment names for it.
+fn check_entry(entry: &EntryRef<'_>, signers: &[[u8; 32]]) -> Result<Checked, BatchError> {
+    let batch = BatchView::parse(entry.batch, &Limits::TRUSTED)?;
+    let signed = signers.get(usize::from(entry.signer)).is_some_and(|signer| batch.verify(signer).is_ok());
+    Ok(Checked { header: batch.header, hash: batch.hash, signed, skip: entry.skip })
+}
+
+/// Checks a segment of entries as they were (algorithm 2) in `bytes`, in
+/// place: one thread hashes the chunks in order and hands each one on; this
+/// one opens it where it lies and checks every batch it completes while the
+/// hash runs; what is left when the hash is done is checked on every core.
+/// No copy of the segment is made, so no fresh memory is faulted in, and
+/// both cores work from the first chunk on.
+///
+/// Returns the segment's hash and each batch's check, in order, or what
+/// makes the plaintext unreadable.
+fn check_in_place(
+    bytes: &mut [u8],
+    opener: &Opener,
+    signers: &[[u8; 32]],
+    raw_len: u64,
+) -> ([u8; 32], SegmentChecks) {
+    let (head, chunks) = bytes.split_at_mut(opener.chunks_at);
+    let prefix = &head[..opener.prefix_len];
+    let sealed_chunk = opener.chunk_size + TAG;
+    // The number of chunks, the last one's sealed length being 16 to
+    // `sealed_chunk` bytes (checked again as each one opens).
+    let count = chunks.len().saturating_sub(1) / sealed_chunk.max(1) + 1;
+    let (sender, receiver) = std::sync::mpsc::channel::<&mut [u8]>();
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(move || {
+            let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+            context.update(prefix);
+            for chunk in chunks.chunks_mut(sealed_chunk.max(1)) {
+                context.update(chunk);
+                // Once this side stops listening the rest is hashed only.
+                let _ = sender.send(chunk);
+            }
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(context.finish().as_ref());
+            hash
+        });
+        let checked = open_and_check(&receiver, count, opener, signers, raw_len);
+        drop(receiver);
+        (hashing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), checked)
+    })
+}
+
+/// The receiving side of [`check_in_place`].
+fn open_and_check<'a>(
+    chunks: &std::sync::mpsc::Receiver<&'a mut [u8]>,
+    count: usize,
+    opener: &Opener,
+    signers: &[[u8; 32]],
+    raw_len: u64,
+) -> SegmentChecks {
+    let mut checked: Vec<Option<Result<Checked, BatchError>>> = Vec::new();
+    // Entries opened but not yet checked, by their place in the segment.
+    let mut waiting: std::collections::VecDeque<(usize, EntryRef<'a>)> = std::collections::VecDeque::new();
+    // An entry that runs over a chunk boundary, gathered here.
+    let mut carried: Vec<u8> = Vec::new();
+    let (mut opened, mut plain_len) = (0usize, 0u64);
+    loop {
+        // Check one waiting batch between chunks, so this thread works
+        // while the hash runs; wait only when nothing is left to check.
+        let chunk = if waiting.is_empty() {
+            chunks.recv().ok()
+        } else {
+            match chunks.try_recv() {
+                Ok(chunk) => Some(chunk),
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    let (index, entry) = waiting.pop_front().expect("not empty");
+                    checked[index] = Some(check_entry(&entry, signers));
+                    continue;
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        let Some(chunk) = chunk else { break };
+        let last = opened + 1 == count;
+        let plain: &'a [u8] = opener.open(opened as u64, last, chunk)?;
+        opened += 1;
+        plain_len += plain.len() as u64;
+        let mut rest = plain;
+        // First the entry carried over from the chunks before.
+        if !carried.is_empty() {
+            rest = gather(&mut carried, rest);
+            if let Some(len) = carried_len(&carried)?
+                && carried.len() == 4 + len
+            {
+                let entry = entry_ref(&carried[4..])?;
+                checked.push(Some(check_entry(&entry, signers)));
+                carried.clear();
+            }
+        }
+        // Then every entry whole in this chunk; a cut one is carried.
+        while !rest.is_empty() {
+            if rest.len() < 4 {
+                carried.extend_from_slice(rest);
+                break;
+            }
+            let len = entry_len(rest[..4].try_into().expect("4 bytes"))?;
+            if rest.len() < 4 + len {
+                carried.extend_from_slice(rest);
+                break;
+            }
+            waiting.push_back((checked.len(), entry_ref(&rest[4..4 + len])?));
+            checked.push(None);
+            rest = &rest[4 + len..];
+        }
+    }
+    if opened != count {
+        return Err(SegmentError::Truncated);
+    }
+    if !carried.is_empty() {
+        return Err(SegmentError::Contents("the last entry is cut short".into()));
+    }
+    if plain_len != raw_len {
+        return Err(SegmentError::Contents(format!(
+            "{plain_len} bytes decrypted, the header says {raw_len}"
+        )));
+    }
+    // The hash is done: what is left, on every core.
+    let left: Vec<(usize, EntryRef<'a>)> = waiting.into_iter().collect();
+    for (index, result) in parallel_map(&left, |(index, entry)| (*index, check_entry(entry, signers))) {
+        checked[index] = Some(result);
+    }
+    Ok(checked.into_iter().map(|c| c.expect("every entry checked")).collect())
+}
+
+/// Appends to `carried` what it still lacks of its entry from `rest`: up to
+/// the length prefix, then up to the entry's end. Returns what is left.
+fn gather<'a>(carried: &mut Vec<u8>, rest: &'a [u8]) -> &'a [u8] {
+    let want = if carried.len() < 4 {
+        4 - carried.len()
+    } else {
+        carried_len(carried).ok().flatten().map_or(0, |len| 4 + len - carried.len())
+    };
+    let take = want.min(rest.len());
+    carried.extend_from_slice(&rest[..take]);
+    let rest = &rest[take..];
+    if carried.len() == 4 && !rest.is_empty() {
+        // The prefix is whole: now the entry itself.
+        return gather(carried, rest);
+    }
+    rest
+}
+
+/// The length of the carried entry, once its prefix is whole.
+fn carried_len(carried: &[u8]) -> Result<Option<usize>, SegmentError> {
+    match carried.get(..4) {
+        Some(prefix) => Ok(Some(entry_len(prefix.try_into().expect("4 bytes"))?)),
+        None => Ok(None),
+    }
+}
+
+/// Walks a segment's checked batches in order: each stream's hash chain and
+/// sequence numbers.
+fn chain_batches(
     report: &mut Report,
     key: &str,
-    view: &SegmentView<'_>,
-    plaintext: Result<Vec<u8>, SegmentError>,
+    (tenant, host): (&str, &str),
+    checked: Vec<Result<Checked, BatchError>>,
     streams: &mut HashMap<(String, String, String, u64), StreamEnd>,
-    settle: impl FnOnce(&mut Report) -> bool,
 ) {
-    let raw = match plaintext {
-        Ok(raw) => raw,
-        Err(err) => {
-            if settle(report) {
-                report.add(Kind::Modified, key, err.to_string());
-            }
-            return;
-        }
-    };
-    let entries = match entry_refs(&raw) {
-        Ok(entries) => entries,
-        Err(err) => {
-            if settle(report) {
-                report.add(Kind::Modified, key, err.to_string());
-            }
-            return;
-        }
-    };
-    let limits = Limits::TRUSTED;
-    // Parsing and signature checks are independent per batch: on every
-    // core, in order. The chain below needs them one after another.
-    let checked = parallel_map(&entries, |entry| {
-        let batch = BatchView::parse(entry.batch, &limits)?;
-        let signed = view
-            .header
-            .signers
-            .get(usize::from(entry.signer))
-            .is_some_and(|signer| batch.verify(signer).is_ok());
-        Ok::<_, crate::batch::BatchError>((batch, signed))
-    });
-    if !settle(report) {
-        return;
-    }
-    for (index, (entry, checked)) in entries.iter().zip(checked).enumerate() {
+    for (index, checked) in checked.into_iter().enumerate() {
         // The segment decrypted, so these bytes are what its sealer wrote;
         // a batch that does not even parse is not one its agent signed.
-        let (batch, signed) = match checked {
+        let batch = match checked {
             Ok(checked) => checked,
             Err(err) => {
                 report.add(
@@ -348,14 +499,9 @@ fn check_batches(
             }
         };
         report.summary.batches += 1;
-        report.summary.records += u64::from(batch.header.count.saturating_sub(entry.skip));
-        let stream = (
-            view.header.tenant.clone(),
-            view.header.host.clone(),
-            batch.header.source.clone(),
-            batch.header.epoch,
-        );
-        if !signed {
+        report.summary.records += u64::from(batch.header.count.saturating_sub(batch.skip));
+        let stream = (tenant.to_owned(), host.to_owned(), batch.header.source.clone(), batch.header.epoch);
+        if !batch.signed {
             report.add(
                 Kind::Unsigned,
                 key,
@@ -380,7 +526,7 @@ fn check_batches(
                         batch.header.source, batch.header.first_seq
                     ),
                 );
-            } else if batch.header.first_seq + u64::from(entry.skip) > previous.next_seq {
+            } else if batch.header.first_seq + u64::from(batch.skip) > previous.next_seq {
                 report.add(
                     Kind::Missing,
                     key,
@@ -430,4 +576,128 @@ fn parallel_map<'a, T: Sync, R: Send>(items: &'a [T], f: impl Fn(&'a T) -> R + S
     });
     done.sort_unstable_by_key(|(start, _)| *start);
     done.into_iter().flat_map(|(_, results)| results).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    use super::*;
+    use crate::batch::Deflater;
+    use crate::keyring::Kek;
+    use crate::segment::{self, SegmentEntry, SegmentHeader};
+    use crate::{BatchBuilder, Level, WireRecord};
+
+    /// A segment of `sizes.len()` compressed batches, one stream, whose
+    /// record counts are `sizes` (lines that compress poorly, so batches
+    /// run over chunk boundaries), sealed with `chunk_size`.
+    fn sealed(sizes: &[usize], chunk_size: u32, kek: &Kek) -> (segment::Sealed, [u8; 32]) {
+        let key = Ed25519KeyPair::from_seed_unchecked(&[5; 32]).unwrap();
+        let signer: [u8; 32] = key.public_key().as_ref().try_into().unwrap();
+        let mut deflater = Deflater::zstd(1).unwrap();
+        let (mut entries, mut prev, mut seq, mut state) = (Vec::new(), [0u8; 32], 0u64, 7u64);
+        for &size in sizes {
+            let mut builder = BatchBuilder::new("a", "/var/log/a.log", 1, seq, prev);
+            for _ in 0..size {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                builder.push(WireRecord::new(
+                    seq as i64,
+                    Level::Info,
+                    format!("line {seq} {state:x} {:x}", state >> 7),
+                ));
+                seq += 1;
+            }
+            let batch = builder.sign_with(&key, Some(&mut deflater));
+            prev = crate::batch::encoded_batch_hash(&batch).unwrap();
+            segment::encode_entry(&mut entries, &SegmentEntry { received_ns: 1, skip: 0, signer: 0, batch });
+        }
+        let header = SegmentHeader {
+            algorithm: segment::ALGORITHM_ZSTD_AES256GCM,
+            chunk_size,
+            segment_id: "s".into(),
+            collector: "c".into(),
+            tenant: "t".into(),
+            host: "h".into(),
+            first_ns: 0,
+            last_ns: 0,
+            created_ns: 0,
+            batches: 0,
+            records: 0,
+            raw_len: 0,
+            signers: vec![signer],
+        };
+        (segment::seal(header, &entries, 3, kek), signer)
+    }
+
+    /// What a path says of a segment: its hash, and each batch's hash and
+    /// signature verdict, or the error.
+    type Verdict = ([u8; 32], Result<Vec<([u8; 32], bool)>, SegmentError>);
+
+    fn in_place(bytes: &[u8], keyring: &Keyring) -> Verdict {
+        let mut bytes = bytes.to_vec();
+        let view = SegmentView::parse(&bytes).unwrap();
+        let (signers, raw_len) = (view.header.signers.clone(), view.header.raw_len);
+        let opener = view.opener(keyring, bytes.len()).unwrap();
+        let (hash, checked) = check_in_place(&mut bytes, &opener, &signers, raw_len);
+        (hash, checked.map(|all| all.into_iter().map(|c| c.map(|c| (c.hash, c.signed)).unwrap()).collect()))
+    }
+
+    fn whole(bytes: &[u8], keyring: &Keyring) -> Verdict {
+        let view = SegmentView::parse(bytes).unwrap();
+        let checked = view.plaintext(keyring, 1 << 30).and_then(|raw| {
+            Ok(entry_refs(&raw)?
+                .iter()
+                .map(|entry| check_entry(entry, &view.header.signers).map(|c| (c.hash, c.signed)).unwrap())
+                .collect())
+        });
+        (view.hash(), checked)
+    }
+
+    /// Opening chunks in place behind the hash finds what decrypting the
+    /// whole segment finds: the same hash, the same batches in the same
+    /// order, whether batches end inside a chunk, on its boundary or span
+    /// several; and the same refusal when a chunk is damaged or missing.
+    #[test]
+    fn checking_in_place_agrees_with_checking_the_whole_plaintext() {
+        let kek = Kek::generate("k").unwrap();
+        let mut keyring = Keyring::default();
+        keyring.insert(kek.clone());
+        for (sizes, chunk) in [
+            (&[30usize][..], 4096u32),
+            (&[12, 40, 10, 200, 17, 90, 12, 12, 300][..], 4096),
+            (&[500, 20, 500][..], 4096),
+            (&[60, 60, 60, 60, 60, 60, 60, 60][..], 1 << 20),
+        ] {
+            let (sealed, _) = sealed(sizes, chunk, &kek);
+            let view = SegmentView::parse(&sealed.bytes).unwrap();
+            assert_eq!(view.header.algorithm, ALGORITHM_AES256GCM);
+            let chunks_at = sealed.bytes.len() - view.opener(&keyring, sealed.bytes.len()).unwrap().chunks_at;
+            let expected = whole(&sealed.bytes, &keyring);
+            assert_eq!(expected.0, sealed.hash);
+            let batches = expected.1.as_ref().unwrap();
+            assert_eq!(batches.len(), sizes.len());
+            assert!(batches.iter().all(|(_, signed)| *signed));
+            assert_eq!(in_place(&sealed.bytes, &keyring), expected, "{sizes:?} in chunks of {chunk}");
+
+            let at = sealed.bytes.len() - chunks_at;
+            let sealed_chunk = chunk as usize + TAG;
+            let mut damaged = Vec::new();
+            // A flipped byte in each chunk but the last, and in the last.
+            for offset in (0..chunks_at).step_by(sealed_chunk).chain([chunks_at - 1]) {
+                let mut bytes = sealed.bytes.clone();
+                bytes[at + offset] ^= 0x40;
+                damaged.push(bytes);
+            }
+            // Cut at a chunk boundary, and inside the last chunk's tag.
+            if chunks_at > sealed_chunk {
+                damaged.push(sealed.bytes[..at + sealed_chunk].to_vec());
+            }
+            damaged.push(sealed.bytes[..sealed.bytes.len() - 3].to_vec());
+            for bytes in damaged {
+                let expected = whole(&bytes, &keyring);
+                assert!(expected.1.is_err());
+                assert_eq!(in_place(&bytes, &keyring), expected, "{sizes:?} in chunks of {chunk}");
+            }
+        }
+    }
 }

@@ -61,7 +61,7 @@ pub const MAX_HEADER: u32 = 64 * 1024;
 pub const MAX_SIGNERS: usize = 255;
 /// Largest entry (a batch and its 17 bytes of metadata).
 pub const MAX_ENTRY: u32 = 32 * 1024 * 1024 + 17;
-const TAG: usize = 16;
+pub(crate) const TAG: usize = 16;
 const DEK_LEN: usize = 32;
 
 /// Why a segment cannot be read.
@@ -446,6 +446,19 @@ impl<'a> SegmentView<'a> {
         Ok(aes_key(dek))
     }
 
+    /// What opening this segment's chunks in place needs, once the bytes
+    /// are no longer borrowed by the view: the data key (unwrapped with
+    /// `keyring`), where the chunks start in the segment's `len` bytes.
+    pub(crate) fn opener(&self, keyring: &Keyring, len: usize) -> Result<Opener, SegmentError> {
+        Ok(Opener {
+            key: self.data_key(keyring)?,
+            aad: sha256(&[self.prefix]),
+            chunk_size: self.header.chunk_size as usize,
+            prefix_len: self.prefix.len(),
+            chunks_at: len - self.chunks.len(),
+        })
+    }
+
     /// Decrypts the chunks: the zstd stream, whole, or the first error.
     ///
     /// Every chunk but the last holds `chunk_size` bytes and a tag; each is
@@ -593,19 +606,59 @@ pub fn entry_refs(mut raw: &[u8]) -> Result<Vec<EntryRef<'_>>, SegmentError> {
     let mut entries = Vec::new();
     while !raw.is_empty() {
         let mut r = Reader { bytes: raw };
-        let len = u32::from_be_bytes(r.array("entry length")?);
-        if !(13..=MAX_ENTRY).contains(&len) {
-            return Err(SegmentError::Contents(format!("entry length {len} out of range")));
-        }
-        let body = r.take(len as usize, "entry")?;
-        let mut b = Reader { bytes: body };
-        let received_ns = i64::from_be_bytes(b.array("received")?);
-        let skip = u32::from_be_bytes(b.array("skip")?);
-        let signer = b.array::<1>("signer")?[0];
-        entries.push(EntryRef { received_ns, skip, signer, batch: b.bytes });
+        let len = entry_len(r.array("entry length")?)?;
+        entries.push(entry_ref(r.take(len, "entry")?)?);
         raw = r.bytes;
     }
     Ok(entries)
+}
+
+/// The length an entry's four-byte prefix gives, checked against its range.
+pub(crate) fn entry_len(prefix: [u8; 4]) -> Result<usize, SegmentError> {
+    let len = u32::from_be_bytes(prefix);
+    if !(13..=MAX_ENTRY).contains(&len) {
+        return Err(SegmentError::Contents(format!("entry length {len} out of range")));
+    }
+    Ok(len as usize)
+}
+
+/// An entry's fields, from the bytes after its length.
+pub(crate) fn entry_ref(body: &[u8]) -> Result<EntryRef<'_>, SegmentError> {
+    let mut b = Reader { bytes: body };
+    let received_ns = i64::from_be_bytes(b.array("received")?);
+    let skip = u32::from_be_bytes(b.array("skip")?);
+    let signer = b.array::<1>("signer")?[0];
+    Ok(EntryRef { received_ns, skip, signer, batch: b.bytes })
+}
+
+/// Opens a segment's chunks where they lie, one at a time, for a reader
+/// that hashes each chunk before it is opened (the audit).
+pub(crate) struct Opener {
+    key: LessSafeKey,
+    aad: Hash,
+    /// Plaintext bytes of every chunk but the last.
+    pub(crate) chunk_size: usize,
+    /// Bytes of the hashed prefix (magic to header).
+    pub(crate) prefix_len: usize,
+    /// Where the chunks start.
+    pub(crate) chunks_at: usize,
+}
+
+impl Opener {
+    /// Opens chunk `index` (sealed bytes and tag) in place: its plaintext
+    /// is the front of `sealed`, the tag's bytes are left behind.
+    pub(crate) fn open<'a>(
+        &self,
+        index: u64,
+        last: bool,
+        sealed: &'a mut [u8],
+    ) -> Result<&'a mut [u8], SegmentError> {
+        let fail = || if last { SegmentError::Truncated } else { SegmentError::Chunk(index) };
+        if sealed.len() < TAG || (!last && sealed.len() != self.chunk_size + TAG) {
+            return Err(fail());
+        }
+        self.key.open_in_place(chunk_nonce(index, last), Aad::from(self.aad), sealed).map_err(|_| fail())
+    }
 }
 
 #[cfg(test)]
