@@ -457,10 +457,12 @@ speed, which the agent's 200 MB/s per core cannot pay)."
         "audit_mb_s" => {
             "every byte is hashed twice with SHA-256 (the segment, then each batch's record section, \
 which its signature covers through `body_sha`), the segment is decrypted (and inflated when it \
-was compressed), and each batch costs one Ed25519 verification. The audit hashes the segment on \
-its own thread while every core decrypts it and checks its batches' signatures, a few batches at a \
-time. Batches that compress better carry more records per MB of archive, so each MB costs more \
-signatures. What would move it: larger batches (fewer signatures per MB), and more cores."
+was compressed), and each batch costs one Ed25519 verification. One thread hashes the segment \
+chunk by chunk; the other opens each chunk in place once it is hashed and checks every batch it \
+completes; what is left when the hash is done is checked on both cores. With both cores busy each \
+runs slower than alone (the single-thread stages below are measured one at a time), so the sum \
+of the stages over two is a bound, not a forecast. What would move it: larger batches (fewer \
+signatures per MB), and more cores."
         }
         "agent_mb_s_per_core" | "agent_vs_rsyslog" | "agent_rss_mib" => {
             "the figure is the median of three runs (all three under `agent_runs_mb_s_per_core` in \
