@@ -7,7 +7,7 @@
 
 use logvault_e2e::{TempDir, bin};
 
-const FIGURES: [&str; 12] = [
+const FIGURES: [&str; 13] = [
     "agent_mb_s_per_core",
     "agent_rss_mib",
     "agent_vs_rsyslog",
@@ -19,6 +19,7 @@ const FIGURES: [&str; 12] = [
     "compression_ratio",
     "seal_mb_s_per_core",
     "seal_vs_zstd",
+    "audit_without_key_mb_s",
     "audit_mb_s",
 ];
 
@@ -68,7 +69,11 @@ fn every_benchmark_runs_beside_its_peer_and_the_report_has_every_figure() {
         assert_eq!(points.len(), 12, "{kind}");
         assert!(points.windows(2).all(|w| w[0] <= w[1]), "{kind} percentiles not in order: {points:?}");
     }
-    assert!(details["archive"]["audit_batches"].as_u64().unwrap() >= 10, "{report}");
+    // The audit checked every batch the archive holds, one stream per
+    // sample at least.
+    let batches = details["archive"]["archive_batches"].as_u64().unwrap();
+    assert!(batches >= 8, "{report}");
+    assert_eq!(details["archive"]["audit_batches"].as_u64(), Some(batches), "{report}");
     assert!(details["archive"]["bare_sha256_mb_s"].as_f64().unwrap() > 0.0, "{report}");
 
     // The summary names every figure, and the plots are SVG documents.

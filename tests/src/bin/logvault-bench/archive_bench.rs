@@ -360,6 +360,7 @@ pub(crate) fn run(options: &ArchiveOptions) -> Result<(), String> {
         "audit_vs_sha256": crate::round((mb(archive_bytes) / audit_s) / (mb(sealed_bytes) / sha_s)),
         "audit_without_key_mb_s": crate::round(mb(archive_bytes) / hash_only_s),
         "audit_batches": report.summary.batches,
+        "archive_batches": segment::entry_refs(&plaintext).map_or(0, |entries| entries.len()),
         "audit_ms": crate::round(audit_ms),
         "audit_stages_one_thread_ms": stage_ms,
     });
