@@ -63,6 +63,13 @@ pub enum ArchiveError {
     },
 }
 
+/// Whether `key` is one [`segment_key`] can build: six parts, each a
+/// [`valid_part`] (so never `..`, `.`, empty or absolute).
+pub fn valid_segment_key(key: &str) -> bool {
+    let parts: Vec<&str> = key.split('/').collect();
+    parts.len() == 6 && parts.iter().all(|part| valid_part(part))
+}
+
 /// Whether `part` may be one component of an object key: 1 to 128 of
 /// `[A-Za-z0-9.-]`, not starting with a dot.
 pub fn valid_part(part: &str) -> bool {
@@ -104,7 +111,7 @@ pub fn checkpoint_key(collector: &str, seq: u64) -> Result<String, ArchiveError>
 
 /// Reads the file at `path` into `buffer` (cleared); false when it does not
 /// exist. The size is checked against [`MAX_OBJECT`] before anything is
-/// allocated, and the read stops there whatever the file grows to.
+/// allocated, and a file that grows or shrinks while it is read is an error.
 fn read_local(path: &std::path::Path, key: &str, buffer: &mut Vec<u8>) -> Result<bool, ArchiveError> {
     use std::io::Read;
     let failed = |err: std::io::Error| ArchiveError::Store {
@@ -121,10 +128,12 @@ fn read_local(path: &std::path::Path, key: &str, buffer: &mut Vec<u8>) -> Result
         return Err(ArchiveError::TooLarge { key: key.to_owned(), size });
     }
     buffer.clear();
-    buffer.reserve(size as usize);
-    file.take(MAX_OBJECT + 1).read_to_end(buffer).map_err(failed)?;
-    if buffer.len() as u64 > MAX_OBJECT {
-        return Err(ArchiveError::TooLarge { key: key.to_owned(), size: buffer.len() as u64 });
+    buffer.reserve_exact(size as usize);
+    // One byte past the size tells a file that grew while it was read.
+    file.take(size + 1).read_to_end(buffer).map_err(failed)?;
+    if buffer.len() as u64 != size {
+        let changed = std::io::Error::other(format!("{size} bytes at open, {} read", buffer.len()));
+        return Err(failed(changed));
     }
     Ok(true)
 }
@@ -247,7 +256,7 @@ impl Archive {
         buffer: &mut Vec<u8>,
     ) -> Result<bool, ArchiveError> {
         buffer.clear();
-        if let Some(path) = self.local_path(key) {
+        if let Some(path) = self.local_path(key)? {
             // One copy from the page cache into memory already in use, on a
             // blocking thread: OpenDAL's reader copies each 2 MiB twice into
             // fresh buffers.
@@ -289,14 +298,14 @@ impl Archive {
         }
     }
 
-    /// The file of `key` in a local archive; None for another store, or
-    /// for a key with an empty, `.` or `..` part (never outside the root).
-    fn local_path(&self, key: &str) -> Option<std::path::PathBuf> {
-        let root = self.local_root.as_ref()?;
-        let safe = !key.is_empty()
-            && !key.contains('\\')
-            && key.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
-        safe.then(|| root.join(key))
+    /// The file of `key` in a local archive: None for another store.
+    /// A key that no segment can have is refused, whichever the store, so
+    /// nothing outside the archive is ever read through it.
+    fn local_path(&self, key: &str) -> Result<Option<std::path::PathBuf>, ArchiveError> {
+        if !valid_segment_key(key) {
+            return Err(ArchiveError::BadKeyPart { what: "segment key", value: key.to_owned() });
+        }
+        Ok(self.local_root.as_ref().map(|root| root.join(key)))
     }
 
     /// Reads `key` whole.
@@ -373,12 +382,27 @@ mod tests {
         assert_eq!(buffer, bytes);
         assert_eq!(archive.get("t/2026/11/24/h/seg").await.unwrap(), bytes);
         assert!(!archive.get_into("t/2026/11/24/h/none", None, &mut buffer).await.unwrap());
-        for key in ["../outside", "t/../../outside", "/outside", "t//seg", "./t", ""] {
-            assert!(archive.local_path(key).is_none(), "{key}");
+        let outside = [
+            "../outside",
+            "t/../../outside",
+            "/outside",
+            "t//seg",
+            "./t",
+            "",
+            "t/2026/11/24/h/..",
+            "t\\..\\x",
+        ];
+        for key in outside {
+            assert!(archive.local_path(key).is_err(), "{key}");
+            let mut buffer = Vec::new();
+            let read = archive.get_into(key, None, &mut buffer).await;
+            assert!(matches!(read, Err(ArchiveError::BadKeyPart { .. })), "{key}: {read:?}");
+            assert!(buffer.is_empty());
         }
+        let root = std::fs::canonicalize(dir.join("root")).unwrap();
         assert_eq!(
-            archive.local_path("t/a").unwrap(),
-            std::fs::canonicalize(dir.join("root")).unwrap().join("t/a")
+            archive.local_path("t/2026/11/24/h/seg").unwrap().unwrap(),
+            root.join("t/2026/11/24/h/seg")
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -208,6 +208,16 @@ pub async fn audit(
             continue;
         }
         report.summary.segments += 1;
+        // A signed checkpoint naming a key no segment can have (a path
+        // outside the archive, say) is read nowhere.
+        if !crate::archive::valid_segment_key(&record.key) {
+            report.add(
+                Kind::Modified,
+                checkpoint_key,
+                format!("names {:?}, which no segment key can be", record.key),
+            );
+            continue;
+        }
         let listed_size = sizes.get(record.key.as_str()).copied();
         if !archive.get_into(&record.key, listed_size, &mut buffer).await? {
             report.add(Kind::Missing, &record.key, format!("listed in {checkpoint_key}"));
@@ -231,7 +241,11 @@ pub async fn audit(
             // Entries as they were: opened in place behind the hash.
             let signers = view.header.signers.clone();
             let raw_len = view.header.raw_len;
+            let cap = crate::archive::MAX_OBJECT * 64;
             match view.opener(keyring, buffer.len()) {
+                _ if raw_len > cap => {
+                    (view.hash(), Err(SegmentError::TooLarge { what: "raw length", got: raw_len, cap }))
+                }
                 Ok(opener) => check_in_place(&mut buffer, &opener, &signers, raw_len),
                 Err(err) => (view.hash(), Err(err)),
             }
@@ -367,7 +381,10 @@ fn check_in_place(
     })
 }
 
-/// The receiving side of [`check_in_place`].
+/// The receiving side of [`check_in_place`]. Its verdicts come in the
+/// order whole-segment decryption gives them: a chunk that does not open
+/// (the first one), then a plaintext of the wrong length, then the first
+/// entry that cannot be cut, as [`entry_refs`] words it.
 fn open_and_check<'a>(
     chunks: &std::sync::mpsc::Receiver<&'a mut [u8]>,
     count: usize,
@@ -375,23 +392,21 @@ fn open_and_check<'a>(
     signers: &[[u8; 32]],
     raw_len: u64,
 ) -> SegmentChecks {
-    let mut checked: Vec<Option<Result<Checked, BatchError>>> = Vec::new();
-    // Entries opened but not yet checked, by their place in the segment.
-    let mut waiting: std::collections::VecDeque<(usize, EntryRef<'a>)> = std::collections::VecDeque::new();
-    // An entry that runs over a chunk boundary, gathered here.
-    let mut carried: Vec<u8> = Vec::new();
+    let mut cut =
+        Cut { checked: Vec::new(), waiting: std::collections::VecDeque::new(), carried: Vec::new() };
+    let mut cut_failed: Option<SegmentError> = None;
     let (mut opened, mut plain_len) = (0usize, 0u64);
     loop {
         // Check one waiting batch between chunks, so this thread works
         // while the hash runs; wait only when nothing is left to check.
-        let chunk = if waiting.is_empty() {
+        let chunk = if cut.waiting.is_empty() {
             chunks.recv().ok()
         } else {
             match chunks.try_recv() {
                 Ok(chunk) => Some(chunk),
                 Err(std::sync::mpsc::TryRecvError::Empty) => {
-                    let (index, entry) = waiting.pop_front().expect("not empty");
-                    checked[index] = Some(check_entry(&entry, signers));
+                    let (index, entry) = cut.waiting.pop_front().expect("not empty");
+                    cut.checked[index] = Some(check_entry(&entry, signers));
                     continue;
                 }
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
@@ -402,76 +417,89 @@ fn open_and_check<'a>(
         let plain: &'a [u8] = opener.open(opened as u64, last, chunk)?;
         opened += 1;
         plain_len += plain.len() as u64;
-        let mut rest = plain;
-        // First the entry carried over from the chunks before.
-        if !carried.is_empty() {
-            rest = gather(&mut carried, rest);
-            if let Some(len) = carried_len(&carried)?
-                && carried.len() == 4 + len
-            {
-                let entry = entry_ref(&carried[4..])?;
-                checked.push(Some(check_entry(&entry, signers)));
-                carried.clear();
-            }
-        }
-        // Then every entry whole in this chunk; a cut one is carried.
-        while !rest.is_empty() {
-            if rest.len() < 4 {
-                carried.extend_from_slice(rest);
-                break;
-            }
-            let len = entry_len(rest[..4].try_into().expect("4 bytes"))?;
-            if rest.len() < 4 + len {
-                carried.extend_from_slice(rest);
-                break;
-            }
-            waiting.push_back((checked.len(), entry_ref(&rest[4..4 + len])?));
-            checked.push(None);
-            rest = &rest[4 + len..];
+        // Past an entry that cannot be cut, chunks are only opened: one
+        // that does not open is still the finding.
+        if cut_failed.is_none()
+            && let Err(err) = cut.chunk(plain, signers)
+        {
+            cut_failed = Some(err);
+            cut.waiting.clear();
         }
     }
     if opened != count {
         return Err(SegmentError::Truncated);
-    }
-    if !carried.is_empty() {
-        return Err(SegmentError::Contents("the last entry is cut short".into()));
     }
     if plain_len != raw_len {
         return Err(SegmentError::Contents(format!(
             "{plain_len} bytes decrypted, the header says {raw_len}"
         )));
     }
+    if let Some(err) = cut_failed {
+        return Err(err);
+    }
+    match cut.carried.len() {
+        0 => {}
+        1..4 => return Err(SegmentError::Malformed("entry length")),
+        _ => return Err(SegmentError::Malformed("entry")),
+    }
     // The hash is done: what is left, on every core.
-    let left: Vec<(usize, EntryRef<'a>)> = waiting.into_iter().collect();
+    let left: Vec<(usize, EntryRef<'a>)> = cut.waiting.into_iter().collect();
+    let mut checked = cut.checked;
     for (index, result) in parallel_map(&left, |(index, entry)| (*index, check_entry(entry, signers))) {
         checked[index] = Some(result);
     }
     Ok(checked.into_iter().map(|c| c.expect("every entry checked")).collect())
 }
 
-/// Appends to `carried` what it still lacks of its entry from `rest`: up to
-/// the length prefix, then up to the entry's end. Returns what is left.
-fn gather<'a>(carried: &mut Vec<u8>, rest: &'a [u8]) -> &'a [u8] {
-    let want = if carried.len() < 4 {
-        4 - carried.len()
-    } else {
-        carried_len(carried).ok().flatten().map_or(0, |len| 4 + len - carried.len())
-    };
-    let take = want.min(rest.len());
-    carried.extend_from_slice(&rest[..take]);
-    let rest = &rest[take..];
-    if carried.len() == 4 && !rest.is_empty() {
-        // The prefix is whole: now the entry itself.
-        return gather(carried, rest);
-    }
-    rest
+/// Entries cut from opened chunks, in order.
+struct Cut<'a> {
+    /// Each entry's check, once made.
+    checked: Vec<Option<Result<Checked, BatchError>>>,
+    /// Entries cut but not yet checked, by their place in `checked`.
+    waiting: std::collections::VecDeque<(usize, EntryRef<'a>)>,
+    /// An entry that runs over a chunk's end, gathered here.
+    carried: Vec<u8>,
 }
 
-/// The length of the carried entry, once its prefix is whole.
-fn carried_len(carried: &[u8]) -> Result<Option<usize>, SegmentError> {
-    match carried.get(..4) {
-        Some(prefix) => Ok(Some(entry_len(prefix.try_into().expect("4 bytes"))?)),
-        None => Ok(None),
+impl<'a> Cut<'a> {
+    /// Cuts one opened chunk: first the end of the entry carried over (then
+    /// checked at once), then every entry whole in it (left waiting), and
+    /// the start of one it cuts (carried).
+    fn chunk(&mut self, plain: &'a [u8], signers: &[[u8; 32]]) -> Result<(), SegmentError> {
+        let mut rest = plain;
+        if !self.carried.is_empty() {
+            let want = 4usize.saturating_sub(self.carried.len()).min(rest.len());
+            self.carried.extend_from_slice(&rest[..want]);
+            rest = &rest[want..];
+            if self.carried.len() < 4 {
+                return Ok(());
+            }
+            let len = entry_len(self.carried[..4].try_into().expect("4 bytes"))?;
+            let want = (4 + len - self.carried.len()).min(rest.len());
+            self.carried.extend_from_slice(&rest[..want]);
+            rest = &rest[want..];
+            if self.carried.len() < 4 + len {
+                return Ok(());
+            }
+            let entry = entry_ref(&self.carried[4..])?;
+            self.checked.push(Some(check_entry(&entry, signers)));
+            self.carried.clear();
+        }
+        while !rest.is_empty() {
+            if rest.len() < 4 {
+                self.carried.extend_from_slice(rest);
+                break;
+            }
+            let len = entry_len(rest[..4].try_into().expect("4 bytes"))?;
+            if rest.len() < 4 + len {
+                self.carried.extend_from_slice(rest);
+                break;
+            }
+            self.waiting.push_back((self.checked.len(), entry_ref(&rest[4..4 + len])?));
+            self.checked.push(None);
+            rest = &rest[4 + len..];
+        }
+        Ok(())
     }
 }
 
@@ -631,7 +659,7 @@ mod tests {
 
     /// What a path says of a segment: its hash, and each batch's hash and
     /// signature verdict, or the error.
-    type Verdict = ([u8; 32], Result<Vec<([u8; 32], bool)>, SegmentError>);
+    type Verdict = ([u8; 32], Result<Vec<Result<([u8; 32], bool), BatchError>>, SegmentError>);
 
     fn in_place(bytes: &[u8], keyring: &Keyring) -> Verdict {
         let mut bytes = bytes.to_vec();
@@ -639,7 +667,7 @@ mod tests {
         let (signers, raw_len) = (view.header.signers.clone(), view.header.raw_len);
         let opener = view.opener(keyring, bytes.len()).unwrap();
         let (hash, checked) = check_in_place(&mut bytes, &opener, &signers, raw_len);
-        (hash, checked.map(|all| all.into_iter().map(|c| c.map(|c| (c.hash, c.signed)).unwrap()).collect()))
+        (hash, checked.map(|all| all.into_iter().map(|c| c.map(|c| (c.hash, c.signed))).collect()))
     }
 
     fn whole(bytes: &[u8], keyring: &Keyring) -> Verdict {
@@ -647,7 +675,7 @@ mod tests {
         let checked = view.plaintext(keyring, 1 << 30).and_then(|raw| {
             Ok(entry_refs(&raw)?
                 .iter()
-                .map(|entry| check_entry(entry, &view.header.signers).map(|c| (c.hash, c.signed)).unwrap())
+                .map(|entry| check_entry(entry, &view.header.signers).map(|c| (c.hash, c.signed)))
                 .collect())
         });
         (view.hash(), checked)
@@ -676,7 +704,7 @@ mod tests {
             assert_eq!(expected.0, sealed.hash);
             let batches = expected.1.as_ref().unwrap();
             assert_eq!(batches.len(), sizes.len());
-            assert!(batches.iter().all(|(_, signed)| *signed));
+            assert!(batches.iter().all(|batch| batch.as_ref().is_ok_and(|(_, signed)| *signed)));
             assert_eq!(in_place(&sealed.bytes, &keyring), expected, "{sizes:?} in chunks of {chunk}");
 
             let at = sealed.bytes.len() - chunks_at;
@@ -698,6 +726,163 @@ mod tests {
                 assert!(expected.1.is_err());
                 assert_eq!(in_place(&bytes, &keyring), expected, "{sizes:?} in chunks of {chunk}");
             }
+        }
+    }
+
+    /// Plaintext that cannot be cut into entries, sealed as entries as they
+    /// were: the in-place path says what whole-segment decryption says, in
+    /// the same order (a chunk that does not open, then the length, then
+    /// the entries), and never loops on a length prefix cut by a chunk's end.
+    #[test]
+    fn a_plaintext_that_cannot_be_cut_is_refused_as_the_whole_path_refuses_it() {
+        let kek = Kek::generate("k").unwrap();
+        let mut keyring = Keyring::default();
+        keyring.insert(kek.clone());
+        let seal = |plain: &[u8]| {
+            let header = SegmentHeader {
+                algorithm: ALGORITHM_AES256GCM,
+                chunk_size: 4096,
+                segment_id: "s".into(),
+                collector: "c".into(),
+                tenant: "t".into(),
+                host: "h".into(),
+                first_ns: 0,
+                last_ns: 0,
+                created_ns: 0,
+                batches: 0,
+                records: 0,
+                raw_len: plain.len() as u64,
+                signers: vec![[0; 32]],
+            };
+            segment::seal_compressed(header, plain, &kek).bytes
+        };
+        // An entry of `len` bytes after its length (garbage for a batch).
+        let entry = |len: u32| [len.to_be_bytes().to_vec(), vec![0x5a; len as usize]].concat();
+        // The first entry ends 2 bytes before the chunk's end: the next
+        // length prefix is cut in two, and says 5 (out of range).
+        let straddled = [entry(4090), vec![0, 0, 0, 5], vec![0x11; 300]].concat();
+        // The same, with a chunk further on that does not open.
+        let long = [entry(4090), vec![0, 0, 0, 5], vec![0x11; 4 * 4096]].concat();
+        let mut broken = seal(&long);
+        let chunks_at = {
+            let view = SegmentView::parse(&broken).unwrap();
+            view.opener(&keyring, broken.len()).unwrap().chunks_at
+        };
+        broken[chunks_at + 3 * (4096 + TAG) + 7] ^= 1;
+        let cases: [(&str, Vec<u8>, SegmentError); 5] = [
+            (
+                "a cut length prefix out of range",
+                seal(&straddled),
+                SegmentError::Contents("entry length 5 out of range".into()),
+            ),
+            ("a chunk that does not open after it", broken, SegmentError::Chunk(3)),
+            (
+                "a last entry cut short",
+                seal(&[entry(4200), entry(100)[..60].to_vec()].concat()),
+                SegmentError::Malformed("entry"),
+            ),
+            (
+                "a last length prefix cut short",
+                seal(&[entry(4200), vec![0, 0]].concat()),
+                SegmentError::Malformed("entry length"),
+            ),
+            (
+                "an entry spanning three chunks, then a bad length",
+                seal(&[entry(9000), vec![0, 0, 0, 1], vec![0; 40]].concat()),
+                SegmentError::Contents("entry length 1 out of range".into()),
+            ),
+        ];
+        for (case, bytes, error) in cases {
+            let whole = whole(&bytes, &keyring);
+            assert_eq!(whole.1, Err(error), "{case}");
+            assert_eq!(in_place(&bytes, &keyring), whole, "{case}");
+        }
+    }
+
+    /// A checkpoint, validly signed, that names an object outside the
+    /// archive: reported MODIFIED, and that file is never read (an object
+    /// there with the named hash would otherwise pass).
+    #[tokio::test]
+    async fn a_checkpoint_naming_a_key_outside_the_archive_is_modified_and_never_read() {
+        use crate::archive::{Archive, checkpoint_key};
+        use crate::checkpoint::{CheckpointBody, SegmentRecord};
+        let dir = std::env::temp_dir().join(format!("logvault-audit-outside-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let archive = Archive::open(&dir.join("archive").display().to_string()).unwrap();
+        let planted = b"not in the archive";
+        std::fs::create_dir_all(dir.join("x/2026/11/24/h")).unwrap();
+        std::fs::write(dir.join("x/2026/11/24/h/s"), planted).unwrap();
+        let key = Ed25519KeyPair::from_seed_unchecked(&[9; 32]).unwrap();
+        let outside = "../x/2026/11/24/h/s".to_owned();
+        let checkpoint = CheckpointBody {
+            collector: "c1".into(),
+            seq: 1,
+            prev: "0".repeat(64),
+            from_ns: 0,
+            to_ns: 1,
+            segments: vec![SegmentRecord {
+                key: outside.clone(),
+                hash: hex(ring::digest::digest(&ring::digest::SHA256, planted).as_ref()),
+                size: planted.len() as u64,
+                tenant: "t".into(),
+                host: "h".into(),
+                first_ns: 0,
+                last_ns: 0,
+                records: 0,
+            }],
+            root: String::new(),
+            deleted: Vec::new(),
+        }
+        .sign(&key);
+        let name = checkpoint_key("c1", 1).unwrap();
+        archive.put_verified(&name, &checkpoint).await.unwrap();
+        let report =
+            audit(&archive, key.public_key().as_ref(), &AuditOptions::default(), |_, _| {}).await.unwrap();
+        assert_eq!(report.findings.len(), 1, "{:?}", report.findings);
+        let finding = &report.findings[0];
+        assert_eq!((finding.kind, finding.object.as_str()), (Kind::Modified, name.as_str()));
+        assert!(finding.detail.contains(&outside), "{}", finding.detail);
+        assert_eq!(report.summary.bytes, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    proptest::proptest! {
+        /// Any run of entries (some lengths out of range, a tail cut short),
+        /// sealed as entries as they were in 4 KiB chunks: the in-place
+        /// path and whole-segment decryption say the same.
+        #[test]
+        fn any_entries_are_cut_in_place_as_from_the_whole(
+            lengths in proptest::collection::vec(0u32..6000, 0..12),
+            fill in proptest::prelude::any::<u8>(),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..6),
+        ) {
+            let kek = Kek::generate("k").unwrap();
+            let mut keyring = Keyring::default();
+            keyring.insert(kek.clone());
+            let mut plain = Vec::new();
+            for len in &lengths {
+                plain.extend_from_slice(&len.to_be_bytes());
+                // Lengths under 13 or over what follows are the test's lies.
+                plain.extend(std::iter::repeat_n(fill, (*len as usize).max(13) - 13 + 13));
+            }
+            plain.extend_from_slice(&tail);
+            let header = SegmentHeader {
+                algorithm: ALGORITHM_AES256GCM,
+                chunk_size: 4096,
+                segment_id: "s".into(),
+                collector: "c".into(),
+                tenant: "t".into(),
+                host: "h".into(),
+                first_ns: 0,
+                last_ns: 0,
+                created_ns: 0,
+                batches: 0,
+                records: 0,
+                raw_len: plain.len() as u64,
+                signers: vec![[0; 32]],
+            };
+            let bytes = segment::seal_compressed(header, &plain, &kek).bytes;
+            proptest::prop_assert_eq!(in_place(&bytes, &keyring), whole(&bytes, &keyring));
         }
     }
 }
