@@ -616,6 +616,25 @@ mod tests {
     use crate::segment::{self, SegmentEntry, SegmentHeader};
     use crate::{BatchBuilder, Level, WireRecord};
 
+    /// A segment header of tenant `t`, host `h`.
+    fn header(algorithm: u8, chunk_size: u32, raw_len: u64, signers: Vec<[u8; 32]>) -> SegmentHeader {
+        SegmentHeader {
+            algorithm,
+            chunk_size,
+            segment_id: "s".into(),
+            collector: "c".into(),
+            tenant: "t".into(),
+            host: "h".into(),
+            first_ns: 0,
+            last_ns: 0,
+            created_ns: 0,
+            batches: 0,
+            records: 0,
+            raw_len,
+            signers,
+        }
+    }
+
     /// A segment of `sizes.len()` compressed batches, one stream, whose
     /// record counts are `sizes` (lines that compress poorly, so batches
     /// run over chunk boundaries), sealed with `chunk_size`.
@@ -639,22 +658,15 @@ mod tests {
             prev = crate::batch::encoded_batch_hash(&batch).unwrap();
             segment::encode_entry(&mut entries, &SegmentEntry { received_ns: 1, skip: 0, signer: 0, batch });
         }
-        let header = SegmentHeader {
-            algorithm: segment::ALGORITHM_ZSTD_AES256GCM,
-            chunk_size,
-            segment_id: "s".into(),
-            collector: "c".into(),
-            tenant: "t".into(),
-            host: "h".into(),
-            first_ns: 0,
-            last_ns: 0,
-            created_ns: 0,
-            batches: 0,
-            records: 0,
-            raw_len: 0,
-            signers: vec![signer],
-        };
-        (segment::seal(header, &entries, 3, kek), signer)
+        (
+            segment::seal(
+                header(segment::ALGORITHM_ZSTD_AES256GCM, chunk_size, 0, vec![signer]),
+                &entries,
+                3,
+                kek,
+            ),
+            signer,
+        )
     }
 
     /// What a path says of a segment: its hash, and each batch's hash and
@@ -739,22 +751,8 @@ mod tests {
         let mut keyring = Keyring::default();
         keyring.insert(kek.clone());
         let seal = |plain: &[u8]| {
-            let header = SegmentHeader {
-                algorithm: ALGORITHM_AES256GCM,
-                chunk_size: 4096,
-                segment_id: "s".into(),
-                collector: "c".into(),
-                tenant: "t".into(),
-                host: "h".into(),
-                first_ns: 0,
-                last_ns: 0,
-                created_ns: 0,
-                batches: 0,
-                records: 0,
-                raw_len: plain.len() as u64,
-                signers: vec![[0; 32]],
-            };
-            segment::seal_compressed(header, plain, &kek).bytes
+            let head = header(ALGORITHM_AES256GCM, 4096, plain.len() as u64, vec![[0; 32]]);
+            segment::seal_compressed(head, plain, &kek).bytes
         };
         // An entry of `len` bytes after its length (garbage for a batch).
         let entry = |len: u32| [len.to_be_bytes().to_vec(), vec![0x5a; len as usize]].concat();
@@ -866,22 +864,8 @@ mod tests {
                 plain.extend(std::iter::repeat_n(fill, (*len as usize).max(13) - 13 + 13));
             }
             plain.extend_from_slice(&tail);
-            let header = SegmentHeader {
-                algorithm: ALGORITHM_AES256GCM,
-                chunk_size: 4096,
-                segment_id: "s".into(),
-                collector: "c".into(),
-                tenant: "t".into(),
-                host: "h".into(),
-                first_ns: 0,
-                last_ns: 0,
-                created_ns: 0,
-                batches: 0,
-                records: 0,
-                raw_len: plain.len() as u64,
-                signers: vec![[0; 32]],
-            };
-            let bytes = segment::seal_compressed(header, &plain, &kek).bytes;
+            let head = header(ALGORITHM_AES256GCM, 4096, plain.len() as u64, vec![[0; 32]]);
+            let bytes = segment::seal_compressed(head, &plain, &kek).bytes;
             proptest::prop_assert_eq!(in_place(&bytes, &keyring), whole(&bytes, &keyring));
         }
     }
