@@ -6,7 +6,8 @@
 //!
 //! [collector]
 //! address = "collector.example.org:6000"
-//! server_name = "collector.example.org"   # default: the host part of address
+//! failover = ["collector2.example.org:6000"] # tried in turn when one cannot be reached
+//! server_name = "collector.example.org"   # default: the host part of each address
 //! ca = "/etc/logvault/ca.crt"
 //! cert = "/etc/logvault/agent.crt"        # Ed25519; its SAN names this agent
 //! key = "/etc/logvault/agent.key"
@@ -96,6 +97,12 @@ pub struct AgentConfig {
 pub struct CollectorConfig {
     /// `host:port` of the collector's ingest listener.
     pub address: String,
+    /// More collectors sharing a bucket with it (`host:port` each). When
+    /// the one in use cannot be reached the agent connects to the next,
+    /// round the list; the stream carries on there without loss or
+    /// duplicates. Default: none.
+    #[serde(default)]
+    pub failover: Vec<String>,
     /// The name the collector's certificate must carry. Default: the host
     /// part of `address`.
     #[serde(default)]
@@ -461,12 +468,18 @@ impl AgentConfig {
 }
 
 impl CollectorConfig {
-    /// The TLS name to expect: `server_name`, else the host of `address`.
-    pub fn tls_name(&self) -> String {
+    /// Every collector address, `address` first.
+    pub fn addresses(&self) -> Vec<&str> {
+        std::iter::once(self.address.as_str()).chain(self.failover.iter().map(String::as_str)).collect()
+    }
+
+    /// The TLS name to expect of the collector at `address`:
+    /// `server_name`, else the host of `address`.
+    pub fn tls_name(&self, address: &str) -> String {
         if let Some(name) = &self.server_name {
             return name.clone();
         }
-        let host = self.address.rsplit_once(':').map_or(self.address.as_str(), |(host, _)| host);
+        let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
         host.trim_start_matches('[').trim_end_matches(']').to_owned()
     }
 }
@@ -489,8 +502,9 @@ mod tests {
 
     #[test]
     fn tls_name_defaults_to_the_host() {
-        let config = CollectorConfig {
+        let mut config = CollectorConfig {
             address: "[::1]:6000".into(),
+            failover: vec!["c2.example.org:6000".into()],
             server_name: None,
             ca: "a".into(),
             cert: "b".into(),
@@ -498,6 +512,10 @@ mod tests {
             max_in_flight: 1,
             max_backoff_ms: 1,
         };
-        assert_eq!(config.tls_name(), "::1");
+        assert_eq!(config.addresses(), ["[::1]:6000", "c2.example.org:6000"]);
+        assert_eq!(config.tls_name(config.addresses()[0]), "::1");
+        assert_eq!(config.tls_name(config.addresses()[1]), "c2.example.org");
+        config.server_name = Some("collectors.example.org".into());
+        assert_eq!(config.tls_name(config.addresses()[1]), "collectors.example.org");
     }
 }

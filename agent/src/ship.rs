@@ -117,27 +117,36 @@ pub async fn run(
     let mut window: VecDeque<SignedBatch> = VecDeque::new();
     let mut backoff = Backoff::new(Duration::from_millis(config.max_backoff_ms.max(100)));
     let connector = TlsConnector::from(tls);
-    let server_name = config.tls_name();
+    let addresses = config.addresses();
+    // The collector in use; the next one is tried when it cannot be reached.
+    let mut current = 0;
     loop {
         if cancel.is_cancelled() {
             return;
         }
+        let address = addresses[current];
+        let server_name = config.tls_name(address);
         let connected = tokio::select! {
             _ = cancel.cancelled() => return,
-            connected = connect(&connector, &config.address, &server_name) => connected,
+            connected = connect(&connector, address, &server_name) => connected,
         };
         let stream = match connected {
             Ok(stream) => stream,
             Err(err) => {
                 let delay = backoff.delay();
-                tracing::warn!(collector = %config.address, error = %err, retry_in_ms = delay.as_millis() as u64, "cannot reach collector");
+                current = (current + 1) % addresses.len();
+                if addresses.len() > 1 {
+                    tracing::warn!(collector = %address, error = %err, next = %addresses[current], retry_in_ms = delay.as_millis() as u64, "cannot reach collector; failing over");
+                } else {
+                    tracing::warn!(collector = %address, error = %err, retry_in_ms = delay.as_millis() as u64, "cannot reach collector");
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(delay) => continue,
                 }
             }
         };
-        tracing::info!(collector = %config.address, resending = window.len(), "connected to collector");
+        tracing::info!(collector = %address, resending = window.len(), "connected to collector");
         stats.connects.fetch_add(1, Ordering::Relaxed);
         stats.connected.store(1, Ordering::Relaxed);
         let end =

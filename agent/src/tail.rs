@@ -1202,6 +1202,7 @@ mod restart_tests {
             state_dir: dir.join("state"),
             collector: CollectorConfig {
                 address: "127.0.0.1:1".into(),
+                failover: Vec::new(),
                 server_name: None,
                 ca: "ca".into(),
                 cert: "cert".into(),

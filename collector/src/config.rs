@@ -54,6 +54,9 @@
 //! zstd_level = 3
 //! max_pending_bytes = 1073741824
 //! retention_ms = 31536000000               # default: kept
+//!
+//! [cluster]                                # several collectors, one bucket; off when absent
+//! uri = "s3://logs/cluster?endpoint=https://s3.example.org&region=eu-west-1"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -115,6 +118,20 @@ pub struct CollectorConfig {
     /// Sealing and archiving; off when absent.
     #[serde(default)]
     pub archive: Option<ArchiveConfig>,
+    /// Several collectors sharing one bucket; off when absent.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Collectors behind one load balancer, sharing a bucket (see
+/// [`crate::cluster`]). Each needs its own `archive.collector_id`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Where the collectors keep what they share (streams' dedup state):
+    /// `s3://BUCKET/PREFIX?endpoint=...`, on a store that writes
+    /// conditionally (`If-Match`, `If-None-Match`), apart from the archive.
+    pub uri: String,
 }
 
 /// Sealed, encrypted segments in object storage, and signed checkpoints.
@@ -534,6 +551,14 @@ impl CollectorConfig {
             }
             if !(1..=19).contains(&archive.zstd_level) {
                 return invalid("archive.zstd_level", "must be 1 to 19");
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            let Some(archive) = &self.archive else {
+                return invalid("cluster", "collectors sharing a bucket seal into it: set [archive] too");
+            };
+            if cluster.uri.trim_end_matches('/') == archive.uri.trim_end_matches('/') {
+                return invalid("cluster.uri", "use a prefix apart from archive.uri");
             }
         }
         if self.api.max_concurrent_queries == 0 {

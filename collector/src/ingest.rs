@@ -337,6 +337,10 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, ingest: &Ingest, cancel: C
                 refuse(&mut tls, ingest, Refusal::Busy, &format!("collector busy: {err}")).await;
                 break;
             }
+            Err(crate::wal::WalError::Shared { message }) => {
+                refuse(&mut tls, ingest, Refusal::Busy, &message).await;
+                break;
+            }
             Err(err) => {
                 tracing::error!(agent = %identity.name, error = %err, "wal append failed");
                 refuse(&mut tls, ingest, Refusal::Internal, &err.to_string()).await;

@@ -25,6 +25,7 @@ pub mod api;
 pub mod auth;
 pub mod bulk;
 pub mod client;
+pub mod cluster;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -138,6 +138,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
         tenants: TenantConfig::default(),
         wal: WalConfig::default(),
         index: IndexConfig::default(),
+        cluster: None,
         archive: Some(logvault_collector::config::ArchiveConfig {
             uri: archive_uri.clone(),
             kek_file: kek_file.clone(),
@@ -162,6 +163,7 @@ pub(crate) async fn run(options: Options, cancel: CancellationToken) -> anyhow::
     let agent_config = AgentConfig {
         state_dir: data.join("agent"),
         collector: AgentCollector {
+            failover: Vec::new(),
             address: running.ingest_addr.to_string(),
             server_name: None,
             ca: pki.ca_cert(),

@@ -151,7 +151,7 @@ impl HttpSenders {
                     tracing::warn!(%tenant, %host, %source, epoch = chain.epoch, "stream epoch used before; starting a new one");
                     *chain = self.fresh_chain();
                 }
-                Err(crate::wal::WalError::Full { .. }) => {
+                Err(crate::wal::WalError::Full { .. } | crate::wal::WalError::Shared { .. }) => {
                     self.stats.refused(crate::metrics::Refusal::Busy);
                     return Err((stored, StoreError::Busy));
                 }

@@ -43,6 +43,9 @@ pub enum ServerError {
     /// The archive could not be set up.
     #[error(transparent)]
     Seal(#[from] crate::seal::SealError),
+    /// The shared bucket of a cluster is unusable.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// A key file could not be read or created.
     #[error("key {path}: {source}")]
     Key {
@@ -159,7 +162,17 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         max_bytes: config.wal.max_bytes,
         accept_gaps: config.ingest.accept_gaps,
     };
-    let (wal, wal_thread) = Wal::open(&wal_dir, &wal_options)?;
+    let (wal, wal_thread) = match (&config.cluster, &config.archive) {
+        (Some(cluster), Some(archive)) => {
+            let store = logvault_storage::archive::Archive::open(&cluster.uri)
+                .map_err(|e| ServerError::Cluster(e.to_string()))?;
+            let shared = crate::cluster::SharedStreams::new(store, &archive.collector_id)
+                .map_err(ServerError::Cluster)?;
+            tracing::info!(uri = %cluster.uri, collector = %archive.collector_id, "streams' dedup state shared with the other collectors");
+            Wal::open_shared(&wal_dir, &wal_options, shared).await?
+        }
+        _ => Wal::open(&wal_dir, &wal_options)?,
+    };
     let index = Arc::new(LogIndex::open(&config.data_dir.join("index"))?);
     index.set_retention(
         config.index.retention_ms.map(Duration::from_millis),

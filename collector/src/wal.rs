@@ -42,6 +42,8 @@ use logvault_storage::batch::{BatchHeader, encoded_batch_hash, peek_header};
 use logvault_storage::frame::BatchRef;
 use tokio::sync::{mpsc, oneshot};
 
+mod shared;
+
 const ENTRY_VERSION: u8 = 2;
 /// Largest entry accepted when reading back, a guard against a corrupt length.
 const MAX_ENTRY: u32 = 64 * 1024 * 1024;
@@ -231,6 +233,13 @@ pub enum WalError {
         /// Why, with the numbers.
         message: String,
     },
+    /// The shared bucket could not be read, or another collector took the
+    /// stream's records first: nothing was stored; send again.
+    #[error("{message}")]
+    Shared {
+        /// What happened.
+        message: String,
+    },
     /// The append would take the WAL past `wal.max_bytes`.
     #[error("wal is full: {size} bytes stored, cap {max} bytes; try again later")]
     Full {
@@ -409,19 +418,42 @@ struct Writer {
     full: Arc<std::sync::atomic::AtomicBool>,
     /// Bytes removed by pruning.
     pruned: Arc<AtomicU64>,
+    /// The dedup state shared with other collectors, when there are any.
+    shared: Option<shared::Shared>,
 }
 
-impl Wal {
-    /// Opens (recovering) the WAL in `dir` and starts its writer thread.
-    /// `queue` bounds the appends waiting for the writer; when it is full,
-    /// appenders wait, and so do their agents.
-    pub fn open(dir: &Path, options: &WalOptions) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
-        let WalOptions { segment_bytes, queue, max_bytes, accept_gaps } = *options;
+/// What a WAL directory holds, read back at open.
+struct Recovered {
+    /// Dedup state: the snapshot's, with the entries after it.
+    streams: HashMap<StreamKey, StreamState>,
+    /// The segment files, by base position.
+    segments: Vec<(u64, PathBuf)>,
+    /// The end of the last whole entry.
+    end: u64,
+    /// The entries after the snapshot, oldest first (when asked for).
+    tail: Vec<TailEntry>,
+}
+
+/// An entry after the snapshot, as settling against a shared bucket needs it.
+struct TailEntry {
+    key: StreamKey,
+    /// The segment file and the entry's offset in it.
+    path: PathBuf,
+    offset: u64,
+    /// Its new records: `first_seq + skip .. end_seq`.
+    from: u64,
+    to: u64,
+    /// Records in the batch.
+    count: u32,
+}
+
+impl Recovered {
+    fn read(dir: &Path, with_tail: bool) -> Result<Recovered, WalError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        let durable = Arc::new(AtomicU64::new(0));
         let (snapshot_at, mut streams) = read_snapshot(dir)?;
         let segments = list_segments(dir)?;
         let mut end = 0;
+        let mut tail = Vec::new();
         for (i, (base, path)) in segments.iter().enumerate() {
             let last = i + 1 == segments.len();
             // A segment the snapshot covers whole is not read again.
@@ -440,12 +472,63 @@ impl Wal {
                         source: header.source.clone(),
                         epoch: header.epoch,
                     };
-                    streams.entry(key).or_default().record(header.end_seq(), hash);
+                    streams.entry(key.clone()).or_default().record(header.end_seq(), hash);
+                    if with_tail {
+                        tail.push(TailEntry {
+                            key,
+                            path: path.clone(),
+                            offset: entry.position - base,
+                            from: (header.first_seq + u64::from(entry.skip)).min(header.end_seq()),
+                            to: header.end_seq(),
+                            count: header.count,
+                        });
+                    }
                 }
                 valid_end = entry.next;
             })?;
             end = valid_end;
         }
+        Ok(Recovered { streams, segments, end, tail })
+    }
+}
+
+impl Wal {
+    /// Opens (recovering) the WAL in `dir` and starts its writer thread.
+    /// `queue` bounds the appends waiting for the writer; when it is full,
+    /// appenders wait, and so do their agents.
+    pub fn open(dir: &Path, options: &WalOptions) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
+        Self::start(Recovered::read(dir, false)?, dir, options, None)
+    }
+
+    /// Opens the WAL of a collector that shares its streams' dedup state
+    /// with others through `shared` (see [`crate::cluster`]). Entries the
+    /// bucket does not give to this collector (written, never acked) are
+    /// voided first.
+    pub async fn open_shared(
+        dir: &Path,
+        options: &WalOptions,
+        shared: crate::cluster::SharedStreams,
+    ) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
+        let recovered = {
+            let dir = dir.to_owned();
+            tokio::task::spawn_blocking(move || Recovered::read(&dir, true))
+                .await
+                .map_err(|_| WalError::Closed)??
+        };
+        shared::settle(&recovered, &shared).await?;
+        let runtime = tokio::runtime::Handle::current();
+        Self::start(recovered, dir, options, Some(shared::Shared::new(shared, runtime)))
+    }
+
+    fn start(
+        recovered: Recovered,
+        dir: &Path,
+        options: &WalOptions,
+        shared: Option<shared::Shared>,
+    ) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
+        let WalOptions { segment_bytes, queue, max_bytes, accept_gaps } = *options;
+        let Recovered { streams, segments, end, tail: _ } = recovered;
+        let durable = Arc::new(AtomicU64::new(0));
         let (base, path) = match segments.last() {
             Some((base, path)) => (*base, path.clone()),
             None => (0, segment_path(dir, 0)),
@@ -485,6 +568,7 @@ impl Wal {
             streams,
             durable: durable.clone(),
             poisoned: false,
+            shared,
         };
         let handle = std::thread::Builder::new()
             .name("logvault-wal".into())
@@ -694,6 +778,10 @@ impl Writer {
         buffer.clear();
         let mut outcomes: Vec<Result<Appended, WalError>> = Vec::with_capacity(group.len());
         let mut updates: HashMap<StreamKey, StreamState> = HashMap::new();
+        // With a shared bucket: the streams read from it in this group, and
+        // where each entry written lies in `buffer`.
+        let mut fetched: std::collections::HashSet<StreamKey> = std::collections::HashSet::new();
+        let mut placed: Vec<shared::Placed> = Vec::new();
         let size = self.base + self.len - self.first_base;
         for (request, _) in group.iter() {
             let key = StreamKey {
@@ -702,7 +790,6 @@ impl Writer {
                 source: request.header.source.clone(),
                 epoch: request.header.epoch,
             };
-            let state = updates.get(&key).or_else(|| self.streams.get(&key));
             let Ok(hash) = encoded_batch_hash(&request.batch) else {
                 outcomes.push(Err(WalError::Sequence {
                     fault: SequenceFault::Chain,
@@ -710,7 +797,35 @@ impl Writer {
                 }));
                 continue;
             };
-            let (skipped, gap, outcome) = match judge(state, &request.header, &hash, self.accept_gaps) {
+            if !updates.contains_key(&key) && self.shared.as_ref().is_some_and(|shared| !shared.knows(&key)) {
+                if let Err(err) = self.refresh(&key) {
+                    outcomes.push(Err(err));
+                    continue;
+                }
+                fetched.insert(key.clone());
+            }
+            let mut verdict = judge(
+                updates.get(&key).or_else(|| self.streams.get(&key)),
+                &request.header,
+                &hash,
+                self.accept_gaps,
+            );
+            if matches!(verdict, Verdict::Refuse(..))
+                && self.shared.is_some()
+                && !updates.contains_key(&key)
+                && !fetched.contains(&key)
+            {
+                // Another collector may have moved the stream on since it
+                // was last read: read it again before refusing.
+                if let Err(err) = self.refresh(&key) {
+                    outcomes.push(Err(err));
+                    continue;
+                }
+                fetched.insert(key.clone());
+                verdict = judge(self.streams.get(&key), &request.header, &hash, self.accept_gaps);
+            }
+            let state = updates.get(&key).or_else(|| self.streams.get(&key));
+            let (skipped, gap, outcome) = match verdict {
                 Verdict::Duplicate => {
                     outcomes.push(Ok(Appended::Duplicate));
                     continue;
@@ -750,17 +865,34 @@ impl Writer {
                 self.gaps.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(host = %request.host, source = %request.header.source, epoch = request.header.epoch, missing = gap, from = request.header.first_seq - gap, "sequence gap stored (ingest.accept_gaps)");
             }
+            let start = buffer.len();
             encode_entry(buffer, request, skipped);
+            if self.shared.is_some() {
+                let first = request.header.first_seq + u64::from(skipped);
+                placed.push(shared::Placed {
+                    outcome: outcomes.len(),
+                    key: key.clone(),
+                    entry: start..buffer.len(),
+                    from: first.min(request.header.end_seq()),
+                    to: request.header.end_seq(),
+                    count: request.header.count,
+                    hash,
+                });
+            }
             next.record(request.header.end_seq(), hash);
             updates.insert(key, next);
             outcomes.push(Ok(outcome));
         }
         if !buffer.is_empty() {
             let written = self.file.write_all(buffer).and_then(|_| self.file.sync_data());
-            if let Err(err) = written {
-                tracing::error!(path = %self.path.display(), error = %err, "wal write failed; refusing further appends");
+            let written = match written {
+                Ok(()) if !placed.is_empty() => self.publish(&placed, buffer, &mut outcomes, &mut updates),
+                Ok(()) => Ok(()),
+                Err(err) => Err(io_err(&self.path, err)),
+            };
+            if let Err(error) = written {
+                tracing::error!(path = %self.path.display(), error = %error, "wal write failed; refusing further appends");
                 self.poisoned = true;
-                let error = io_err(&self.path, err);
                 for (_, reply) in group.drain(..) {
                     let _ = reply.send(Err(error.clone()));
                 }
@@ -1202,7 +1334,7 @@ mod tests {
     }
 
     /// A batch of `count` records from `first_seq`, chained to `prev`.
-    fn request(first_seq: u64, count: u32, prev: [u8; 32]) -> AppendRequest {
+    pub(super) fn request(first_seq: u64, count: u32, prev: [u8; 32]) -> AppendRequest {
         let (batch, header) = batch(first_seq, count, prev);
         AppendRequest {
             tenant: "t".into(),

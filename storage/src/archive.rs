@@ -55,6 +55,22 @@ pub enum ArchiveError {
         /// Its size.
         size: u64,
     },
+    /// A small object read with [`Archive::get_tagged`] is over its cap.
+    #[error("{key} is {size} bytes, over the cap of {cap}")]
+    OverCap {
+        /// The object.
+        key: String,
+        /// Its size.
+        size: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// The store gives no entity tag, so it cannot do conditional writes.
+    #[error("{key}: the store gives no entity tag (ETag); conditional writes need one")]
+    NoEtag {
+        /// The object.
+        key: String,
+    },
     /// What was read back after an upload is not what was written.
     #[error("{key}: the uploaded object does not read back the same")]
     NotVerified {
@@ -151,6 +167,24 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+/// What a conditional write ([`Archive::put_if`]) expects to replace.
+#[derive(Debug, Clone, Copy)]
+pub enum Expect<'a> {
+    /// No object: the write creates it.
+    Absent,
+    /// The object as it was when read, by its entity tag.
+    Etag(&'a str),
+}
+
+/// How a conditional write ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conditional {
+    /// Written; the new entity tag when the store said it.
+    Written(Option<String>),
+    /// The object was not as expected (someone else wrote it): nothing written.
+    Conflict,
 }
 
 /// An archive: an OpenDAL operator with retries.
@@ -338,6 +372,68 @@ impl Archive {
         }
         objects.sort();
         Ok(objects)
+    }
+
+    /// True when the store can write only if an object is absent or
+    /// unchanged (`If-None-Match: *`, `If-Match`): what collectors sharing
+    /// a bucket need.
+    pub fn supports_conditional_writes(&self) -> bool {
+        let capability = self.operator.info().full_capability();
+        capability.write_with_if_match && capability.write_with_if_not_exists
+    }
+
+    /// Reads a small object whole with its entity tag, the size checked
+    /// against `cap` before anything is allocated; None when it does not
+    /// exist. The read names the tag it stat'ed, so bytes and tag belong
+    /// together even while another writer replaces the object.
+    pub async fn get_tagged(&self, key: &str, cap: u64) -> Result<Option<(Vec<u8>, String)>, ArchiveError> {
+        let mut attempts = 0;
+        loop {
+            let meta = match self.operator.stat(key).await {
+                Ok(meta) => meta,
+                Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+                Err(err) => return Err(store_err(key)(err)),
+            };
+            let size = meta.content_length();
+            if size > cap {
+                return Err(ArchiveError::OverCap { key: key.to_owned(), size, cap });
+            }
+            let Some(etag) = meta.etag() else { return Err(ArchiveError::NoEtag { key: key.to_owned() }) };
+            // The tag pins the object whose size was checked.
+            match self.operator.read_with(key).if_match(etag).await {
+                Ok(buffer) if buffer.len() as u64 <= cap => {
+                    return Ok(Some((buffer.to_vec(), etag.to_owned())));
+                }
+                Ok(buffer) => {
+                    let size = buffer.len() as u64;
+                    return Err(ArchiveError::OverCap { key: key.to_owned(), size, cap });
+                }
+                Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+                // Replaced between the stat and the read: again, a few times.
+                Err(err) if err.kind() == ErrorKind::ConditionNotMatch && attempts < 8 => attempts += 1,
+                Err(err) => return Err(store_err(key)(err)),
+            }
+        }
+    }
+
+    /// Writes `bytes` to `key` only when the object is as `expect` says:
+    /// absent, or unchanged since it was read with that entity tag.
+    pub async fn put_if(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        expect: Expect<'_>,
+    ) -> Result<Conditional, ArchiveError> {
+        let write = self.operator.write_with(key, bytes);
+        let written = match expect {
+            Expect::Absent => write.if_not_exists(true).await,
+            Expect::Etag(etag) => write.if_match(etag).await,
+        };
+        match written {
+            Ok(meta) => Ok(Conditional::Written(meta.etag().map(str::to_owned))),
+            Err(err) if err.kind() == ErrorKind::ConditionNotMatch => Ok(Conditional::Conflict),
+            Err(err) => Err(store_err(key)(err)),
+        }
     }
 
     /// Deletes `key` (absent is fine).

@@ -106,6 +106,81 @@ struct StreamEnd {
     hash: [u8; 32],
 }
 
+/// A stream as one collector sealed it: (collector, tenant, host, source,
+/// epoch). Collectors sharing a bucket may each hold part of a stream.
+type StreamAt = (String, String, String, String, u64);
+
+/// What the walk of the segments knows of the streams' chains.
+#[derive(Default)]
+struct Chains {
+    /// Each stream's end, per collector, in the order its segments were sealed.
+    ends: HashMap<StreamAt, StreamEnd>,
+    /// The end seq of every signed batch and the collector that sealed it
+    /// (by its place in `collectors`), by hash: where a batch that follows
+    /// one sealed by another collector finds its predecessor.
+    by_hash: HashMap<[u8; 32], (u64, usize)>,
+    collectors: Vec<String>,
+    /// Batches whose predecessor is not the collector's previous batch of
+    /// the stream, settled once every segment is walked.
+    open: Vec<OpenLink>,
+}
+
+/// A batch whose predecessor is looked up at the end of the walk.
+struct OpenLink {
+    object: String,
+    /// The collector that sealed it (its place in `collectors`).
+    collector: usize,
+    index: usize,
+    source: String,
+    first_seq: u64,
+    /// Its first new record.
+    from: u64,
+    prev_hash: [u8; 32],
+    /// The collector's previous batch of the stream was another one; else
+    /// it is the first batch of the stream its collector sealed.
+    broken: bool,
+}
+
+impl Chains {
+    /// The place of `collector` in `collectors`.
+    fn collector(&mut self, collector: &str) -> usize {
+        match self.collectors.iter().position(|c| c == collector) {
+            Some(place) => place,
+            None => {
+                self.collectors.push(collector.to_owned());
+                self.collectors.len() - 1
+            }
+        }
+    }
+
+    /// Reports what the open links still miss: a predecessor no other
+    /// collector sealed (reordered, when the batch's own collector sealed
+    /// another batch of the stream before it), or records between it and
+    /// the predecessor found.
+    fn settle(self, report: &mut Report) {
+        for link in self.open {
+            let found = self.by_hash.get(&link.prev_hash).filter(|(_, by)| *by != link.collector);
+            match found {
+                Some(&(end, _)) if link.from > end => report.add(
+                    Kind::Missing,
+                    &link.object,
+                    format!("records {end}..{} of {} are missing", link.first_seq, link.source),
+                ),
+                Some(_) => {}
+                None if link.broken => report.add(
+                    Kind::Reordered,
+                    &link.object,
+                    format!(
+                        "batch {} ({} seq {}) does not follow its stream's previous batch",
+                        link.index, link.source, link.first_seq
+                    ),
+                ),
+                None => {}
+            }
+        }
+    }
+}
+
 /// Audits `archive` against the collectors' archive public key.
 /// `progress` is called after each segment with (done, total).
 pub async fn audit(
@@ -198,7 +273,7 @@ pub async fn audit(
     let in_range = |first: i64, last: i64| {
         options.from_ns.is_none_or(|from| last >= from) && options.to_ns.is_none_or(|to| first < to)
     };
-    let mut streams: HashMap<(String, String, String, u64), StreamEnd> = HashMap::new();
+    let mut chains = Chains::default();
     let total = listed.len() as u64;
     // One buffer for every segment: no fresh memory to fault in each time.
     let mut buffer = Vec::new();
@@ -236,7 +311,7 @@ pub async fn audit(
             settle(&mut report, view.hash());
             continue;
         };
-        let (tenant, host) = (view.header.tenant.clone(), view.header.host.clone());
+        let at = (view.header.collector.clone(), view.header.tenant.clone(), view.header.host.clone());
         let (hash, checked) = if view.header.algorithm == ALGORITHM_AES256GCM {
             // Entries as they were: opened in place behind the hash.
             let signers = view.header.signers.clone();
@@ -265,11 +340,12 @@ pub async fn audit(
             continue;
         }
         match checked {
-            Ok(checked) => chain_batches(&mut report, &record.key, (&tenant, &host), checked, &mut streams),
+            Ok(checked) => chain_batches(&mut report, &record.key, &at, checked, &mut chains),
             Err(err) => report.add(Kind::Modified, &record.key, err.to_string()),
         }
     }
     progress(total, total);
+    chains.settle(&mut report);
 
     // Objects no checkpoint names.
     for (key, size) in &objects {
@@ -504,13 +580,13 @@ impl<'a> Cut<'a> {
 }
 
 /// Walks a segment's checked batches in order: each stream's hash chain and
-/// sequence numbers.
+/// sequence numbers. `at` is the segment's (collector, tenant, host).
 fn chain_batches(
     report: &mut Report,
     key: &str,
-    (tenant, host): (&str, &str),
+    (collector, tenant, host): &(String, String, String),
     checked: Vec<Result<Checked, BatchError>>,
-    streams: &mut HashMap<(String, String, String, u64), StreamEnd>,
+    chains: &mut Chains,
 ) {
     for (index, checked) in checked.into_iter().enumerate() {
         // The segment decrypted, so these bytes are what its sealer wrote;
@@ -528,7 +604,13 @@ fn chain_batches(
         };
         report.summary.batches += 1;
         report.summary.records += u64::from(batch.header.count.saturating_sub(batch.skip));
-        let stream = (tenant.to_owned(), host.to_owned(), batch.header.source.clone(), batch.header.epoch);
+        let stream = (
+            collector.clone(),
+            tenant.clone(),
+            host.clone(),
+            batch.header.source.clone(),
+            batch.header.epoch,
+        );
         if !batch.signed {
             report.add(
                 Kind::Unsigned,
@@ -540,32 +622,39 @@ fn chain_batches(
             );
             // Its hash cannot be trusted: the stream's chain starts again
             // after it rather than blaming the batches that follow.
-            streams.remove(&stream);
+            chains.ends.remove(&stream);
             continue;
         }
         let end = batch.header.first_seq + u64::from(batch.header.count);
-        if let Some(previous) = streams.get(&stream) {
-            if batch.header.prev_hash != previous.hash {
-                report.add(
-                    Kind::Reordered,
-                    key,
-                    format!(
-                        "batch {index} ({} seq {}) does not follow its stream's previous batch",
-                        batch.header.source, batch.header.first_seq
-                    ),
-                );
-            } else if batch.header.first_seq + u64::from(batch.skip) > previous.next_seq {
-                report.add(
-                    Kind::Missing,
-                    key,
-                    format!(
-                        "records {}..{} of {} are missing",
-                        previous.next_seq, batch.header.first_seq, batch.header.source
-                    ),
-                );
-            }
+        let from = batch.header.first_seq + u64::from(batch.skip);
+        let place = chains.collector(collector);
+        let open = |broken| OpenLink {
+            object: key.to_owned(),
+            collector: place,
+            index,
+            source: batch.header.source.clone(),
+            first_seq: batch.header.first_seq,
+            from,
+            prev_hash: batch.header.prev_hash,
+            broken,
+        };
+        match chains.ends.get(&stream) {
+            // It may follow a batch another collector sealed.
+            Some(previous) if batch.header.prev_hash != previous.hash => chains.open.push(open(true)),
+            Some(previous) if from > previous.next_seq => report.add(
+                Kind::Missing,
+                key,
+                format!(
+                    "records {}..{} of {} are missing",
+                    previous.next_seq, batch.header.first_seq, batch.header.source
+                ),
+            ),
+            Some(_) => {}
+            None if batch.header.first_seq > 0 => chains.open.push(open(false)),
+            None => {}
         }
-        streams.insert(stream, StreamEnd { next_seq: end, hash: batch.hash });
+        chains.by_hash.insert(batch.hash, (end, place));
+        chains.ends.insert(stream, StreamEnd { next_seq: end, hash: batch.hash });
     }
 }
 
@@ -615,6 +704,81 @@ mod tests {
     use crate::keyring::Kek;
     use crate::segment::{self, SegmentEntry, SegmentHeader};
     use crate::{BatchBuilder, Level, WireRecord};
+
+    /// A stream whose batches several collectors sealed: each collector's
+    /// part follows the part another one sealed, and only what no other
+    /// collector holds is reported, never a batch reordered within one.
+    #[test]
+    fn a_stream_sealed_by_several_collectors_chains_across_them() {
+        let header = |first_seq: u64, count: u32, prev: u8| BatchHeader {
+            version: 3,
+            agent_id: "node-1".into(),
+            source: "app".into(),
+            epoch: 0,
+            first_seq,
+            count,
+            codec: crate::batch::Codec::None,
+            raw_len: 0,
+            prev_hash: [prev; 32],
+            body_len: 0,
+            body_sha: [0; 32],
+        };
+        // Batch n has hash [n; 32] and holds records 10(n-1)..10n.
+        let batch = |n: u8| {
+            Ok(Checked {
+                header: header(10 * u64::from(n - 1), 10, n - 1),
+                hash: [n; 32],
+                signed: true,
+                skip: 0,
+            })
+        };
+        let walk = |segments: Vec<(&str, Vec<u8>)>| {
+            let mut report = Report::default();
+            let mut chains = Chains::default();
+            for (collector, batches) in segments {
+                let at = (collector.to_owned(), "t".to_owned(), "node-1".to_owned());
+                let checked = batches.into_iter().map(batch).collect();
+                chain_batches(&mut report, &format!("{collector}-segment"), &at, checked, &mut chains);
+            }
+            chains.settle(&mut report);
+            report.findings.sort();
+            report.findings.into_iter().map(|f| (f.kind, f.object)).collect::<Vec<_>>()
+        };
+        // c1 sealed 1, 2 and 5; c3 sealed 3 and 4 in between.
+        assert_eq!(walk(vec![("c1", vec![1, 2, 5]), ("c3", vec![3, 4])]), vec![]);
+        assert_eq!(walk(vec![("c3", vec![3, 4]), ("c1", vec![1, 2, 5])]), vec![]);
+        // c3's part gone: 5 follows a batch nobody holds.
+        assert_eq!(walk(vec![("c1", vec![1, 2, 5])]), vec![(Kind::Reordered, "c1-segment".to_owned())]);
+        // 4 gone: the same for 5.
+        assert_eq!(
+            walk(vec![("c1", vec![1, 2, 5]), ("c3", vec![3])]),
+            vec![(Kind::Reordered, "c1-segment".to_owned())]
+        );
+        // Within one collector, a batch out of order is reordered even
+        // though its predecessor is in the archive.
+        assert_eq!(
+            walk(vec![("c1", vec![1, 3, 2, 4, 5])]),
+            vec![
+                (Kind::Reordered, "c1-segment".to_owned()),
+                (Kind::Reordered, "c1-segment".to_owned()),
+                (Kind::Reordered, "c1-segment".to_owned())
+            ]
+        );
+        // A collector's first batch of the stream whose predecessor another
+        // collector sealed, with records between them lost.
+        let mut report = Report::default();
+        let mut chains = Chains::default();
+        let at = |c: &str| (c.to_owned(), "t".to_owned(), "node-1".to_owned());
+        chain_batches(&mut report, "c1-segment", &at("c1"), vec![batch(1)], &mut chains);
+        let mut late = header(15, 5, 1);
+        late.count = 5;
+        let checked = vec![Ok(Checked { header: late, hash: [9; 32], signed: true, skip: 0 })];
+        chain_batches(&mut report, "c2-segment", &at("c2"), checked, &mut chains);
+        chains.settle(&mut report);
+        let findings: Vec<_> =
+            report.findings.iter().map(|f| (f.kind, f.object.as_str(), f.detail.as_str())).collect();
+        assert_eq!(findings, vec![(Kind::Missing, "c2-segment", "records 10..15 of app are missing")]);
+    }
 
     /// A segment header of tenant `t`, host `h`.
     fn header(algorithm: u8, chunk_size: u32, raw_len: u64, signers: Vec<[u8; 32]>) -> SegmentHeader {

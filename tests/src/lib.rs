@@ -313,6 +313,9 @@ pub struct CollectorOptions {
     pub api_toml: String,
     /// Extra environment variables for the collector process.
     pub env: Vec<(String, String)>,
+    /// Names the collector's configuration and data directory, for several
+    /// collectors in one setup; default "collector".
+    pub name: Option<String>,
 }
 
 pub struct Collector {
@@ -327,7 +330,8 @@ pub struct Collector {
 impl Collector {
     pub fn start(setup: &Setup, options: &CollectorOptions) -> Collector {
         let collector = setup.pki.paths(CertRole::Collector, "collector");
-        let config = setup.path().join("collector.toml");
+        let name = options.name.as_deref().unwrap_or("collector");
+        let config = setup.path().join(format!("{name}.toml"));
         let toml = format!(
             r#"data_dir = "{data}"
 
@@ -350,7 +354,7 @@ jwt_public_key = "{jwt}"
 commit_interval_ms = {commit}
 {extra}
 "#,
-            data = setup.path().join("collector-data").display(),
+            data = setup.path().join(format!("{name}-data")).display(),
             listen = options.ingest_listen.as_deref().unwrap_or("127.0.0.1:0"),
             ca = options.ingest_ca.clone().unwrap_or_else(|| setup.pki.ca_cert()).display(),
             cert = collector.cert.display(),
@@ -375,7 +379,7 @@ commit_interval_ms = {commit}
         );
         std::fs::write(&config, toml).unwrap();
         let n = std::fs::read_dir(setup.path()).unwrap().count();
-        let log = setup.path().join(format!("collector-{n}.log"));
+        let log = setup.path().join(format!("{name}-{n}.log"));
         let mut process = Process::spawn_with_env(
             "collector",
             &bin("logvault"),
