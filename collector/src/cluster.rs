@@ -134,7 +134,8 @@ impl StreamRecord {
         self.links.iter().filter_map(|(end, hash)| Some((*end, unhex(hash)?)))
     }
 
-    fn encode(&self) -> Vec<u8> {
+    /// The object's bytes.
+    pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a stream record serializes")
     }
 
@@ -146,14 +147,24 @@ impl StreamRecord {
         source: &str,
         epoch: u64,
     ) -> Result<StreamRecord, String> {
-        let record: StreamRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if record.version != RECORD_VERSION {
-            return Err(format!("version {} is not {RECORD_VERSION}", record.version));
-        }
+        let record = Self::decode_any(bytes)?;
         if (record.tenant.as_str(), record.host.as_str(), record.source.as_str(), record.epoch)
             != (tenant, host, source, epoch)
         {
             return Err("it names another stream".into());
+        }
+        Ok(record)
+    }
+
+    /// Decodes a stream object, whichever stream it names. Past
+    /// [`MAX_RECORD`] bytes it is refused unread.
+    pub fn decode_any(bytes: &[u8]) -> Result<StreamRecord, String> {
+        if bytes.len() as u64 > MAX_RECORD {
+            return Err(format!("{} bytes, over the cap of {MAX_RECORD}", bytes.len()));
+        }
+        let record: StreamRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if record.version != RECORD_VERSION {
+            return Err(format!("version {} is not {RECORD_VERSION}", record.version));
         }
         if record.links.len() > SHARED_LINKS || record.runs.len() > RUNS {
             return Err("more links or runs than kept".into());
@@ -331,6 +342,37 @@ mod tests {
             assert!(StreamRecord::decode(bad.as_bytes(), "t", "h", "s", 0).is_err(), "{bad}");
         }
         assert!(StreamRecord::decode(b"{", "t", "h", "s", 0).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any bytes decode or are refused; what decodes encodes back to
+        /// the same record, and any history of batches stays within bounds
+        /// and reads back.
+        #[test]
+        fn any_stream_object_decodes_or_is_refused(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            if let Ok(record) = StreamRecord::decode_any(&bytes) {
+                let again = StreamRecord::decode(&record.encode(), &record.tenant, &record.host, &record.source, record.epoch);
+                proptest::prop_assert_eq!(again, Ok(record));
+            }
+        }
+
+        #[test]
+        fn any_history_reads_back(steps in proptest::collection::vec((0u8..3, 0u32..20, 0u32..3), 0..200)) {
+            let mut record = StreamRecord::new("t", "h", "s", 1);
+            for (collector, count, overlap) in steps {
+                let from = record.high.saturating_sub(u64::from(overlap));
+                let end = from + u64::from(count);
+                let new_from = from.max(record.high).min(end);
+                let name = format!("c{collector}");
+                record.record(&name, new_from, end, &[count as u8; 32]);
+                let given = record.gives(&name, new_from, end);
+                proptest::prop_assert!(given);
+            }
+            // Runs follow each other, and one collector's next batch extends its run.
+            proptest::prop_assert!(record.runs.windows(2).all(|w| w[0].to == w[1].from && w[0].collector != w[1].collector));
+            let back = StreamRecord::decode(&record.encode(), "t", "h", "s", 1);
+            proptest::prop_assert_eq!(back, Ok(record));
+        }
     }
 
     #[test]

@@ -1049,6 +1049,12 @@ fn decode_snapshot(bytes: &[u8]) -> Option<(u64, HashMap<StreamKey, StreamState>
 /// payload, and a stream snapshot (which must re-encode to the same state).
 pub(crate) fn fuzz_decoders(data: &[u8]) {
     let _ = decode_payload(data);
+    if let Ok(record) = crate::cluster::StreamRecord::decode_any(data) {
+        let (tenant, host, source) = (&record.tenant, &record.host, &record.source);
+        let again =
+            crate::cluster::StreamRecord::decode(&record.encode(), tenant, host, source, record.epoch);
+        assert_eq!(again.as_ref(), Ok(&record), "a stream object re-encodes");
+    }
     if let Some((position, streams)) = decode_snapshot(data) {
         let (again, back) =
             decode_snapshot(&encode_snapshot(position, &streams)).expect("a snapshot re-encodes");
@@ -1077,9 +1083,18 @@ pub(crate) fn fuzz_seeds(batch: &[u8]) -> Vec<Vec<u8>> {
     if let Ok(hash) = encoded_batch_hash(batch) {
         state.record(header.end_seq(), hash);
     }
-    let key =
-        StreamKey { tenant: "acme".into(), host: "web-1".into(), source: header.source, epoch: header.epoch };
-    seeds.push(encode_snapshot(entry.len() as u64, &HashMap::from([(key, state)])));
+    let key = StreamKey {
+        tenant: "acme".into(),
+        host: "web-1".into(),
+        source: header.source.clone(),
+        epoch: header.epoch,
+    };
+    seeds.push(encode_snapshot(entry.len() as u64, &HashMap::from([(key.clone(), state)])));
+    let mut record = crate::cluster::StreamRecord::new(&key.tenant, &key.host, &key.source, key.epoch);
+    if let Ok(hash) = encoded_batch_hash(batch) {
+        record.record("c1", header.first_seq, header.end_seq(), &hash);
+    }
+    seeds.push(record.encode());
     seeds
 }
 

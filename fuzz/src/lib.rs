@@ -221,7 +221,7 @@ pub fn config(data: &[u8]) {
     let _ = logvault_agent::config::AgentConfig::parse(&text, "fuzz.toml".as_ref());
 }
 
-/// The collector's WAL entries and stream snapshot.
+/// The collector's WAL entries, stream snapshot and shared stream objects.
 pub fn wal(data: &[u8]) {
     logvault_collector::fuzzing::wal(data);
 }
