@@ -65,6 +65,10 @@ pub struct StreamRecord {
     pub links: Vec<(u64, String)>,
     /// Who stored what, oldest first; adjacent runs of one collector merged.
     pub runs: Vec<Run>,
+    /// Raised by a collector settling its WAL after a restart, so that a
+    /// write it had in flight before cannot land afterwards.
+    #[serde(default)]
+    pub fence: u64,
 }
 
 impl StreamRecord {
@@ -80,6 +84,7 @@ impl StreamRecord {
             floor: 0,
             links: Vec::new(),
             runs: Vec::new(),
+            fence: 0,
         }
     }
 
@@ -203,15 +208,46 @@ pub struct SharedStreams {
 }
 
 impl SharedStreams {
-    /// Stream state in `store` for the collector named `collector`. The
-    /// store must do conditional writes.
-    pub fn new(store: Archive, collector: &str) -> Result<SharedStreams, String> {
+    /// Stream state in `store` for the collector named `collector`, once a
+    /// probe object has shown that the store honours conditional writes
+    /// (a store that ignored them would let two collectors store the same
+    /// records).
+    pub async fn open(store: Archive, collector: &str) -> Result<SharedStreams, String> {
         if !store.supports_conditional_writes() {
             return Err(format!(
                 "{} cannot write conditionally (If-Match, If-None-Match); collectors sharing it need an S3-compatible store that can",
                 store.uri()
             ));
         }
+        let key = format!("streams/probe/{collector}.json");
+        let failed = |e: ArchiveError| format!("{}: probing conditional writes: {e}", store.uri());
+        let ignored = |what: &str| {
+            format!("{}: the store ignores {what}; collectors cannot share it safely", store.uri())
+        };
+        store.delete(&key).await.map_err(failed)?;
+        let first = store.put_if(&key, b"1".to_vec(), Expect::Absent).await.map_err(failed)?;
+        let Conditional::Written(tag) = first else {
+            return Err(ignored("If-None-Match (a new object conflicted)"));
+        };
+        if store.put_if(&key, b"2".to_vec(), Expect::Absent).await.map_err(failed)? != Conditional::Conflict {
+            return Err(ignored("If-None-Match: *"));
+        }
+        let tag = match tag {
+            Some(tag) => tag,
+            None => store.get_tagged(&key, 16).await.map_err(failed)?.map(|(_, tag)| tag).unwrap_or_default(),
+        };
+        let stale =
+            store.put_if(&key, b"3".to_vec(), Expect::Etag("\"0-logvault-probe\"")).await.map_err(failed)?;
+        if stale != Conditional::Conflict {
+            return Err(ignored("If-Match"));
+        }
+        if !matches!(
+            store.put_if(&key, b"4".to_vec(), Expect::Etag(&tag)).await.map_err(failed)?,
+            Conditional::Written(_)
+        ) {
+            return Err(ignored("If-Match (the current tag conflicted)"));
+        }
+        store.delete(&key).await.map_err(failed)?;
         Ok(SharedStreams { store, collector: collector.to_owned() })
     }
 
@@ -261,7 +297,8 @@ impl SharedStreams {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

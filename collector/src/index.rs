@@ -407,7 +407,8 @@ impl LogIndex {
     }
 
     /// The documents of one WAL entry: a record each, minus those an
-    /// earlier entry stored. Each gets the id `*next_id`, which moves on.
+    /// earlier entry stored (none of a void entry). Each gets the id
+    /// `*next_id`, which moves on.
     pub fn documents(
         &self,
         entry: &wal::Entry,
@@ -415,6 +416,9 @@ impl LogIndex {
         next_id: &mut u64,
         out: &mut Vec<TantivyDocument>,
     ) {
+        if entry.void {
+            return;
+        }
         let f = &self.fields;
         // Checked against the real limits when it arrived.
         let limits = Limits::TRUSTED;
@@ -912,6 +916,7 @@ mod tests {
             skip: 0,
             signer: Vec::new(),
             batch: builder.sign(&key),
+            void: false,
         };
         let (mut docs, mut next_id) = (Vec::new(), 0);
         index.documents(&entry, &mut Inflater::new(), &mut next_id, &mut docs);

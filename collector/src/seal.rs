@@ -288,9 +288,10 @@ impl Sealer {
             .map_err(|e| e.to_string())?;
         let Some(last) = entries.last() else { return Ok(()) };
         let next_position = last.next;
-        // One segment per tenant and host, in WAL order within each.
+        // One segment per tenant and host, in WAL order within each; void
+        // entries (never acked, stored by another collector) are not sealed.
         let mut groups: BTreeMap<(String, String), Vec<wal::Entry>> = BTreeMap::new();
-        for entry in entries {
+        for entry in entries.into_iter().filter(|entry| !entry.void) {
             groups.entry((entry.tenant.clone(), entry.host.clone())).or_default().push(entry);
         }
         let mut sealed = Vec::new();

@@ -166,7 +166,8 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         (Some(cluster), Some(archive)) => {
             let store = logvault_storage::archive::Archive::open(&cluster.uri)
                 .map_err(|e| ServerError::Cluster(e.to_string()))?;
-            let shared = crate::cluster::SharedStreams::new(store, &archive.collector_id)
+            let shared = crate::cluster::SharedStreams::open(store, &archive.collector_id)
+                .await
                 .map_err(ServerError::Cluster)?;
             tracing::info!(uri = %cluster.uri, collector = %archive.collector_id, "streams' dedup state shared with the other collectors");
             Wal::open_shared(&wal_dir, &wal_options, shared).await?

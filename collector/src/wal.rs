@@ -8,17 +8,23 @@
 //! stored once, whichever connection it arrives on.
 //!
 //! Files are `wal/<base-position>.wal`, rolled at `segment_bytes`. Entry
-//! layout (version 2, big-endian):
+//! layout (version 3, big-endian):
 //!
 //! ```text
-//! len u32 | crc32 u32 (of payload) | payload:
-//!   version u8 = 2 | received_ns i64 | tenant u16+UTF-8 | host u16+UTF-8
+//! len u32 | crc32 u32 (of the payload but its state byte) | payload:
+//!   version u8 = 3 | state u8 (0x00 live, 0x5A void)
+//!   | received_ns i64 | tenant u16+UTF-8 | host u16+UTF-8
 //!   | skip u32 (leading records already stored by an earlier batch)
 //!   | signer u8+bytes (the Ed25519 public key the batch verified under)
 //!   | the agent's signed batch, byte for byte
 //! ```
 //!
-//! Version 1 entries (no signer) are still read, with an empty signer.
+//! A void entry is one a collector sharing a bucket wrote but did not
+//! ack, because another collector stored its records first (see
+//! [`crate::cluster`]): it is never indexed, sealed or counted by dedup.
+//! It is made void by writing that one byte in place, which cannot be torn,
+//! so the checksum leaves it out; any value but the two is damage.
+//! Versions 1 (no signer) and 2 (no state byte) are still read.
 //!
 //! On open the last segment's torn tail (a crash mid-write) is cut off at
 //! the last whole entry; everything before it was fsynced.
@@ -44,7 +50,13 @@ use tokio::sync::{mpsc, oneshot};
 
 mod shared;
 
-const ENTRY_VERSION: u8 = 2;
+const ENTRY_VERSION: u8 = 3;
+/// An entry's state byte (version 3): live.
+const LIVE: u8 = 0x00;
+/// ... or void: written, never acked, never to be read as stored.
+const VOID: u8 = 0x5A;
+/// Where the state byte is in an entry (length, checksum, version first).
+const STATE_AT: usize = 9;
 /// Largest entry accepted when reading back, a guard against a corrupt length.
 const MAX_ENTRY: u32 = 64 * 1024 * 1024;
 /// Largest batch the WAL takes: an entry's tenant, host and header fit in
@@ -397,6 +409,8 @@ pub struct Entry {
     pub signer: Vec<u8>,
     /// The signed batch.
     pub batch: Vec<u8>,
+    /// Written by a collector sharing a bucket and never acked: not stored.
+    pub void: bool,
 }
 
 struct Writer {
@@ -420,6 +434,8 @@ struct Writer {
     pruned: Arc<AtomicU64>,
     /// The dedup state shared with other collectors, when there are any.
     shared: Option<shared::Shared>,
+    /// The segment being written, open for writes in place (void entries).
+    file_at: Option<(PathBuf, File)>,
 }
 
 /// What a WAL directory holds, read back at open.
@@ -437,14 +453,18 @@ struct Recovered {
 /// An entry after the snapshot, as settling against a shared bucket needs it.
 struct TailEntry {
     key: StreamKey,
+    /// Its position in the WAL.
+    position: u64,
+    /// Its batch's hash.
+    hash: [u8; 32],
+    /// Made void while settling.
+    void: bool,
     /// The segment file and the entry's offset in it.
     path: PathBuf,
     offset: u64,
     /// Its new records: `first_seq + skip .. end_seq`.
     from: u64,
     to: u64,
-    /// Records in the batch.
-    count: u32,
 }
 
 impl Recovered {
@@ -463,6 +483,7 @@ impl Recovered {
             let mut valid_end = *base;
             scan_segment(path, *base, last, |entry| {
                 if entry.position >= snapshot_at
+                    && !entry.void
                     && let (Ok(header), Ok(hash)) =
                         (peek_header(&entry.batch), encoded_batch_hash(&entry.batch))
                 {
@@ -476,11 +497,13 @@ impl Recovered {
                     if with_tail {
                         tail.push(TailEntry {
                             key,
+                            position: entry.position,
+                            hash,
+                            void: false,
                             path: path.clone(),
                             offset: entry.position - base,
                             from: (header.first_seq + u64::from(entry.skip)).min(header.end_seq()),
                             to: header.end_seq(),
-                            count: header.count,
                         });
                     }
                 }
@@ -509,15 +532,16 @@ impl Wal {
         options: &WalOptions,
         shared: crate::cluster::SharedStreams,
     ) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
-        let recovered = {
+        let mut recovered = {
             let dir = dir.to_owned();
             tokio::task::spawn_blocking(move || Recovered::read(&dir, true))
                 .await
                 .map_err(|_| WalError::Closed)??
         };
-        shared::settle(&recovered, &shared).await?;
+        shared::settle(&mut recovered, &shared, dir).await?;
         let runtime = tokio::runtime::Handle::current();
-        Self::start(recovered, dir, options, Some(shared::Shared::new(shared, runtime)))
+        let shared = shared::Shared::new(shared, runtime, dir)?;
+        Self::start(recovered, dir, options, Some(shared))
     }
 
     fn start(
@@ -569,6 +593,7 @@ impl Wal {
             durable: durable.clone(),
             poisoned: false,
             shared,
+            file_at: None,
         };
         let handle = std::thread::Builder::new()
             .name("logvault-wal".into())
@@ -776,6 +801,9 @@ impl Writer {
             return;
         }
         buffer.clear();
+        if let Some(shared) = self.shared.as_mut() {
+            shared.trim();
+        }
         let mut outcomes: Vec<Result<Appended, WalError>> = Vec::with_capacity(group.len());
         let mut updates: HashMap<StreamKey, StreamState> = HashMap::new();
         // With a shared bucket: the streams read from it in this group, and
@@ -870,12 +898,10 @@ impl Writer {
             if self.shared.is_some() {
                 let first = request.header.first_seq + u64::from(skipped);
                 placed.push(shared::Placed {
-                    outcome: outcomes.len(),
                     key: key.clone(),
                     entry: start..buffer.len(),
                     from: first.min(request.header.end_seq()),
                     to: request.header.end_seq(),
-                    count: request.header.count,
                     hash,
                 });
             }
@@ -886,7 +912,21 @@ impl Writer {
         if !buffer.is_empty() {
             let written = self.file.write_all(buffer).and_then(|_| self.file.sync_data());
             let written = match written {
-                Ok(()) if !placed.is_empty() => self.publish(&placed, buffer, &mut outcomes, &mut updates),
+                Ok(()) if !placed.is_empty() => {
+                    // Each outcome's stream, in the group's order.
+                    let keys: Vec<Option<StreamKey>> = group
+                        .iter()
+                        .map(|(request, _)| {
+                            Some(StreamKey {
+                                tenant: request.tenant.clone(),
+                                host: request.host.clone(),
+                                source: request.header.source.clone(),
+                                epoch: request.header.epoch,
+                            })
+                        })
+                        .collect();
+                    self.publish(&placed, &mut outcomes, &keys, &mut updates)
+                }
                 Ok(()) => Ok(()),
                 Err(err) => Err(io_err(&self.path, err)),
             };
@@ -900,6 +940,9 @@ impl Writer {
             }
             self.len += buffer.len() as u64;
             self.streams.extend(updates);
+            if self.shared.is_some() {
+                self.settled(self.base + self.len);
+            }
             self.durable.store(self.base + self.len, Ordering::Release);
         }
         for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
@@ -1133,6 +1176,7 @@ fn encode_entry(out: &mut Vec<u8>, request: &AppendRequest, skip: u32) {
     let start = out.len();
     out.extend_from_slice(&[0u8; 8]);
     out.push(ENTRY_VERSION);
+    out.push(LIVE);
     out.extend_from_slice(&request.received_ns.to_be_bytes());
     for text in [&request.tenant, &request.host] {
         out.extend_from_slice(&(text.len() as u16).to_be_bytes());
@@ -1145,13 +1189,27 @@ fn encode_entry(out: &mut Vec<u8>, request: &AppendRequest, skip: u32) {
     out.extend_from_slice(&request.batch);
     let payload = &out[start + 8..];
     let len = payload.len() as u32;
-    let crc = crc32fast::hash(payload);
+    let crc = payload_crc(payload);
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
 }
 
+/// An entry payload's checksum: from version 3 on, of all but its state byte.
+fn payload_crc(payload: &[u8]) -> u32 {
+    match payload {
+        [version, _, rest @ ..] if *version >= 3 => {
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&payload[..1]);
+            hasher.update(rest);
+            hasher.finalize()
+        }
+        _ => crc32fast::hash(payload),
+    }
+}
+
 /// What an entry's payload holds.
 struct Payload {
+    void: bool,
     received_ns: i64,
     tenant: String,
     host: String,
@@ -1161,9 +1219,19 @@ struct Payload {
 }
 
 fn decode_payload(payload: &[u8]) -> Option<Payload> {
-    let (&version, rest) = payload.split_first()?;
-    if version != 1 && version != ENTRY_VERSION {
+    let (&version, mut rest) = payload.split_first()?;
+    if !(1..=ENTRY_VERSION).contains(&version) {
         return None;
+    }
+    let mut void = false;
+    if version >= 3 {
+        let (&state, after) = rest.split_first()?;
+        void = match state {
+            LIVE => false,
+            VOID => true,
+            _ => return None,
+        };
+        rest = after;
     }
     let received_ns = i64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
     let mut rest = &rest[8..];
@@ -1185,7 +1253,7 @@ fn decode_payload(payload: &[u8]) -> Option<Payload> {
     } else {
         Vec::new()
     };
-    Some(Payload { received_ns, tenant, host, skip, signer, batch: rest.to_vec() })
+    Some(Payload { void, received_ns, tenant, host, skip, signer, batch: rest.to_vec() })
 }
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -1232,16 +1300,16 @@ fn scan_segment(path: &Path, base: u64, is_last: bool, mut each: impl FnMut(Entr
         if read_full(&mut file, &mut payload).map_err(|e| io_err(path, e))? != payload.len() {
             return torn(path, offset, is_last, "partial entry");
         }
-        if crc32fast::hash(&payload) != crc {
+        if payload_crc(&payload) != crc {
             return torn(path, offset, is_last, "checksum mismatch");
         }
-        let Some(Payload { received_ns, tenant, host, skip, signer, batch }) = decode_payload(&payload)
+        let Some(Payload { void, received_ns, tenant, host, skip, signer, batch }) = decode_payload(&payload)
         else {
             return torn(path, offset, is_last, "undecodable entry");
         };
         let position = base + offset;
         offset += 8 + u64::from(len);
-        each(Entry { position, next: base + offset, received_ns, tenant, host, skip, signer, batch });
+        each(Entry { position, next: base + offset, received_ns, tenant, host, skip, signer, batch, void });
     }
 }
 
@@ -1289,15 +1357,25 @@ pub fn read_range(dir: &Path, from: u64, until: u64, max_bytes: u64) -> Result<V
             if read_full(&mut reader, &mut payload).map_err(|e| io_err(path, e))? != payload.len() {
                 return Err(corrupt("partial entry below the durable end"));
             }
-            if crc32fast::hash(&payload) != crc {
+            if payload_crc(&payload) != crc {
                 return Err(corrupt("checksum mismatch"));
             }
-            let Payload { received_ns, tenant, host, skip, signer, batch } =
+            let Payload { void, received_ns, tenant, host, skip, signer, batch } =
                 decode_payload(&payload).ok_or_else(|| corrupt("undecodable entry"))?;
             let position = base + offset;
             offset += 8 + u64::from(len);
             taken += 8 + u64::from(len);
-            out.push(Entry { position, next: base + offset, received_ns, tenant, host, skip, signer, batch });
+            out.push(Entry {
+                position,
+                next: base + offset,
+                received_ns,
+                tenant,
+                host,
+                skip,
+                signer,
+                batch,
+                void,
+            });
         }
         if taken >= max_bytes {
             break;

@@ -399,8 +399,10 @@ impl Archive {
                 return Err(ArchiveError::OverCap { key: key.to_owned(), size, cap });
             }
             let Some(etag) = meta.etag() else { return Err(ArchiveError::NoEtag { key: key.to_owned() }) };
-            // The tag pins the object whose size was checked.
-            match self.operator.read_with(key).if_match(etag).await {
+            // The tag pins the object whose size was checked; no byte past it is read.
+            let read = self.operator.read_with(key).if_match(etag);
+            let read = if size > 0 { read.range(0..size).await } else { read.await };
+            match read {
                 Ok(buffer) if buffer.len() as u64 <= cap => {
                     return Ok(Some((buffer.to_vec(), etag.to_owned())));
                 }

@@ -118,7 +118,7 @@ struct Chains {
     /// The end seq of every signed batch and the collector that sealed it
     /// (by its place in `collectors`), by hash: where a batch that follows
     /// one sealed by another collector finds its predecessor.
-    by_hash: HashMap<[u8; 32], (u64, usize)>,
+    by_hash: HashMap<[u8; 32], Vec<(u64, usize)>>,
     collectors: Vec<String>,
     /// Batches whose predecessor is not the collector's previous batch of
     /// the stream, settled once every segment is walked.
@@ -159,9 +159,11 @@ impl Chains {
     /// the predecessor found.
     fn settle(self, report: &mut Report) {
         for link in self.open {
-            let found = self.by_hash.get(&link.prev_hash).filter(|(_, by)| *by != link.collector);
+            let found = self.by_hash.get(&link.prev_hash).and_then(|sealed| {
+                sealed.iter().filter(|(_, by)| *by != link.collector).map(|(end, _)| *end).max()
+            });
             match found {
-                Some(&(end, _)) if link.from > end => report.add(
+                Some(end) if link.from > end => report.add(
                     Kind::Missing,
                     &link.object,
                     format!("records {end}..{} of {} are missing", link.first_seq, link.source),
@@ -653,7 +655,10 @@ fn chain_batches(
             None if batch.header.first_seq > 0 => chains.open.push(open(false)),
             None => {}
         }
-        chains.by_hash.insert(batch.hash, (end, place));
+        let sealed = chains.by_hash.entry(batch.hash).or_default();
+        if !sealed.contains(&(end, place)) {
+            sealed.push((end, place));
+        }
         chains.ends.insert(stream, StreamEnd { next_seq: end, hash: batch.hash });
     }
 }

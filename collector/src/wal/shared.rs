@@ -6,28 +6,47 @@
 //! touched is written back conditionally, naming this collector as the
 //! owner of the records it stored; only then are the batches acked. When
 //! another collector wrote the stream first, its entries of the group are
-//! voided in place (every record skipped: never indexed or archived as
-//! new) and the agent is told to send them again. When the bucket cannot
-//! be reached, the outcome is unknown, so the writer keeps asking until
-//! it can tell: nothing is acked meanwhile, and nothing acked is lost.
+//! made void in place (one state byte, outside the checksum: never
+//! indexed, sealed or counted by dedup) and every batch of that stream in
+//! the group is answered busy, so the agent sends it again. When the
+//! bucket cannot be reached, the outcome is unknown, so the writer keeps
+//! asking until it can tell: nothing is acked meanwhile, and nothing acked
+//! is lost.
+//!
+//! `wal/shared.settled` holds the position before which every entry is
+//! settled with the bucket (acked, or void): written when a collector
+//! first opens its WAL with a bucket (what came before was acked without
+//! one) and after each group. At open, the entries after it whose records
+//! the bucket does not give to this collector (a crash between the fsync
+//! and the bucket write) are made void, after the stream's object is
+//! fenced (rewritten) so that a write still in flight from before the
+//! crash cannot land later.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use logvault_storage::archive::Conditional;
 
-use super::{Appended, Recovered, StreamKey, StreamState, WalError, Writer, io_err};
-use crate::cluster::{SharedStreams, StreamRecord};
+use super::{
+    Appended, ENTRY_VERSION, Recovered, STATE_AT, StreamKey, StreamState, VOID, WalError, Writer, io_err,
+};
+use crate::cluster::{ClusterError, SharedStreams, StreamRecord};
 
-/// Stream objects cached, at most; past it the cache is emptied and
-/// streams are read again as they come.
+/// Stream objects cached, at most; past it the cache is emptied (between
+/// groups) and streams are read again as they come.
 const CACHED: usize = 8192;
 /// Longest wait between attempts to reach the bucket.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The settled position's file, in the WAL directory.
+const SETTLED: &str = "shared.settled";
+/// A test hook: the collector aborts right after the fsync of this many
+/// groups, before their streams' objects are written (a crash at the one
+/// point where an entry is durable and not yet the collector's).
+pub(super) const CRASH_AFTER_FSYNC_ENV: &str = "LOGVAULT_TEST_CRASH_AFTER_WAL_FSYNC";
 
 /// The shared state as the writer holds it.
 pub(super) struct Shared {
@@ -36,11 +55,21 @@ pub(super) struct Shared {
     /// Streams as this collector last wrote or read them, with the entity
     /// tag (None: no object yet).
     known: HashMap<StreamKey, (StreamRecord, Option<String>)>,
+    settled: File,
+    /// Groups left before the test hook aborts.
+    crash_after: Option<u64>,
 }
 
 impl Shared {
-    pub(super) fn new(streams: SharedStreams, runtime: tokio::runtime::Handle) -> Shared {
-        Shared { streams, runtime, known: HashMap::new() }
+    pub(super) fn new(
+        streams: SharedStreams,
+        runtime: tokio::runtime::Handle,
+        dir: &Path,
+    ) -> Result<Shared, WalError> {
+        let path = dir.join(SETTLED);
+        let settled = OpenOptions::new().write(true).open(&path).map_err(|e| io_err(&path, e))?;
+        let crash_after = std::env::var(CRASH_AFTER_FSYNC_ENV).ok().and_then(|n| n.parse().ok());
+        Ok(Shared { streams, runtime, known: HashMap::new(), settled, crash_after })
     }
 
     /// Whether the stream was written or read by this collector last.
@@ -48,26 +77,23 @@ impl Shared {
         self.known.contains_key(key)
     }
 
-    fn remember(&mut self, key: StreamKey, record: StreamRecord, etag: Option<String>) {
-        if self.known.len() >= CACHED && !self.known.contains_key(&key) {
+    /// Empties the cache when it is full; between groups only, so no
+    /// stream loses its tag while a group uses it.
+    pub(super) fn trim(&mut self) {
+        if self.known.len() >= CACHED {
             self.known.clear();
         }
-        self.known.insert(key, (record, etag));
     }
 }
 
 /// Where an entry of the group lies, and what it stored.
 pub(super) struct Placed {
-    /// Its place among the group's outcomes.
-    pub outcome: usize,
     pub key: StreamKey,
     /// Its bytes in the group's buffer.
     pub entry: Range<usize>,
     /// Its new records.
     pub from: u64,
     pub to: u64,
-    /// Records in the batch.
-    pub count: u32,
     pub hash: [u8; 32],
 }
 
@@ -82,65 +108,100 @@ fn state_of(record: &StreamRecord) -> StreamState {
     state
 }
 
-fn fetch_record(
-    shared: &Shared,
+/// A first object for a stream this collector knew before it shared a
+/// bucket: its end and last links.
+fn record_of(key: &StreamKey, state: Option<&StreamState>) -> StreamRecord {
+    let mut record = StreamRecord::new(&key.tenant, &key.host, &key.source, key.epoch);
+    if let Some(state) = state {
+        let mut links: Vec<(u64, [u8; 32])> =
+            state.links.iter().flat_map(|(end, hashes)| hashes.iter().map(|hash| (*end, *hash))).collect();
+        let keep = links.len().saturating_sub(crate::cluster::SHARED_LINKS);
+        record.floor = state.floor.max(links.get(keep.wrapping_sub(1)).map_or(0, |(end, _)| *end));
+        links.drain(..keep);
+        record.links = links.into_iter().map(|(end, hash)| (end, crate::cluster::hex(&hash))).collect();
+        record.high = state.high;
+    }
+    record
+}
+
+fn fetch(
+    shared: &SharedStreams,
+    runtime: &tokio::runtime::Handle,
     key: &StreamKey,
-) -> Result<(StreamRecord, Option<String>), crate::cluster::ClusterError> {
-    let fetched =
-        shared.runtime.block_on(shared.streams.fetch(&key.tenant, &key.host, &key.source, key.epoch))?;
-    Ok(match fetched {
-        Some((record, etag)) => (record, Some(etag)),
-        None => (StreamRecord::new(&key.tenant, &key.host, &key.source, key.epoch), None),
-    })
+) -> Result<Option<(StreamRecord, String)>, ClusterError> {
+    runtime.block_on(shared.fetch(&key.tenant, &key.host, &key.source, key.epoch))
+}
+
+/// Asks until the bucket answers, waiting longer each time.
+fn until_answered<T>(what: &str, mut attempt: impl FnMut() -> Result<T, ClusterError>) -> T {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match attempt() {
+            Ok(value) => return value,
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "{what}; acks wait until the bucket answers");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
 }
 
 impl Writer {
-    /// Reads the stream's object into the dedup state.
+    /// Reads the stream's object into the dedup state. A stream with no
+    /// object keeps what this WAL knows of it (from before the bucket).
     pub(super) fn refresh(&mut self, key: &StreamKey) -> Result<(), WalError> {
         let shared = self.shared.as_mut().expect("only with a shared bucket");
-        let (record, etag) = fetch_record(shared, key).map_err(|err| {
+        let fetched = fetch(&shared.streams, &shared.runtime, key).map_err(|err| {
             tracing::warn!(error = %err, "shared stream state unreadable; refusing the batch as busy");
             WalError::Shared { message: format!("collector busy: shared stream state unreadable: {err}") }
         })?;
-        if etag.is_some() {
-            self.streams.insert(key.clone(), state_of(&record));
-        } else {
-            self.streams.remove(key);
+        match fetched {
+            Some((record, etag)) => {
+                self.streams.insert(key.clone(), state_of(&record));
+                shared.known.insert(key.clone(), (record, Some(etag)));
+            }
+            None => {
+                let record = record_of(key, self.streams.get(key));
+                shared.known.insert(key.clone(), (record, None));
+            }
         }
-        shared.remember(key.clone(), record, etag);
         Ok(())
     }
 
     /// Writes back every stream the group stored records of, after the
     /// group's fsync. A stream another collector wrote first has its
-    /// entries voided and answered with [`WalError::Shared`]; its state
-    /// is read again.
+    /// entries made void and all its batches in the group answered with
+    /// [`WalError::Shared`]; its state is read again.
     pub(super) fn publish(
         &mut self,
         placed: &[Placed],
-        buffer: &[u8],
         outcomes: &mut [Result<Appended, WalError>],
+        outcome_keys: &[Option<StreamKey>],
         updates: &mut HashMap<StreamKey, StreamState>,
     ) -> Result<(), WalError> {
         let shared = self.shared.as_mut().expect("only with a shared bucket");
+        if let Some(left) = shared.crash_after.as_mut() {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                tracing::error!("{CRASH_AFTER_FSYNC_ENV}: aborting between the wal fsync and the bucket");
+                std::process::abort();
+            }
+        }
         let collector = shared.streams.collector().to_owned();
-        // Each stream's new object, and the range of records it gives us.
+        // Each stream's new object, and the ranges of records it gives us.
         let mut order: Vec<StreamKey> = Vec::new();
-        let mut next: HashMap<StreamKey, (StreamRecord, Option<String>, u64, u64)> = HashMap::new();
+        let mut next: HashMap<StreamKey, (StreamRecord, Option<String>, Vec<(u64, u64)>)> = HashMap::new();
         for place in placed {
-            let (record, _, from, to) = next.entry(place.key.clone()).or_insert_with(|| {
+            let (record, _, ranges) = next.entry(place.key.clone()).or_insert_with(|| {
                 order.push(place.key.clone());
-                let (record, etag) = shared.known.get(&place.key).cloned().unwrap_or_else(|| {
-                    let key = &place.key;
-                    (StreamRecord::new(&key.tenant, &key.host, &key.source, key.epoch), None)
-                });
-                let high = record.high;
-                (record, etag, high, high)
+                let (record, etag) =
+                    shared.known.get(&place.key).cloned().expect("read before it was judged");
+                (record, etag, Vec::new())
             });
             record.record(&collector, place.from, place.to, &place.hash);
             if place.from < place.to {
-                *from = (*from).min(place.from);
-                *to = (*to).max(place.to);
+                ranges.push((place.from, place.to));
             }
         }
         // Every stream at once, then each one settled.
@@ -149,7 +210,7 @@ impl Writer {
             shared.runtime.block_on(async {
                 let mut set = tokio::task::JoinSet::new();
                 for (i, key) in order.iter().enumerate() {
-                    let (record, etag, _, _) = next[key].clone();
+                    let (record, etag, _) = next[key].clone();
                     let streams = streams.clone();
                     set.spawn(async move { (i, streams.publish(&record, etag.as_deref()).await) });
                 }
@@ -164,165 +225,269 @@ impl Writer {
         };
         let mut voided = HashSet::new();
         for (key, result) in order.into_iter().zip(written) {
-            let (record, etag, from, to) = next.remove(&key).expect("built above");
+            let (record, etag, ranges) = next.remove(&key).expect("built above");
             let mut result = result;
-            let mut backoff = Duration::from_millis(100);
             loop {
                 match result {
-                    Some(Ok(Conditional::Written(tag))) => {
-                        match tag {
-                            Some(tag) => shared.remember(key.clone(), record, Some(tag)),
-                            None => {
-                                shared.known.remove(&key);
-                            }
-                        }
+                    Some(Ok(Conditional::Written(Some(tag)))) => {
+                        shared.known.insert(key.clone(), (record, Some(tag)));
+                        break;
+                    }
+                    Some(Ok(Conditional::Written(None))) => {
+                        // No tag given back: read the object next time.
+                        shared.known.remove(&key);
                         break;
                     }
                     Some(Err(err)) => {
-                        tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "shared stream state not written; acks wait until the bucket answers");
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        tracing::warn!(error = %err, "shared stream state not written; acks wait until the bucket answers");
+                        std::thread::sleep(Duration::from_millis(200));
                     }
                     Some(Ok(Conditional::Conflict)) | None => {}
                 }
                 // What the bucket holds now decides.
-                let (current, tag) = match fetch_record(shared, &key) {
-                    Ok(current) => current,
-                    Err(err) => {
-                        tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "shared stream state unreadable; acks wait until the bucket answers");
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        result = None;
-                        continue;
-                    }
+                let current = until_answered("shared stream state unreadable", || {
+                    fetch(&shared.streams, &shared.runtime, &key)
+                });
+                let (current, tag) = match current {
+                    Some((current, tag)) => (current, Some(tag)),
+                    None => (record_of(&key, self.streams.get(&key)), None),
                 };
-                if from < to && current.gives(&collector, from, to) {
+                if !ranges.is_empty() && ranges.iter().all(|(from, to)| current.gives(&collector, *from, *to))
+                {
                     // Our write landed (its answer was lost).
-                    shared.remember(key.clone(), current, tag);
-                    break;
-                }
-                if tag == etag {
+                } else if tag == etag {
                     // Unchanged: our write did not land. Again.
                     result = Some(shared.runtime.block_on(shared.streams.publish(&record, etag.as_deref())));
                     continue;
-                }
-                // Another collector wrote the stream first.
-                if from < to {
-                    tracing::info!(tenant = %key.tenant, host = %key.host, source = %key.source, epoch = key.epoch, from, to, "records taken by another collector first; voided here, the agent sends them again");
+                } else if !ranges.is_empty() {
+                    // Another collector wrote the stream first.
+                    tracing::info!(tenant = %key.tenant, host = %key.host, source = %key.source, epoch = key.epoch, ?ranges, "records taken by another collector first; void here, the agent sends them again");
                     voided.insert(key.clone());
                 }
                 self.streams.insert(key.clone(), state_of(&current));
                 updates.remove(&key);
-                shared.remember(key.clone(), current, tag);
+                shared.known.insert(key.clone(), (current, tag));
                 break;
             }
         }
-        if voided.is_empty() {
-            return Ok(());
+        if !voided.is_empty() {
+            for place in placed.iter().filter(|place| voided.contains(&place.key)) {
+                let at = self.len + (place.entry.start + STATE_AT) as u64;
+                self.file_at().write_all_at(&[VOID], at).map_err(|e| io_err(&self.path, e))?;
+            }
+            self.file_at().sync_data().map_err(|e| io_err(&self.path, e))?;
+            for (outcome, key) in outcomes.iter_mut().zip(outcome_keys) {
+                if key.as_ref().is_some_and(|key| voided.contains(key)) {
+                    *outcome = Err(WalError::Shared {
+                        message: "collector busy: another collector stored these records first; send again"
+                            .into(),
+                    });
+                }
+            }
         }
-        let file = OpenOptions::new().write(true).open(&self.path).map_err(|e| io_err(&self.path, e))?;
-        for place in placed.iter().filter(|place| voided.contains(&place.key)) {
-            let mut entry = buffer[place.entry.clone()].to_vec();
-            void_entry(&mut entry, place.count);
-            let at = self.len + place.entry.start as u64;
-            file.write_all_at(&entry, at).map_err(|e| io_err(&self.path, e))?;
-            outcomes[place.outcome] = Err(WalError::Shared {
-                message: "collector busy: another collector stored these records first; send again".into(),
-            });
-        }
-        file.sync_data().map_err(|e| io_err(&self.path, e))?;
         Ok(())
     }
-}
 
-/// Rewrites a whole encoded entry (length, checksum, payload) so that every
-/// record of its batch is skipped.
-fn void_entry(entry: &mut [u8], count: u32) {
-    let payload = &mut entry[8..];
-    // version u8 | received_ns i64 | tenant u16+ | host u16+ | skip u32
-    let mut at = 9;
-    for _ in 0..2 {
-        let len = u16::from_be_bytes([payload[at], payload[at + 1]]) as usize;
-        at += 2 + len;
+    /// Notes that everything before `position` is settled with the bucket.
+    /// Not fsynced: a position lost in a crash only makes the next open
+    /// check more entries.
+    pub(super) fn settled(&mut self, position: u64) {
+        let shared = self.shared.as_mut().expect("only with a shared bucket");
+        let _ = shared.settled.write_all_at(&encode_settled(position), 0);
     }
-    payload[at..at + 4].copy_from_slice(&count.to_be_bytes());
-    let crc = crc32fast::hash(payload);
-    entry[4..8].copy_from_slice(&crc.to_be_bytes());
+
+    /// The segment being written, open for writes in place.
+    fn file_at(&mut self) -> &File {
+        if self.file_at.as_ref().is_none_or(|(path, _)| *path != self.path) {
+            let file =
+                OpenOptions::new().write(true).open(&self.path).expect("the segment being written opens");
+            self.file_at = Some((self.path.clone(), file));
+        }
+        &self.file_at.as_ref().expect("just set").1
+    }
 }
 
-/// Voids the entry at `offset` of the segment file `path` in place.
-fn void_in_file(path: &Path, offset: u64, count: u32) -> Result<(), WalError> {
+fn encode_settled(position: u64) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[..8].copy_from_slice(&position.to_be_bytes());
+    let crc = crc32fast::hash(&out[..8]);
+    out[8..].copy_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// The settled position; a damaged file counts as none (check everything).
+fn read_settled(path: &Path) -> Result<Option<u64>, WalError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(io_err(path, err)),
+    };
+    let valid = bytes.len() == 12 && crc32fast::hash(&bytes[..8]).to_be_bytes() == bytes[8..];
+    Ok(Some(if valid { u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")) } else { 0 }))
+}
+
+/// Makes the entry at `offset` of the segment file `path` void in place.
+fn void_in_file(path: &Path, offset: u64) -> Result<(), WalError> {
     let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| io_err(path, e))?;
-    let mut head = [0u8; 8];
-    file.read_exact_at(&mut head, offset).map_err(|e| io_err(path, e))?;
-    let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
-    if len > super::MAX_ENTRY {
+    let mut version = [0u8; 1];
+    file.read_exact_at(&mut version, offset + 8).map_err(|e| io_err(path, e))?;
+    if version[0] != ENTRY_VERSION {
+        // Older entries have no state byte: they were written without a bucket.
         return Err(WalError::Corrupt {
             path: path.to_owned(),
             offset,
-            reason: "entry length over the cap".into(),
+            reason: "an entry to void is not version 3".into(),
         });
     }
-    let mut entry = vec![0u8; 8 + len as usize];
-    file.read_exact_at(&mut entry, offset).map_err(|e| io_err(path, e))?;
-    void_entry(&mut entry, count);
-    file.write_all_at(&entry, offset).map_err(|e| io_err(path, e))?;
+    file.write_all_at(&[VOID], offset + STATE_AT as u64).map_err(|e| io_err(path, e))?;
     file.sync_data().map_err(|e| io_err(path, e))
 }
 
-/// At open: voids every entry after the snapshot whose records the bucket
-/// does not give to this collector (written, then the collector stopped
-/// before its stream object was, so never acked).
-pub(super) async fn settle(recovered: &Recovered, shared: &SharedStreams) -> Result<(), WalError> {
-    let mut records: HashMap<&StreamKey, StreamRecord> = HashMap::new();
-    let mut doomed = Vec::new();
-    for entry in recovered.tail.iter().filter(|entry| entry.from < entry.to) {
-        if !records.contains_key(&entry.key) {
-            let key = &entry.key;
+/// At open: makes void every entry after the settled position whose
+/// records the bucket does not give to this collector (written, then the
+/// collector stopped before its stream object was, so never acked), after
+/// fencing its stream's object; then sets each such stream's dedup state
+/// to what the bucket and the live entries say.
+pub(super) async fn settle(
+    recovered: &mut Recovered,
+    shared: &SharedStreams,
+    dir: &Path,
+) -> Result<(), WalError> {
+    let path = dir.join(SETTLED);
+    let from = match read_settled(&path)? {
+        Some(position) => position,
+        None => {
+            // First open with a bucket: everything so far was acked without one.
+            let bytes = encode_settled(recovered.end);
+            let written = File::create(&path).and_then(|mut file| {
+                std::io::Write::write_all(&mut file, &bytes)?;
+                file.sync_all()
+            });
+            written.map_err(|e| io_err(&path, e))?;
+            super::sync_dir(dir)?;
+            recovered.end
+        }
+    };
+    let shared_err = |err: ClusterError| WalError::Shared {
+        message: format!("settling the wal with the shared bucket: {err}"),
+    };
+    let mut doomed: Vec<(PathBuf, u64)> = Vec::new();
+    let mut touched: HashMap<StreamKey, Option<StreamRecord>> = HashMap::new();
+    let unsettled: Vec<usize> = (0..recovered.tail.len())
+        .filter(|&i| recovered.tail[i].position >= from && recovered.tail[i].from < recovered.tail[i].to)
+        .collect();
+    let keys: Vec<StreamKey> = {
+        let mut seen = HashSet::new();
+        unsettled
+            .iter()
+            .map(|&i| recovered.tail[i].key.clone())
+            .filter(|key| seen.insert(key.clone()))
+            .collect()
+    };
+    for key in keys {
+        let entries: Vec<usize> =
+            unsettled.iter().copied().filter(|&i| recovered.tail[i].key == key).collect();
+        loop {
             let fetched =
-                shared.fetch(&key.tenant, &key.host, &key.source, key.epoch).await.map_err(|err| {
-                    WalError::Shared { message: format!("settling the wal with the shared bucket: {err}") }
-                })?;
-            let record = fetched.map_or_else(
-                || StreamRecord::new(&key.tenant, &key.host, &key.source, key.epoch),
-                |(record, _)| record,
-            );
-            records.insert(key, record);
-        }
-        if !records[&entry.key].gives(shared.collector(), entry.from, entry.to) {
-            doomed.push((entry.path.clone(), entry.offset, entry.count));
+                shared.fetch(&key.tenant, &key.host, &key.source, key.epoch).await.map_err(shared_err)?;
+            let (record, etag) = match &fetched {
+                Some((record, etag)) => (record.clone(), Some(etag.clone())),
+                None => (StreamRecord::new(&key.tenant, &key.host, &key.source, key.epoch), None),
+            };
+            let lost: Vec<usize> = entries
+                .iter()
+                .copied()
+                .filter(|&i| !record.gives(shared.collector(), recovered.tail[i].from, recovered.tail[i].to))
+                .collect();
+            if lost.is_empty() {
+                touched.insert(key.clone(), fetched.map(|(record, _)| record));
+                break;
+            }
+            // Fence: a write of ours still in flight must not land after this.
+            let mut fenced = record.clone();
+            fenced.fence += 1;
+            match shared.publish(&fenced, etag.as_deref()).await.map_err(shared_err)? {
+                Conditional::Written(_) => {}
+                Conditional::Conflict => continue,
+            }
+            doomed.extend(lost.iter().map(|&i| (recovered.tail[i].path.clone(), recovered.tail[i].offset)));
+            for &i in &lost {
+                recovered.tail[i].void = true;
+            }
+            touched.insert(key.clone(), (etag.is_some()).then_some(fenced));
+            break;
         }
     }
-    if doomed.is_empty() {
-        return Ok(());
+    if !doomed.is_empty() {
+        tracing::warn!(
+            entries = doomed.len(),
+            "wal entries never acked and not ours in the shared bucket: made void, their agents send them again"
+        );
+        tokio::task::spawn_blocking(move || {
+            doomed.into_iter().try_for_each(|(path, offset)| void_in_file(&path, offset))
+        })
+        .await
+        .map_err(|_| WalError::Closed)??;
     }
-    tracing::warn!(
-        entries = doomed.len(),
-        "wal entries never acked and not ours in the shared bucket: voided, their agents send them again"
-    );
-    tokio::task::spawn_blocking(move || {
-        doomed.into_iter().try_for_each(|(path, offset, count)| void_in_file(&path, offset, count))
-    })
-    .await
-    .map_err(|_| WalError::Closed)?
+    // Dedup state of the streams settled: the bucket's, or (no object) the
+    // snapshot's with the live entries after it.
+    let (_, snapshot) = super::read_snapshot(dir)?;
+    for (key, record) in touched {
+        let state = match record {
+            Some(record) => state_of(&record),
+            None => {
+                let mut state = snapshot.get(&key).cloned().unwrap_or_default();
+                for entry in recovered.tail.iter().filter(|entry| entry.key == key && !entry.void) {
+                    state.record(entry.to, entry.hash);
+                }
+                state
+            }
+        };
+        recovered.streams.insert(key, state);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::{decode_payload, encode_entry};
+    use crate::wal::{decode_payload, encode_entry, payload_crc};
 
     #[test]
-    fn a_voided_entry_skips_every_record_and_still_checks() {
+    fn a_void_entry_keeps_its_checksum_and_reads_as_void() {
         let mut request = crate::wal::tests::request(0, 7, [0; 32]);
         (request.tenant, request.host) = ("acme".into(), "web-1".into());
         let mut entry = Vec::new();
         encode_entry(&mut entry, &request, 2);
-        void_entry(&mut entry, 7);
+        let live = decode_payload(&entry[8..]).unwrap();
+        assert!(!live.void);
+        entry[STATE_AT] = VOID;
         let crc = u32::from_be_bytes(entry[4..8].try_into().unwrap());
-        assert_eq!(crc, crc32fast::hash(&entry[8..]));
-        let payload = decode_payload(&entry[8..]).unwrap();
-        assert_eq!((payload.skip, payload.tenant.as_str(), payload.host.as_str()), (7, "acme", "web-1"));
-        assert_eq!(payload.batch, request.batch);
+        assert_eq!(crc, payload_crc(&entry[8..]), "the state byte is outside the checksum");
+        let void = decode_payload(&entry[8..]).unwrap();
+        assert!(void.void);
+        assert_eq!((void.skip, void.tenant.as_str(), void.host.as_str()), (2, "acme", "web-1"));
+        assert_eq!(void.batch, request.batch);
+        // Any other state is damage, and the rest is still checked.
+        entry[STATE_AT] = 1;
+        assert!(decode_payload(&entry[8..]).is_none());
+        entry[STATE_AT] = VOID;
+        entry[20] ^= 1;
+        assert_ne!(crc, payload_crc(&entry[8..]));
+    }
+
+    #[test]
+    fn the_settled_position_is_checked() {
+        let dir = std::env::temp_dir().join(format!("logvault-settled-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(SETTLED);
+        assert_eq!(read_settled(&path).unwrap(), None);
+        std::fs::write(&path, encode_settled(12345)).unwrap();
+        assert_eq!(read_settled(&path).unwrap(), Some(12345));
+        let mut torn = encode_settled(12345);
+        torn[3] ^= 0x40;
+        std::fs::write(&path, torn).unwrap();
+        assert_eq!(read_settled(&path).unwrap(), Some(0), "a damaged position checks everything");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

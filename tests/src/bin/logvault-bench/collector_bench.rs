@@ -271,6 +271,7 @@ fn indexer_alone(path: &Path, senders: &[(String, RawAgent, Stream)]) -> Result<
                 skip: 0,
                 signer: Vec::new(),
                 batch: batch.clone(),
+                void: false,
             };
             index.documents(&entry, &mut inflater, &mut next_id, &mut docs);
             feeder.add(&mut docs).map_err(|e| e.to_string())?;

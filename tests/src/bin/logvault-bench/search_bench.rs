@@ -177,6 +177,7 @@ fn build_index(dir: &Path, records: u64) -> Result<Duration, String> {
             skip: 0,
             signer: Vec::new(),
             batch: builder.sign(&key),
+            void: false,
         };
         index.documents(&entry, &mut inflater, &mut next_id, &mut docs);
         feeder.add(&mut docs).map_err(|e| e.to_string())?;
