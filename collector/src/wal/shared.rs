@@ -97,6 +97,10 @@ pub(super) struct Placed {
     pub hash: [u8; 32],
 }
 
+/// A stream's new object, the tag it replaces, and the ranges of records
+/// it gives this collector.
+type Outgoing = (StreamRecord, Option<String>, Vec<(u64, u64)>);
+
 /// Dedup state from a stream object.
 fn state_of(record: &StreamRecord) -> StreamState {
     let mut state = StreamState::default();
@@ -191,7 +195,7 @@ impl Writer {
         let collector = shared.streams.collector().to_owned();
         // Each stream's new object, and the ranges of records it gives us.
         let mut order: Vec<StreamKey> = Vec::new();
-        let mut next: HashMap<StreamKey, (StreamRecord, Option<String>, Vec<(u64, u64)>)> = HashMap::new();
+        let mut next: HashMap<StreamKey, Outgoing> = HashMap::new();
         for place in placed {
             let (record, _, ranges) = next.entry(place.key.clone()).or_insert_with(|| {
                 order.push(place.key.clone());
