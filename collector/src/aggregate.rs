@@ -426,21 +426,24 @@ impl LogIndex {
             .collect::<Result<Vec<_>, _>>()?;
         let terms_collector = TermsCollector { columns };
         let query = crate::search::deadline_query(self.filter_query(filter)?, deadline);
-        let searcher = self.reader.searcher();
+        // This collector's records, and the other collectors' splits.
+        let mut searchers = vec![self.reader.searcher()];
+        searchers.extend(self.remote_searchers(filter)?);
         let histogram_collector = match histogram {
             None => None,
-            Some(request) => Some(self.histogram_layout(&searcher, &*query, filter, request)?),
+            Some(request) => Some(self.histogram_layout(&searchers, &*query, filter, request)?),
         };
         let map_err = |e: tantivy::TantivyError| match e {
             tantivy::TantivyError::InvalidArgument(message) => SearchError::BadQuery(message),
             other => SearchError::Internal(other.to_string()),
         };
-        let (total, histogram_fruit, terms_fruits) = searcher
-            .search(
-                &*query,
-                &(Count, histogram_collector.as_ref().map(|c| c.0.clone_layout()), terms_collector),
-            )
+        let collector = (Count, histogram_collector.as_ref().map(|c| c.0.clone_layout()), terms_collector);
+        let fruits = searchers
+            .iter()
+            .map(|searcher| searcher.search(&*query, &collector))
+            .collect::<tantivy::Result<Vec<_>>>()
             .map_err(map_err)?;
+        let (total, histogram_fruit, terms_fruits) = collector.merge_fruits(fruits).map_err(map_err)?;
         deadline.check()?;
         let histogram = match (histogram_collector, histogram_fruit) {
             (Some((layout, interval_ms)), Some((counts, outside))) => {
@@ -488,7 +491,7 @@ impl LogIndex {
     /// multiples of the interval since the epoch.
     fn histogram_layout(
         &self,
-        searcher: &tantivy::Searcher,
+        searchers: &[tantivy::Searcher],
         query: &dyn tantivy::query::Query,
         filter: &Filter,
         request: &HistogramRequest,
@@ -498,7 +501,12 @@ impl LogIndex {
         let (oldest, newest) = if filter.from_ns.is_some() && filter.to_ns.is_some() {
             (i64::MAX, i64::MIN)
         } else {
-            searcher.search(query, &TimeSpan).map_err(|e| SearchError::Internal(e.to_string()))?
+            let spans = searchers
+                .iter()
+                .map(|searcher| searcher.search(query, &TimeSpan))
+                .collect::<tantivy::Result<Vec<_>>>()
+                .map_err(|e| SearchError::Internal(e.to_string()))?;
+            TimeSpan.merge_fruits(spans).map_err(|e| SearchError::Internal(e.to_string()))?
         };
         let start =
             filter.from_ns.map_or(oldest, |from| if oldest == i64::MAX { from } else { from.max(oldest) });

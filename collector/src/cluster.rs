@@ -100,16 +100,21 @@ impl StreamRecord {
                 self.floor = self.floor.max(end);
             }
         }
-        if from < end {
+        self.give(collector, from, end);
+    }
+
+    /// Notes that `collector` stored the records `from..to`.
+    pub fn give(&mut self, collector: &str, from: u64, to: u64) {
+        if from < to {
             match self.runs.last_mut() {
-                Some(run) if run.collector == collector && run.to == from => run.to = end,
-                _ => self.runs.push(Run { collector: collector.to_owned(), from, to: end }),
+                Some(run) if run.collector == collector && run.to == from => run.to = to,
+                _ => self.runs.push(Run { collector: collector.to_owned(), from, to }),
             }
             if self.runs.len() > RUNS {
                 self.runs.remove(0);
             }
         }
-        self.high = self.high.max(end);
+        self.high = self.high.max(to);
     }
 
     /// Whether the runs give `from..to` to `collector`, whole. A range
@@ -234,7 +239,10 @@ impl SharedStreams {
         }
         let tag = match tag {
             Some(tag) => tag,
-            None => store.get_tagged(&key, 16).await.map_err(failed)?.map(|(_, tag)| tag).unwrap_or_default(),
+            None => match store.get_tagged(&key, 16).await.map_err(failed)? {
+                Some((_, tag)) => tag,
+                None => return Err(format!("{}: a probe object written is not there", store.uri())),
+            },
         };
         let stale =
             store.put_if(&key, b"3".to_vec(), Expect::Etag("\"0-logvault-probe\"")).await.map_err(failed)?;

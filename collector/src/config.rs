@@ -57,6 +57,9 @@
 //!
 //! [cluster]                                # several collectors, one bucket; off when absent
 //! uri = "s3://logs/cluster?endpoint=https://s3.example.org&region=eu-west-1"
+//! publish_interval_ms = 60000              # this collector's new records as a split
+//! poll_interval_ms = 10000                 # the others' splits listed
+//! cache_bytes = 10737418240                # their splits cached here, at most
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -132,6 +135,27 @@ pub struct ClusterConfig {
     /// `s3://BUCKET/PREFIX?endpoint=...`, on a store that writes
     /// conditionally (`If-Match`, `If-None-Match`), apart from the archive.
     pub uri: String,
+    /// Publish this collector's newest index segments as a split at most
+    /// this often, in ms. Default 60000.
+    #[serde(default = "default_publish_interval_ms")]
+    pub publish_interval_ms: u64,
+    /// List the other collectors' splits this often, in ms. Default 10000.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// The local cache of other collectors' splits, at most this many
+    /// bytes (the least recently used go first). Default 10 GiB.
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
+}
+
+fn default_publish_interval_ms() -> u64 {
+    60_000
+}
+fn default_poll_interval_ms() -> u64 {
+    10_000
+}
+fn default_cache_bytes() -> u64 {
+    10 << 30
 }
 
 /// Sealed, encrypted segments in object storage, and signed checkpoints.
@@ -559,6 +583,12 @@ impl CollectorConfig {
             };
             if cluster.uri.trim_end_matches('/') == archive.uri.trim_end_matches('/') {
                 return invalid("cluster.uri", "use a prefix apart from archive.uri");
+            }
+            if cluster.publish_interval_ms < 100 || cluster.poll_interval_ms < 100 {
+                return invalid("cluster.publish_interval_ms", "intervals must be at least 100 ms");
+            }
+            if cluster.cache_bytes < 1 << 20 {
+                return invalid("cluster.cache_bytes", "must be at least 1 MiB");
             }
         }
         if self.api.max_concurrent_queries == 0 {

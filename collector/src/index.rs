@@ -135,7 +135,10 @@ pub struct LogIndex {
     pub(crate) index: Index,
     pub(crate) reader: IndexReader,
     pub(crate) fields: Fields,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
+    /// The other collectors' splits, and this one's publishing, when it
+    /// shares a bucket.
+    pub(crate) splits: std::sync::OnceLock<Arc<crate::splits::Splits>>,
     /// Records older than this (ms, by their own time) are deleted; 0: kept.
     retention_ms: AtomicU64,
     /// The oldest records are deleted while the live ones take more than
@@ -206,7 +209,24 @@ impl IndexedUpTo {
     }
 }
 
+/// The tokenizers the schema names, on `index` (ours, or a split).
+pub(crate) fn register_tokenizers(index: &Index) {
+    let tokenizers = index.tokenizers();
+    tokenizers.register(WORDS, TextAnalyzer::builder(SimpleTokenizer::default()).filter(LowerCaser).build());
+    tokenizers.register(KEYWORD, TextAnalyzer::builder(RawTokenizer::default()).filter(LowerCaser).build());
+    index
+        .fast_field_tokenizer()
+        .register(KEYWORD, TextAnalyzer::builder(RawTokenizer::default()).filter(LowerCaser).build());
+}
+
 impl LogIndex {
+    /// Shares this index with other collectors through `splits`: its
+    /// segments are published, and searches read the others' splits too.
+    /// Set before the indexer starts.
+    pub fn share(&self, splits: Arc<crate::splits::Splits>) {
+        let _ = self.splits.set(splits);
+    }
+
     /// Opens the index in `dir`, creating it when missing. An index built
     /// with another schema is removed and rebuilt from the WAL.
     pub fn open(dir: &Path) -> Result<LogIndex, IndexError> {
@@ -233,14 +253,7 @@ impl LogIndex {
             }
             Err(err) => return Err(err),
         };
-        let tokenizers = index.tokenizers();
-        tokenizers
-            .register(WORDS, TextAnalyzer::builder(SimpleTokenizer::default()).filter(LowerCaser).build());
-        tokenizers
-            .register(KEYWORD, TextAnalyzer::builder(RawTokenizer::default()).filter(LowerCaser).build());
-        index
-            .fast_field_tokenizer()
-            .register(KEYWORD, TextAnalyzer::builder(RawTokenizer::default()).filter(LowerCaser).build());
+        register_tokenizers(&index);
         let reader =
             index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(tantivy_err)?;
         Ok(LogIndex {
@@ -248,6 +261,7 @@ impl LogIndex {
             reader,
             fields,
             path: dir.to_owned(),
+            splits: std::sync::OnceLock::new(),
             retention_ms: AtomicU64::new(0),
             max_bytes: AtomicU64::new(0),
             retention_check_ms: AtomicU64::new(60_000),
@@ -385,10 +399,14 @@ impl LogIndex {
             .writer_with_num_threads(1, WRITER_MEMORY)
             .map_err(|source| IndexError::Tantivy { path: self.path.clone(), source })?;
         // A segment with a third of its records deleted by retention is
-        // merged, so their space comes back.
-        let mut policy = tantivy::indexer::LogMergePolicy::default();
-        policy.set_del_docs_ratio_before_merge(0.3);
-        writer.set_merge_policy(Box::new(policy));
+        // merged, so their space comes back; published segments never are.
+        if let Some(splits) = self.splits.get() {
+            writer.set_merge_policy(Box::new(splits.merge_policy()));
+        } else {
+            let mut policy = tantivy::indexer::LogMergePolicy::default();
+            policy.set_del_docs_ratio_before_merge(0.3);
+            writer.set_merge_policy(Box::new(policy));
+        }
         Ok(writer)
     }
 
@@ -830,6 +848,12 @@ fn index_until_stopped(
             progress.committed.store(up_to.position, Ordering::Release);
             pending = false;
             last_commit = Instant::now();
+        }
+        // Committed segments not yet published, when it is time (cheap otherwise).
+        if let Some(splits) = index.splits.get()
+            && !stopping
+        {
+            splits.after_commit(index, feeder.writer());
         }
         if stopping {
             let _ = feeder.into_writer().wait_merging_threads();

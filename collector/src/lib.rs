@@ -40,6 +40,7 @@ pub mod seal;
 pub mod search;
 pub mod senders;
 pub mod server;
+pub mod splits;
 pub mod syslog;
 pub mod time;
 pub mod wal;

@@ -164,6 +164,8 @@ pub struct MetricsSource {
     pub unverified: std::sync::Arc<AtomicU64>,
     /// WAL bytes removed after indexing and archiving.
     pub wal_pruned: std::sync::Arc<AtomicU64>,
+    /// Splits published and fetched, when the collector shares a bucket.
+    pub splits: Option<std::sync::Arc<crate::splits::Splits>>,
 }
 
 impl MetricsSource {
@@ -259,6 +261,50 @@ impl MetricsSource {
         for (name, kind, help, value) in single {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
+        if let Some(splits) = &self.splits {
+            let stats = &splits.stats;
+            let cluster: [(&str, &str, &str, u64); 6] = [
+                (
+                    "logvault_splits_published_total",
+                    "counter",
+                    "Index splits this collector published",
+                    load(&stats.published),
+                ),
+                (
+                    "logvault_splits_publish_failures_total",
+                    "counter",
+                    "Split publications that failed (retried)",
+                    load(&stats.publish_failures),
+                ),
+                (
+                    "logvault_splits_known",
+                    "gauge",
+                    "Other collectors' splits listed in the bucket",
+                    load(&stats.known),
+                ),
+                (
+                    "logvault_splits_fetched_total",
+                    "counter",
+                    "Other collectors' splits fetched into the cache",
+                    load(&stats.fetched),
+                ),
+                (
+                    "logvault_splits_fetched_bytes_total",
+                    "counter",
+                    "Bytes of splits fetched",
+                    load(&stats.fetched_bytes),
+                ),
+                (
+                    "logvault_splits_cache_hits_total",
+                    "counter",
+                    "Split reads served by the cache",
+                    load(&stats.cache_hits),
+                ),
+            ];
+            for (name, kind, help, value) in cluster {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            }
+        }
         out
     }
 }
@@ -302,6 +348,7 @@ mod tests {
             gaps: std::sync::Arc::new(AtomicU64::new(0)),
             unverified: std::sync::Arc::new(AtomicU64::new(0)),
             wal_pruned: std::sync::Arc::new(AtomicU64::new(0)),
+            splits: None,
         };
         let text = source.render();
         assert!(text.contains("logvault_ingest_bytes_total{tenant=\"alpha\"} 150\n"), "{text}");

@@ -452,71 +452,109 @@ impl LogIndex {
             .collect()
     }
 
-    /// Runs a search. Blocking: call from `spawn_blocking`.
+    /// The other collectors' splits that may match `filter` (none without
+    /// a shared bucket), fetched as needed. Blocking.
+    pub(crate) fn remote_searchers(&self, filter: &Filter) -> Result<Vec<Searcher>, SearchError> {
+        match self.splits.get() {
+            Some(splits) => splits
+                .searchers(&filter.tenants, filter.from_ns, filter.to_ns)
+                .map_err(|e| SearchError::Internal(format!("other collectors' splits: {e}"))),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// `base` limited to the records strictly after `cursor` in
+    /// (timestamp, id) order.
+    fn after_cursor(&self, base: &dyn Query, cursor: Option<Cursor>, order: SortOrder) -> Box<dyn Query> {
+        let Some(cursor) = cursor else { return base.box_clone() };
+        let at = date_term(self.fields.timestamp, cursor.timestamp_ns);
+        let (earlier_time, same_time_id): (Box<dyn Query>, Box<dyn Query>) = match order {
+            SortOrder::Desc => (
+                Box::new(RangeQuery::new(Bound::Unbounded, Bound::Excluded(at.clone()))),
+                self.id_range(Bound::Unbounded, Bound::Excluded(cursor.id)),
+            ),
+            SortOrder::Asc => (
+                Box::new(RangeQuery::new(Bound::Excluded(at.clone()), Bound::Unbounded)),
+                self.id_range(Bound::Excluded(cursor.id), Bound::Unbounded),
+            ),
+        };
+        let same_time = must(vec![
+            Box::new(RangeQuery::new(Bound::Included(at.clone()), Bound::Included(at))),
+            same_time_id,
+        ]);
+        let after = BooleanQuery::new(vec![(Occur::Should, earlier_time), (Occur::Should, same_time)]);
+        must(vec![base.box_clone(), Box::new(after)])
+    }
+
+    /// Runs a search over this collector's records and, when it shares a
+    /// bucket, the other collectors' splits. Blocking: call from
+    /// `spawn_blocking`.
     pub fn search(
         &self,
         request: &SearchRequest,
         deadline: &Deadline,
     ) -> Result<SearchResponse, SearchError> {
-        let f = &self.fields;
         let mut clauses = self.filter_query(&request.filter)?;
         let searcher = self.reader.searcher();
+        let remote = self.remote_searchers(&request.filter)?;
+        // The splits never change; only this collector's own records are
+        // kept below the first page's snapshot.
+        let remote_base = must(self.filter_query(&request.filter)?);
         let snapshot = match request.cursor {
             Some(cursor) => {
                 clauses.push(self.id_range(Bound::Unbounded, Bound::Excluded(cursor.snapshot)));
                 cursor.snapshot
             }
-            None => Self::next_id(&searcher)?,
+            None => {
+                let mut next = Self::next_id(&searcher)?;
+                for split in &remote {
+                    next = next.max(Self::next_id(split)?);
+                }
+                next
+            }
         };
         let base = must(clauses);
         let order = match request.order {
             SortOrder::Desc => Order::Desc,
             SortOrder::Asc => Order::Asc,
         };
-        let page_query: Box<dyn Query> = match request.cursor {
-            None => base.box_clone(),
-            Some(cursor) => {
-                // Strictly after the cursor in (timestamp, id) order.
-                let at = date_term(f.timestamp, cursor.timestamp_ns);
-                let id = |bound| self.id_range(Bound::Unbounded, bound);
-                let (earlier_time, same_time_id): (Box<dyn Query>, Box<dyn Query>) = match request.order {
-                    SortOrder::Desc => (
-                        Box::new(RangeQuery::new(Bound::Unbounded, Bound::Excluded(at.clone()))),
-                        id(Bound::Excluded(cursor.id)),
-                    ),
-                    SortOrder::Asc => (
-                        Box::new(RangeQuery::new(Bound::Excluded(at.clone()), Bound::Unbounded)),
-                        self.id_range(Bound::Excluded(cursor.id), Bound::Unbounded),
-                    ),
-                };
-                let same_time = must(vec![
-                    Box::new(RangeQuery::new(Bound::Included(at.clone()), Bound::Included(at))),
-                    same_time_id,
-                ]);
-                let after_cursor =
-                    BooleanQuery::new(vec![(Occur::Should, earlier_time), (Occur::Should, same_time)]);
-                must(vec![base.box_clone(), Box::new(after_cursor)])
-            }
-        };
-        let total_query = DeadlineQuery { inner: base, deadline: deadline.clone() };
-        let page_query = DeadlineQuery { inner: page_query, deadline: deadline.clone() };
-        let total = searcher.search(&total_query, &Count).map_err(internal)?;
         let top = TopDocs::with_limit(request.limit + 1).order_by((
             (SortByStaticFastValue::<DateTime>::for_field("timestamp"), order),
             (SortByStaticFastValue::<u64>::for_field("id"), order),
         ));
-        let mut top = searcher.search(&page_query, &top).map_err(internal)?;
-        deadline.check()?;
-        let more = top.len() > request.limit;
-        top.truncate(request.limit);
-        let cursor = match top.last() {
-            Some(((Some(timestamp), Some(id)), _)) if more => {
+        let mut total = 0u64;
+        // (sort key, searcher, address) of every searcher's best.
+        let mut best = Vec::new();
+        let searchers = std::iter::once((&searcher, &base)).chain(remote.iter().map(|s| (s, &remote_base)));
+        for (n, (searcher, base)) in searchers.enumerate() {
+            let total_query = DeadlineQuery { inner: base.box_clone(), deadline: deadline.clone() };
+            let page_query = DeadlineQuery {
+                inner: self.after_cursor(&**base, request.cursor, request.order),
+                deadline: deadline.clone(),
+            };
+            total += searcher.search(&total_query, &Count).map_err(internal)? as u64;
+            let found = searcher.search(&page_query, &top).map_err(internal)?;
+            best.extend(found.into_iter().map(|(key, address)| (key, n, address)));
+            deadline.check()?;
+        }
+        best.sort_by(|(a, _, _), (b, _, _)| match request.order {
+            SortOrder::Asc => a.cmp(b),
+            SortOrder::Desc => b.cmp(a),
+        });
+        let more = best.len() > request.limit;
+        best.truncate(request.limit);
+        let cursor = match best.last() {
+            Some(((Some(timestamp), Some(id)), _, _)) if more => {
                 Some(Cursor { timestamp_ns: timestamp.into_timestamp_nanos(), id: *id, snapshot }.encode())
             }
             _ => None,
         };
-        let hits = self.load_hits(&searcher, top.into_iter().map(|(_, address)| address))?;
-        Ok(SearchResponse { total: total as u64, hits, cursor })
+        let mut hits = Vec::with_capacity(best.len());
+        for (_, n, address) in best {
+            let searcher = if n == 0 { &searcher } else { &remote[n - 1] };
+            hits.extend(self.load_hits(searcher, [address])?);
+        }
+        Ok(SearchResponse { total, hits, cursor })
     }
 
     /// Matching records with ids from `from_id` on, oldest first, at most

@@ -175,6 +175,26 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         _ => Wal::open(&wal_dir, &wal_options)?,
     };
     let index = Arc::new(LogIndex::open(&config.data_dir.join("index"))?);
+    if let (Some(cluster), Some(archive)) = (&config.cluster, &config.archive) {
+        let store = logvault_storage::archive::Archive::open(&cluster.uri)
+            .map_err(|e| ServerError::Cluster(e.to_string()))?;
+        let key_err = |e: logvault_storage::keyring::KeyError| ServerError::Cluster(e.to_string());
+        let kek = logvault_storage::keyring::Kek::load(&archive.kek_file).map_err(key_err)?;
+        let keyring = logvault_storage::keyring::Keyring::load(std::slice::from_ref(&archive.kek_file))
+            .map_err(key_err)?;
+        let splits_config = crate::splits::SplitsConfig {
+            collector: archive.collector_id.clone(),
+            publish_interval: Duration::from_millis(cluster.publish_interval_ms),
+            poll_interval: Duration::from_millis(cluster.poll_interval_ms),
+            cache_bytes: cluster.cache_bytes,
+            cache_dir: config.data_dir.join("splits"),
+        };
+        let splits = crate::splits::Splits::open(store, splits_config, kek, keyring)
+            .await
+            .map_err(ServerError::Cluster)?;
+        index.share(splits.clone());
+        tokio::spawn(splits.follow(cancel.clone()));
+    }
     index.set_retention(
         config.index.retention_ms.map(Duration::from_millis),
         config.index.max_bytes,
@@ -237,6 +257,7 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
         gaps: ingest.wal.gaps_counter(),
         unverified: ingest.wal.unverified_counter(),
         wal_pruned: ingest.wal.pruned_counter(),
+        splits: index.splits.get().cloned(),
     };
     tokio::spawn(verifier.clone().watch(cancel.clone()));
     // The sealer stops after the WAL has taken its last batch, so its last

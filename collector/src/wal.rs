@@ -520,7 +520,10 @@ impl Wal {
     /// `queue` bounds the appends waiting for the writer; when it is full,
     /// appenders wait, and so do their agents.
     pub fn open(dir: &Path, options: &WalOptions) -> Result<(Wal, std::thread::JoinHandle<()>), WalError> {
-        Self::start(Recovered::read(dir, false)?, dir, options, None)
+        let recovered = Recovered::read(dir, false)?;
+        // What is taken from here on is acked without a shared bucket.
+        shared::forget_markers(dir)?;
+        Self::start(recovered, dir, options, None)
     }
 
     /// Opens the WAL of a collector that shares its streams' dedup state

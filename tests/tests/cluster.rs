@@ -88,14 +88,21 @@ impl<'a> Cluster<'a> {
 
     /// Collector `i` with extra environment variables.
     fn start_with(&self, i: usize, env: &[(&str, &str)]) -> Collector {
+        self.start_as(i, env, true)
+    }
+
+    /// Collector `i`, sharing the bucket or (`shared` false) alone.
+    fn start_as(&self, i: usize, env: &[(&str, &str)], shared: bool) -> Collector {
         let extra_toml = format!(
-            "\n[archive]\nuri = {:?}\nkek_file = {:?}\ncheckpoint_key = {:?}\ncollector_id = \"c{}\"\nseal_interval_ms = 300\ncheckpoint_interval_ms = 2000\nsegment_bytes = 1048576\n\n[cluster]\nuri = {:?}\n",
+            "\n[archive]\nuri = {:?}\nkek_file = {:?}\ncheckpoint_key = {:?}\ncollector_id = \"c{}\"\nseal_interval_ms = 300\ncheckpoint_interval_ms = 2000\nsegment_bytes = 1048576\n\n[cluster]\nuri = {:?}\npublish_interval_ms = 500\npoll_interval_ms = 300\n",
             self.uri("archive"),
             self.kek.display().to_string(),
             self.checkpoint_key.display().to_string(),
             i + 1,
             self.uri("cluster"),
         );
+        let extra_toml =
+            if shared { extra_toml } else { extra_toml.split("\n[cluster]").next().unwrap().to_owned() };
         Collector::start(
             self.setup,
             &CollectorOptions {
@@ -137,20 +144,17 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The sum of the collectors' totals for `query`.
-fn total(collectors: &[&Collector], token: &str, query: &str) -> u64 {
-    collectors.iter().map(|c| c.total(token, query)).sum()
-}
-
-fn wait_sum(collectors: &[&Collector], token: &str, want: u64, what: &str) {
+/// Waits until every collector's search, over its own records and the
+/// others' splits, counts `want` records; none may ever count more.
+fn wait_all(collectors: &[&Collector], token: &str, want: u64, what: &str) {
     let start = Instant::now();
     loop {
-        let got = total(collectors, token, "*");
-        assert!(got <= want, "{what}: {got} records stored, more than the {want} sent");
-        if got == want {
+        let got: Vec<u64> = collectors.iter().map(|c| c.total(token, "*")).collect();
+        assert!(got.iter().all(|n| *n <= want), "{what}: {got:?} records found, more than the {want} sent");
+        if got.iter().all(|n| *n == want) {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(90), "{what}: {got} of {want} records after 90 s");
+        assert!(start.elapsed() < Duration::from_secs(90), "{what}: {got:?} of {want} records after 90 s");
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -220,22 +224,26 @@ fn three_collectors_share_a_bucket_and_store_every_line_once_through_kills_and_f
             .sum()
     };
 
-    // A quarter of every sample, on the collectors the agents chose first.
+    // A quarter of every sample, on the collectors the agents chose first;
+    // each collector finds all of it.
     append_part(&all_files, 0);
-    wait_sum(&live(&collectors), &token, sent(1), "first quarter");
-    for (i, collector) in live(&collectors).iter().enumerate() {
-        assert!(collector.total(&token, "*") > 0, "collector c{} got nothing of its agent", i + 1);
-    }
+    wait_all(&live(&collectors), &token, sent(1), "first quarter");
 
-    // The second quarter, and c2 killed while it arrives: node-2 fails over.
+    // The second quarter, and c2 killed while it arrives: node-2 fails over,
+    // and the others still find what c2 published.
     append_part(&all_files, 1);
     std::thread::sleep(Duration::from_millis(150));
     collectors[1].take().unwrap().process.kill9();
     wait_for(Duration::from_secs(60), "node-2 to fail over to c3", || {
         agents[1].as_ref().unwrap().log_text().contains("failing over").then_some(())
     });
+    wait_for(Duration::from_secs(60), "c1 and c3 to agree while c2 is down", || {
+        let (c1, c3) = (collectors[0].as_ref().unwrap(), collectors[2].as_ref().unwrap());
+        let (a, b) = (c1.total(&token, "*"), c3.total(&token, "*"));
+        (a == b && a >= sent(1)).then_some(())
+    });
     collectors[1] = Some(cluster.start(1));
-    wait_sum(&live(&collectors), &token, sent(2), "second quarter, c2 killed and restarted");
+    wait_all(&live(&collectors), &token, sent(2), "second quarter, c2 killed and restarted");
 
     // node-1's streams move to c3 and come back to c1, which stayed up and
     // still holds their old state.
@@ -243,21 +251,36 @@ fn three_collectors_share_a_bucket_and_store_every_line_once_through_kills_and_f
     cluster.agent_config("node-1", 2, &files[0]);
     agents[0] = Some(start_agent(&setup, "node-1", &configs[0]));
     append_part(&all_files, 2);
-    wait_sum(&live(&collectors), &token, sent(3), "third quarter, node-1 on c3");
+    wait_all(&live(&collectors), &token, sent(3), "third quarter, node-1 on c3");
     agents[0].take().unwrap().stop();
     cluster.agent_config("node-1", 0, &files[0]);
     agents[0] = Some(start_agent(&setup, "node-1", &configs[0]));
     append_part(&all_files, 3);
-    wait_sum(&live(&collectors), &token, sent(4), "last quarter, node-1 back on c1");
+    wait_all(&live(&collectors), &token, sent(4), "last quarter, node-1 back on c1");
     assert_eq!(sent(4), 16_000);
 
-    // Every sample whole, each line once, spread over the collectors.
-    for (name, path) in &all_files {
-        let query = source_query(path);
-        assert_eq!(total(&live(&collectors), &token, &query), 2000, "{name}");
+    // On every collector, every sample whole and each line once.
+    for collector in live(&collectors) {
+        for (name, path) in &all_files {
+            assert_eq!(collector.total(&token, &source_query(path)), 2000, "{name}");
+        }
+        let (status, levels) =
+            collector.aggregate(&token, serde_json::json!({ "terms": [{ "field": "source", "size": 20 }] }));
+        assert_eq!(status, 200, "{levels}");
+        assert_eq!(levels["total"], 16_000);
+        assert!(
+            levels["terms"][0]["buckets"].as_array().unwrap().iter().all(|b| b["count"] == 2000),
+            "{levels}"
+        );
     }
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(total(&live(&collectors), &token, "*"), 16_000, "nothing arrives twice later");
+    wait_all(&live(&collectors), &token, 16_000, "nothing arrives twice later");
+    // Each published splits and read the others'.
+    for collector in live(&collectors) {
+        assert!(collector.metric(&setup, "logvault_splits_published_total") > 0);
+        assert!(collector.metric(&setup, "logvault_splits_fetched_total") >= 2);
+        assert_eq!(collector.metric(&setup, "logvault_splits_publish_failures_total"), 0);
+    }
 
     // The bucket says who stored what: node-2's streams on c2 and c3,
     // node-1's on c1 then c3 then c1 again.
@@ -280,6 +303,9 @@ fn three_collectors_share_a_bucket_and_store_every_line_once_through_kills_and_f
     };
     for runs in owners("node-1") {
         assert_eq!(runs, ["c1", "c3", "c1"], "node-1's stream moved to c3 and back");
+    }
+    for runs in owners("node-3") {
+        assert_eq!(runs, ["c3"], "node-3 stayed on c3");
     }
     assert!(owners("node-2").iter().any(|runs| runs.contains(&"c3".to_owned())), "{:?}", owners("node-2"));
 
@@ -363,10 +389,7 @@ fn two_collectors_given_the_same_batches_store_each_record_once() {
     assert_eq!(busy, 9, "each stale collector lost its race once per batch");
     let token = setup.token(&["default"], Role::Reader);
     let live: Vec<&Collector> = collectors.iter().collect();
-    wait_sum(&live, &token, 500, "the chain");
-    for collector in &collectors {
-        assert_eq!(collector.total(&token, "*"), 250, "each collector stored five batches");
-    }
+    wait_all(&live, &token, 500, "the chain");
     let streams = stream_objects(&s3.root.join("logs"));
     let runs: Vec<&str> =
         streams[0]["runs"].as_array().unwrap().iter().map(|r| r["collector"].as_str().unwrap()).collect();
@@ -417,12 +440,74 @@ fn a_collector_killed_before_its_stream_object_is_written_voids_what_it_never_ac
     assert_eq!(ack(other.send_batch(batches[2].clone())), AckStatus::Stored);
     assert_eq!(ack(other.send_batch(batches[3].clone())), AckStatus::Stored);
     let token = setup.token(&["default"], Role::Reader);
-    wait_sum(&[&c1, &c2], &token, 200, "every record once");
-    c1.wait_total(&token, "*", 100, Duration::from_secs(30));
+    // Had c1 indexed its void entry, it would find 250.
+    wait_all(&[&c1, &c2], &token, 200, "every record once");
     std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!((c1.total(&token, "*"), c2.total(&token, "*")), (100, 100), "the void entry is never indexed");
+    wait_all(&[&c1, &c2], &token, 200, "the void entry is never indexed");
     let report = cluster.wait_audit(200);
     assert_eq!(report["findings"], serde_json::json!([]));
     c1.process.stop();
     c2.process.stop();
+}
+
+/// A collector that ran alone, then joins the bucket, then runs alone
+/// again and rejoins: what it acked alone is never made void, a stream it
+/// knew before the bucket did goes on where it was (no gap), and a crash
+/// between the fsync and the first stream object loses nothing acked.
+#[test]
+fn a_collector_joining_and_leaving_the_bucket_keeps_what_it_acked_alone() {
+    let setup = Setup::new("cluster-join");
+    let s3 = S3Server::start(setup.path(), "logs");
+    let cluster = Cluster::new(&setup, &s3, 1);
+    let alone = cluster.start_as(0, &[], false);
+    let mut agent = RawAgent::connect(&setup, "raw-1", alone.ingest);
+    let batches = chain(&agent, "/var/log/join.log", 5, 50);
+    let asked: Vec<BatchRef> = batches
+        .iter()
+        .map(|batch| BatchRef {
+            source: "/var/log/join.log".into(),
+            epoch: 0,
+            hash: encoded_batch_hash(batch).unwrap(),
+        })
+        .collect();
+    for batch in &batches[..2] {
+        assert_eq!(ack(agent.send_batch(batch.clone())), AckStatus::Stored);
+    }
+    alone.process.stop();
+    // Joins, and dies between the fsync of its first group and the bucket.
+    let mut joined = cluster.start_with(0, &[("LOGVAULT_TEST_CRASH_AFTER_WAL_FSYNC", "1")]);
+    let mut agent = RawAgent::connect(&setup, "raw-1", joined.ingest);
+    assert_eq!(agent.send_batch(batches[2].clone()), None);
+    wait_for(Duration::from_secs(10), "the collector to abort", || {
+        (!joined.process.is_running()).then_some(())
+    });
+    drop(joined);
+    let joined = cluster.start(0);
+    let mut agent = RawAgent::connect(&setup, "raw-1", joined.ingest);
+    assert_eq!(
+        agent.send_frame(&Frame::Resume { batches: asked.clone() }),
+        Some(Frame::Resumed { stored: vec![true, true, false, false, false] }),
+        "what was acked alone is still stored; the unacked batch is not"
+    );
+    assert_eq!(
+        ack(agent.send_batch(batches[2].clone())),
+        AckStatus::Stored,
+        "the stream goes on without a gap"
+    );
+    joined.process.stop();
+    // Alone again, then back.
+    let alone = cluster.start_as(0, &[], false);
+    let mut agent = RawAgent::connect(&setup, "raw-1", alone.ingest);
+    assert_eq!(ack(agent.send_batch(batches[3].clone())), AckStatus::Stored);
+    alone.process.stop();
+    let joined = cluster.start(0);
+    let mut agent = RawAgent::connect(&setup, "raw-1", joined.ingest);
+    assert_eq!(ack(agent.send_batch(batches[4].clone())), AckStatus::Stored, "no gap after running alone");
+    let token = setup.token(&["default"], Role::Reader);
+    wait_all(&[&joined], &token, 250, "every record once");
+    let report = cluster.wait_audit(250);
+    assert_eq!(report["findings"], serde_json::json!([]));
+    let streams = stream_objects(&s3.root.join("logs"));
+    assert_eq!(streams[0]["high"], 250, "{streams:?}");
+    joined.process.stop();
 }

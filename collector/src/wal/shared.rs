@@ -39,10 +39,15 @@ use crate::cluster::{ClusterError, SharedStreams, StreamRecord};
 /// Stream objects cached, at most; past it the cache is emptied (between
 /// groups) and streams are read again as they come.
 const CACHED: usize = 8192;
+/// Attempts to reach the bucket while settling, a second apart, before
+/// the collector gives up starting.
+const SETTLE_ATTEMPTS: u32 = 60;
 /// Longest wait between attempts to reach the bucket.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// The settled position's file, in the WAL directory.
 const SETTLED: &str = "shared.settled";
+/// The origin's file: the WAL's end when it was first opened with a bucket.
+const ORIGIN: &str = "shared.origin";
 /// A test hook: the collector aborts right after the fsync of this many
 /// groups, before their streams' objects are written (a crash at the one
 /// point where an entry is durable and not yet the collector's).
@@ -67,7 +72,12 @@ impl Shared {
         dir: &Path,
     ) -> Result<Shared, WalError> {
         let path = dir.join(SETTLED);
-        let settled = OpenOptions::new().write(true).open(&path).map_err(|e| io_err(&path, e))?;
+        let settled = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
         let crash_after = std::env::var(CRASH_AFTER_FSYNC_ENV).ok().and_then(|n| n.parse().ok());
         Ok(Shared { streams, runtime, known: HashMap::new(), settled, crash_after })
     }
@@ -161,10 +171,22 @@ impl Writer {
             WalError::Shared { message: format!("collector busy: shared stream state unreadable: {err}") }
         })?;
         match fetched {
-            Some((record, etag)) => {
-                self.streams.insert(key.clone(), state_of(&record));
-                shared.known.insert(key.clone(), (record, Some(etag)));
-            }
+            Some((record, etag)) => match self.streams.get(key) {
+                Some(local) if local.high > record.high => {
+                    // This WAL acked records the bucket does not have (taken
+                    // while it ran without one): they are this collector's,
+                    // and the next write says so.
+                    let mut merged = record_of(key, Some(local));
+                    merged.runs = record.runs.clone();
+                    merged.fence = record.fence;
+                    merged.give(shared.streams.collector(), record.high, local.high);
+                    shared.known.insert(key.clone(), (merged, Some(etag)));
+                }
+                _ => {
+                    self.streams.insert(key.clone(), state_of(&record));
+                    shared.known.insert(key.clone(), (record, Some(etag)));
+                }
+            },
             None => {
                 let record = record_of(key, self.streams.get(key));
                 shared.known.insert(key.clone(), (record, None));
@@ -277,9 +299,9 @@ impl Writer {
         if !voided.is_empty() {
             for place in placed.iter().filter(|place| voided.contains(&place.key)) {
                 let at = self.len + (place.entry.start + STATE_AT) as u64;
-                self.file_at().write_all_at(&[VOID], at).map_err(|e| io_err(&self.path, e))?;
+                self.file_at()?.write_all_at(&[VOID], at).map_err(|e| io_err(&self.path, e))?;
             }
-            self.file_at().sync_data().map_err(|e| io_err(&self.path, e))?;
+            self.file_at()?.sync_data().map_err(|e| io_err(&self.path, e))?;
             for (outcome, key) in outcomes.iter_mut().zip(outcome_keys) {
                 if key.as_ref().is_some_and(|key| voided.contains(key)) {
                     *outcome = Err(WalError::Shared {
@@ -301,13 +323,12 @@ impl Writer {
     }
 
     /// The segment being written, open for writes in place.
-    fn file_at(&mut self) -> &File {
+    fn file_at(&mut self) -> Result<&File, WalError> {
         if self.file_at.as_ref().is_none_or(|(path, _)| *path != self.path) {
-            let file =
-                OpenOptions::new().write(true).open(&self.path).expect("the segment being written opens");
+            let file = OpenOptions::new().write(true).open(&self.path).map_err(|e| io_err(&self.path, e))?;
             self.file_at = Some((self.path.clone(), file));
         }
-        &self.file_at.as_ref().expect("just set").1
+        Ok(&self.file_at.as_ref().expect("just set").1)
     }
 }
 
@@ -319,15 +340,63 @@ fn encode_settled(position: u64) -> [u8; 12] {
     out
 }
 
-/// The settled position; a damaged file counts as none (check everything).
-fn read_settled(path: &Path) -> Result<Option<u64>, WalError> {
+/// A position file: None when absent or damaged.
+fn read_position(path: &Path) -> Result<Option<u64>, WalError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(io_err(path, err)),
     };
     let valid = bytes.len() == 12 && crc32fast::hash(&bytes[..8]).to_be_bytes() == bytes[8..];
-    Ok(Some(if valid { u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")) } else { 0 }))
+    Ok(valid.then(|| u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))))
+}
+
+/// Writes a position file whole or not at all: a temporary file, fsynced,
+/// renamed over, the directory fsynced.
+fn write_position(dir: &Path, name: &str, position: u64) -> Result<(), WalError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let written = File::create(&tmp).and_then(|mut file| {
+        std::io::Write::write_all(&mut file, &encode_settled(position))?;
+        file.sync_all()
+    });
+    written.map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+    super::sync_dir(dir)
+}
+
+/// Where settling starts: after the origin (the WAL's end when it was first
+/// opened with a bucket: everything before was acked without one), and
+/// after the settled position when that file is whole.
+fn settle_from(dir: &Path, end: u64) -> Result<u64, WalError> {
+    let origin = match read_position(&dir.join(ORIGIN))? {
+        Some(origin) => origin,
+        None => {
+            // A damaged origin cannot be told from a first open: a crash
+            // while it was written left no entry after it anyway.
+            write_position(dir, ORIGIN, end)?;
+            write_position(dir, SETTLED, end)?;
+            end
+        }
+    };
+    Ok(read_position(&dir.join(SETTLED))?.map_or(origin, |settled| settled.max(origin)))
+}
+
+/// Forgets the bucket markers: the WAL is opened without a bucket, so what
+/// it takes now is acked without one.
+pub(super) fn forget_markers(dir: &Path) -> Result<(), WalError> {
+    let mut removed = false;
+    for name in [ORIGIN, SETTLED] {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => removed = true,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(io_err(&dir.join(name), err)),
+        }
+    }
+    if removed {
+        super::sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Makes the entry at `offset` of the segment file `path` void in place.
@@ -357,29 +426,17 @@ pub(super) async fn settle(
     shared: &SharedStreams,
     dir: &Path,
 ) -> Result<(), WalError> {
-    let path = dir.join(SETTLED);
-    let from = match read_settled(&path)? {
-        Some(position) => position,
-        None => {
-            // First open with a bucket: everything so far was acked without one.
-            let bytes = encode_settled(recovered.end);
-            let written = File::create(&path).and_then(|mut file| {
-                std::io::Write::write_all(&mut file, &bytes)?;
-                file.sync_all()
-            });
-            written.map_err(|e| io_err(&path, e))?;
-            super::sync_dir(dir)?;
-            recovered.end
-        }
-    };
+    let from = settle_from(dir, recovered.end)?;
     let shared_err = |err: ClusterError| WalError::Shared {
         message: format!("settling the wal with the shared bucket: {err}"),
     };
     let mut doomed: Vec<(PathBuf, u64)> = Vec::new();
-    let mut touched: HashMap<StreamKey, Option<StreamRecord>> = HashMap::new();
-    let unsettled: Vec<usize> = (0..recovered.tail.len())
-        .filter(|&i| recovered.tail[i].position >= from && recovered.tail[i].from < recovered.tail[i].to)
-        .collect();
+    let mut touched: HashMap<StreamKey, StreamRecord> = HashMap::new();
+    // Every stream with an entry after `from` is set from the bucket; only
+    // entries with records of their own can be lost.
+    let unsettled: Vec<usize> =
+        (0..recovered.tail.len()).filter(|&i| recovered.tail[i].position >= from).collect();
+    let (_, snapshot) = super::read_snapshot(dir)?;
     let keys: Vec<StreamKey> = {
         let mut seen = HashSet::new();
         unsettled
@@ -391,34 +448,60 @@ pub(super) async fn settle(
     for key in keys {
         let entries: Vec<usize> =
             unsettled.iter().copied().filter(|&i| recovered.tail[i].key == key).collect();
+        let mut attempts = 0;
         loop {
-            let fetched =
-                shared.fetch(&key.tenant, &key.host, &key.source, key.epoch).await.map_err(shared_err)?;
-            let (record, etag) = match &fetched {
-                Some((record, etag)) => (record.clone(), Some(etag.clone())),
-                None => (StreamRecord::new(&key.tenant, &key.host, &key.source, key.epoch), None),
+            let fetched = match shared.fetch(&key.tenant, &key.host, &key.source, key.epoch).await {
+                Ok(fetched) => fetched,
+                Err(err) if attempts < SETTLE_ATTEMPTS => {
+                    attempts += 1;
+                    tracing::warn!(error = %err, "shared stream state unreadable while settling the wal; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(err) => return Err(shared_err(err)),
             };
             let lost: Vec<usize> = entries
                 .iter()
                 .copied()
-                .filter(|&i| !record.gives(shared.collector(), recovered.tail[i].from, recovered.tail[i].to))
+                .filter(|&i| {
+                    let entry = &recovered.tail[i];
+                    entry.from < entry.to
+                        && !fetched
+                            .as_ref()
+                            .is_some_and(|(record, _)| record.gives(shared.collector(), entry.from, entry.to))
+                })
                 .collect();
             if lost.is_empty() {
-                touched.insert(key.clone(), fetched.map(|(record, _)| record));
+                let record = match fetched {
+                    Some((record, _)) => record,
+                    None => record_of(&key, Some(&local_state(recovered, &snapshot, &key, &[]))),
+                };
+                touched.insert(key.clone(), record);
                 break;
             }
-            // Fence: a write of ours still in flight must not land after this.
-            let mut fenced = record.clone();
+            // Fence: a write of ours still in flight must not land after
+            // this. With no object yet, the fence is what this WAL acked.
+            let (mut fenced, etag) = match &fetched {
+                Some((record, etag)) => (record.clone(), Some(etag.as_str())),
+                None => (record_of(&key, Some(&local_state(recovered, &snapshot, &key, &lost))), None),
+            };
             fenced.fence += 1;
-            match shared.publish(&fenced, etag.as_deref()).await.map_err(shared_err)? {
-                Conditional::Written(_) => {}
-                Conditional::Conflict => continue,
+            match shared.publish(&fenced, etag).await {
+                Ok(Conditional::Written(_)) => {}
+                Ok(Conditional::Conflict) => continue,
+                Err(err) if attempts < SETTLE_ATTEMPTS => {
+                    attempts += 1;
+                    tracing::warn!(error = %err, "shared stream state not written while settling the wal; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(err) => return Err(shared_err(err)),
             }
             doomed.extend(lost.iter().map(|&i| (recovered.tail[i].path.clone(), recovered.tail[i].offset)));
             for &i in &lost {
                 recovered.tail[i].void = true;
             }
-            touched.insert(key.clone(), (etag.is_some()).then_some(fenced));
+            touched.insert(key.clone(), fenced);
             break;
         }
     }
@@ -433,23 +516,28 @@ pub(super) async fn settle(
         .await
         .map_err(|_| WalError::Closed)??;
     }
-    // Dedup state of the streams settled: the bucket's, or (no object) the
-    // snapshot's with the live entries after it.
-    let (_, snapshot) = super::read_snapshot(dir)?;
+    // Dedup state of the streams settled: what the bucket now holds.
     for (key, record) in touched {
-        let state = match record {
-            Some(record) => state_of(&record),
-            None => {
-                let mut state = snapshot.get(&key).cloned().unwrap_or_default();
-                for entry in recovered.tail.iter().filter(|entry| entry.key == key && !entry.void) {
-                    state.record(entry.to, entry.hash);
-                }
-                state
-            }
-        };
-        recovered.streams.insert(key, state);
+        recovered.streams.insert(key, state_of(&record));
     }
     Ok(())
+}
+
+/// What this WAL acked of a stream: the snapshot's state and the live
+/// entries after it, but the `lost` ones.
+fn local_state(
+    recovered: &Recovered,
+    snapshot: &HashMap<StreamKey, StreamState>,
+    key: &StreamKey,
+    lost: &[usize],
+) -> StreamState {
+    let mut state = snapshot.get(key).cloned().unwrap_or_default();
+    for (i, entry) in recovered.tail.iter().enumerate() {
+        if entry.key == *key && !entry.void && !lost.contains(&i) {
+            state.record(entry.to, entry.hash);
+        }
+    }
+    state
 }
 
 #[cfg(test)]
@@ -481,17 +569,27 @@ mod tests {
     }
 
     #[test]
-    fn the_settled_position_is_checked() {
+    fn settling_starts_after_the_origin_and_the_settled_position_when_whole() {
         let dir = std::env::temp_dir().join(format!("logvault-settled-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(SETTLED);
-        assert_eq!(read_settled(&path).unwrap(), None);
-        std::fs::write(&path, encode_settled(12345)).unwrap();
-        assert_eq!(read_settled(&path).unwrap(), Some(12345));
-        let mut torn = encode_settled(12345);
+        // First open with a bucket: from the end, both files written.
+        assert_eq!(settle_from(&dir, 500).unwrap(), 500);
+        assert_eq!(read_position(&dir.join(ORIGIN)).unwrap(), Some(500));
+        assert_eq!(settle_from(&dir, 900).unwrap(), 500, "the origin stays");
+        std::fs::write(dir.join(SETTLED), encode_settled(800)).unwrap();
+        assert_eq!(settle_from(&dir, 900).unwrap(), 800);
+        // A torn settled position: everything after the origin is checked.
+        let mut torn = encode_settled(800);
         torn[3] ^= 0x40;
-        std::fs::write(&path, torn).unwrap();
-        assert_eq!(read_settled(&path).unwrap(), Some(0), "a damaged position checks everything");
+        std::fs::write(dir.join(SETTLED), torn).unwrap();
+        assert_eq!(settle_from(&dir, 900).unwrap(), 500);
+        std::fs::write(dir.join(SETTLED), encode_settled(100)).unwrap();
+        assert_eq!(settle_from(&dir, 900).unwrap(), 500, "never before the origin");
+        // Opened without a bucket: both forgotten, the next open starts over.
+        forget_markers(&dir).unwrap();
+        assert_eq!(read_position(&dir.join(ORIGIN)).unwrap(), None);
+        assert_eq!(settle_from(&dir, 1200).unwrap(), 1200);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,695 @@
+//! Index splits in the shared bucket: what lets any collector of a cluster
+//! search what every other one indexed.
+//!
+//! **Publishing.** Every `cluster.publish_interval_ms` the indexer merges
+//! the index segments it has not published yet into one, and a thread
+//! packages that segment's files into one object, seals it as the archive
+//! seals segments (AES-256-GCM in 1 MiB chunks under a data key wrapped by
+//! the KEK, the header bound to every chunk) and uploads it to
+//! `splits/COLLECTOR/SEGMENT.split`; then it writes the split's manifest to
+//! `manifests/COLLECTOR/SEGMENT.json`: its time range, tenants, record
+//! count, size, SHA-256 and key id. A published segment is never merged
+//! again (so no record is ever in two published splits); while a split
+//! is being made no other merge starts. At start the collector reads its
+//! own manifests back, so a segment published before a crash is not
+//! published twice.
+//!
+//! **Searching.** Every `cluster.poll_interval_ms` a collector lists the
+//! other collectors' manifests. A search or aggregation reads its own
+//! index (all of its records, published or not) and the other
+//! collectors' splits whose time range and tenants can match, chosen from
+//! the manifests before any split is read. A split is fetched whole the
+//! first time it is needed, checked against its manifest's SHA-256,
+//! decrypted chunk by chunk and unpacked into `DATA_DIR/splits/`, a cache
+//! kept under `cluster.cache_bytes` by dropping the least recently used.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use logvault_storage::archive::Archive;
+use logvault_storage::keyring::{Kek, Keyring};
+use logvault_storage::segment::{self, SegmentHeader, SegmentView};
+use serde::{Deserialize, Serialize};
+use tantivy::index::{SegmentId, SegmentMeta};
+use tantivy::indexer::{LogMergePolicy, MergeCandidate, MergePolicy};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher};
+
+use crate::index::{LogIndex, Queued};
+
+const PACKAGE_MAGIC: &[u8; 4] = b"LVSP";
+const PACKAGE_VERSION: u8 = 1;
+const MANIFEST_VERSION: u8 = 1;
+/// Largest manifest read back.
+const MAX_MANIFEST: u64 = 64 * 1024;
+/// Most files in a split package (a segment has about eight).
+const MAX_FILES: usize = 32;
+/// Most tenants a manifest lists; a split with more lists none and is
+/// read for every tenant.
+const MAX_TENANTS: usize = 256;
+/// Largest split fetched.
+const MAX_SPLIT: u64 = logvault_storage::archive::MAX_OBJECT;
+
+/// What a split holds, as its manifest says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Format version (1).
+    pub version: u8,
+    /// The collector that published it.
+    pub collector: String,
+    /// Its index segment's id (32 hex digits).
+    pub segment: String,
+    /// The split object's key.
+    pub split: String,
+    /// Tenants of its records; empty when there were too many to list.
+    pub tenants: Vec<String>,
+    /// Oldest record time, ns.
+    pub first_ns: i64,
+    /// Newest record time, ns.
+    pub last_ns: i64,
+    /// Records in it.
+    pub records: u64,
+    /// The object's size.
+    pub bytes: u64,
+    /// The object's SHA-256 (hex).
+    pub sha256: String,
+    /// The key-encryption key its data key is wrapped under.
+    pub kek_id: String,
+}
+
+impl Manifest {
+    /// Whether a search over `tenants` from `from_ns` to `to_ns` may match
+    /// any of its records.
+    fn may_match(&self, tenants: &[String], from_ns: Option<i64>, to_ns: Option<i64>) -> bool {
+        let in_time =
+            from_ns.is_none_or(|from| self.last_ns >= from) && to_ns.is_none_or(|to| self.first_ns < to);
+        let in_tenants = self.tenants.is_empty() || self.tenants.iter().any(|t| tenants.contains(t));
+        in_time && in_tenants
+    }
+
+    /// Decodes a manifest read from `key` and checks it names itself there.
+    fn decode(bytes: &[u8], key: &str) -> Result<Manifest, String> {
+        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if manifest.version != MANIFEST_VERSION {
+            return Err(format!("version {} is not {MANIFEST_VERSION}", manifest.version));
+        }
+        if !logvault_storage::archive::valid_part(&manifest.collector) || !valid_segment(&manifest.segment) {
+            return Err("bad collector or segment".into());
+        }
+        if key != manifest_key(&manifest.collector, &manifest.segment)
+            || manifest.split != split_key(&manifest.collector, &manifest.segment)
+        {
+            return Err("it names another split".into());
+        }
+        if manifest.tenants.len() > MAX_TENANTS || manifest.bytes > MAX_SPLIT {
+            return Err("over the caps".into());
+        }
+        Ok(manifest)
+    }
+}
+
+fn valid_segment(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn split_key(collector: &str, segment: &str) -> String {
+    format!("splits/{collector}/{segment}.split")
+}
+
+fn manifest_key(collector: &str, segment: &str) -> String {
+    format!("manifests/{collector}/{segment}.json")
+}
+
+/// The merge policy of a collector that publishes: the usual one, on the
+/// segments not yet published, and no merge at all while a split is made.
+#[derive(Debug)]
+pub(crate) struct PublishingPolicy {
+    inner: LogMergePolicy,
+    frozen: Arc<Mutex<HashSet<SegmentId>>>,
+    publishing: Arc<AtomicBool>,
+}
+
+impl MergePolicy for PublishingPolicy {
+    fn compute_merge_candidates(&self, segments: &[SegmentMeta]) -> Vec<MergeCandidate> {
+        if self.publishing.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+        let open: Vec<SegmentMeta> = segments.iter().filter(|s| !frozen.contains(&s.id())).cloned().collect();
+        drop(frozen);
+        self.inner.compute_merge_candidates(&open)
+    }
+}
+
+/// A split unpacked in the cache and open.
+struct Cached {
+    reader: IndexReader,
+    bytes: u64,
+    used: Instant,
+}
+
+/// Settings of [`Splits`].
+#[derive(Debug, Clone)]
+pub struct SplitsConfig {
+    /// This collector's name.
+    pub collector: String,
+    /// Publish at most this often.
+    pub publish_interval: Duration,
+    /// List the others' manifests this often.
+    pub poll_interval: Duration,
+    /// The cache's size cap, bytes.
+    pub cache_bytes: u64,
+    /// Where the cache lives.
+    pub cache_dir: PathBuf,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SplitStats {
+    /// Splits this collector published.
+    pub published: AtomicU64,
+    /// Publishing attempts that failed.
+    pub publish_failures: AtomicU64,
+    /// Other collectors' splits known.
+    pub known: AtomicU64,
+    /// Splits fetched into the cache.
+    pub fetched: AtomicU64,
+    /// Bytes fetched.
+    pub fetched_bytes: AtomicU64,
+    /// Splits read from the cache.
+    pub cache_hits: AtomicU64,
+}
+
+/// A collector's view of the splits in the shared bucket.
+pub struct Splits {
+    store: Archive,
+    config: SplitsConfig,
+    kek: Kek,
+    keyring: Keyring,
+    runtime: tokio::runtime::Handle,
+    frozen: Arc<Mutex<HashSet<SegmentId>>>,
+    publishing: Arc<AtomicBool>,
+    last_publish: Mutex<Instant>,
+    /// Other collectors' manifests, by manifest key.
+    catalog: RwLock<BTreeMap<String, Manifest>>,
+    cache: Mutex<HashMap<String, Cached>>,
+    /// One fetch at a time per split.
+    fetching: Mutex<()>,
+    /// Counters.
+    pub stats: SplitStats,
+}
+
+impl std::fmt::Debug for Splits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Splits").field("collector", &self.config.collector).finish_non_exhaustive()
+    }
+}
+
+impl Splits {
+    /// Splits in `store`; reads this collector's own manifests back first.
+    pub async fn open(
+        store: Archive,
+        config: SplitsConfig,
+        kek: Kek,
+        keyring: Keyring,
+    ) -> Result<Arc<Splits>, String> {
+        std::fs::create_dir_all(&config.cache_dir)
+            .map_err(|e| format!("{}: {e}", config.cache_dir.display()))?;
+        // What a crash may have left half unpacked.
+        for entry in std::fs::read_dir(&config.cache_dir).map_err(|e| e.to_string())?.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let own = format!("manifests/{}/", config.collector);
+        let mut frozen = HashSet::new();
+        for (key, _) in store.list(&own).await.map_err(|e| e.to_string())? {
+            let segment = key.strip_prefix(&own).and_then(|rest| rest.strip_suffix(".json"));
+            if let Some(id) = segment.and_then(|s| SegmentId::from_uuid_string(s).ok()) {
+                frozen.insert(id);
+            }
+        }
+        tracing::info!(published = frozen.len(), "own splits read back from the shared bucket");
+        Ok(Arc::new(Splits {
+            store,
+            config,
+            kek,
+            keyring,
+            runtime: tokio::runtime::Handle::current(),
+            frozen: Arc::new(Mutex::new(frozen)),
+            publishing: Arc::new(AtomicBool::new(false)),
+            last_publish: Mutex::new(Instant::now()),
+            catalog: RwLock::new(BTreeMap::new()),
+            cache: Mutex::new(HashMap::new()),
+            fetching: Mutex::new(()),
+            stats: SplitStats::default(),
+        }))
+    }
+
+    /// The merge policy the index writer must use.
+    pub(crate) fn merge_policy(&self) -> PublishingPolicy {
+        let mut inner = LogMergePolicy::default();
+        inner.set_del_docs_ratio_before_merge(0.3);
+        PublishingPolicy { inner, frozen: self.frozen.clone(), publishing: self.publishing.clone() }
+    }
+
+    /// After a commit, on the indexer thread: when it is time, merges the
+    /// segments not yet published into one and publishes it on a thread
+    /// of its own.
+    pub(crate) fn after_commit(self: &Arc<Self>, index: &LogIndex, writer: &mut IndexWriter<Queued>) {
+        if self.publishing.load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let last = self.last_publish.lock().unwrap_or_else(|e| e.into_inner());
+            if last.elapsed() < self.config.publish_interval {
+                return;
+            }
+        }
+        let metas = match index.index.searchable_segment_metas() {
+            Ok(metas) => metas,
+            Err(err) => {
+                tracing::warn!(error = %err, "index segments unreadable; publishing later");
+                return;
+            }
+        };
+        let ids: Vec<SegmentId> = {
+            let frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
+            metas.iter().filter(|m| !frozen.contains(&m.id()) && m.num_docs() > 0).map(|m| m.id()).collect()
+        };
+        if ids.is_empty() {
+            *self.last_publish.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            return;
+        }
+        // No merge starts from here until the split is made and frozen; one
+        // already running on any of these makes this merge fail, and the
+        // next commit tries again.
+        self.publishing.store(true, Ordering::Release);
+        let merging = writer.merge(&ids);
+        let (splits, dir) = (Arc::clone(self), index.path.clone());
+        let spawned = std::thread::Builder::new().name("logvault-publish".into()).spawn(move || {
+            match merging.wait() {
+                Ok(Some(meta)) => match splits.publish(&dir, &meta) {
+                    Ok(()) => {
+                        splits.stats.published.fetch_add(1, Ordering::Relaxed);
+                        *splits.last_publish.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                    }
+                    Err(err) => {
+                        splits.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %err, "publishing a split failed; trying again after the next commit");
+                    }
+                },
+                Ok(None) => {}
+                Err(err) => tracing::debug!(error = %err, "segments busy in a merge; publishing after the next commit"),
+            }
+            splits.publishing.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.publishing.store(false, Ordering::Release);
+        }
+    }
+
+    /// Packages, seals and uploads one segment of the index in `dir`, then
+    /// its manifest; the segment is frozen once the manifest is written.
+    fn publish(&self, dir: &Path, meta: &SegmentMeta) -> Result<(), String> {
+        let segment = meta.id().uuid_string();
+        // Its files, and an index meta naming it alone.
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{segment}.")) && !name.ends_with(".del") {
+                files.push((name, std::fs::read(entry.path()).map_err(|e| e.to_string())?));
+            }
+        }
+        let index_meta = std::fs::read(dir.join("meta.json")).map_err(|e| e.to_string())?;
+        let mut index_meta: serde_json::Value =
+            serde_json::from_slice(&index_meta).map_err(|e| e.to_string())?;
+        let mut segment_meta = serde_json::to_value(meta).map_err(|e| e.to_string())?;
+        segment_meta["deletes"] = serde_json::Value::Null;
+        index_meta["segments"] = serde_json::json!([segment_meta]);
+        if let Some(object) = index_meta.as_object_mut() {
+            object.remove("payload");
+        }
+        files.push(("meta.json".into(), serde_json::to_vec(&index_meta).map_err(|e| e.to_string())?));
+        files.sort();
+        let package = encode_package(&files);
+        // What it holds, read from the split itself.
+        let scratch = self.config.cache_dir.join(format!("own-{segment}.tmp"));
+        unpack(&package, &scratch)?;
+        let facts = split_facts(&scratch);
+        let _ = std::fs::remove_dir_all(&scratch);
+        let (tenants, first_ns, last_ns, records) = facts?;
+        let header = SegmentHeader {
+            algorithm: segment::ALGORITHM_AES256GCM,
+            chunk_size: segment::DEFAULT_CHUNK,
+            segment_id: segment.clone(),
+            collector: self.config.collector.clone(),
+            tenant: "_splits".into(),
+            host: self.config.collector.clone(),
+            first_ns,
+            last_ns,
+            created_ns: crate::time::now_ns(),
+            batches: 0,
+            records,
+            raw_len: package.len() as u64,
+            signers: Vec::new(),
+        };
+        let sealed = segment::seal_compressed(header, &package, &self.kek);
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            collector: self.config.collector.clone(),
+            segment: segment.clone(),
+            split: split_key(&self.config.collector, &segment),
+            tenants,
+            first_ns,
+            last_ns,
+            records,
+            bytes: sealed.bytes.len() as u64,
+            sha256: crate::cluster::hex(ring::digest::digest(&ring::digest::SHA256, &sealed.bytes).as_ref()),
+            kek_id: self.kek.id().to_owned(),
+        };
+        let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+        self.runtime.block_on(async {
+            self.store.put_verified(&manifest.split, &sealed.bytes).await.map_err(|e| e.to_string())?;
+            self.store
+                .put_verified(&manifest_key(&manifest.collector, &segment), &manifest_bytes)
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        self.frozen.lock().unwrap_or_else(|e| e.into_inner()).insert(meta.id());
+        tracing::info!(split = %manifest.split, records, bytes = manifest.bytes, "split published");
+        Ok(())
+    }
+
+    /// Lists the other collectors' manifests until `cancel` fires.
+    pub async fn follow(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        loop {
+            if let Err(err) = self.poll().await {
+                tracing::warn!(error = %err, "listing the other collectors' splits failed; retrying");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.config.poll_interval) => {}
+            }
+        }
+    }
+
+    /// Reads the manifests not known yet; forgets the ones gone.
+    pub async fn poll(&self) -> Result<(), String> {
+        let listed = self.store.list("manifests/").await.map_err(|e| e.to_string())?;
+        let own = format!("manifests/{}/", self.config.collector);
+        let listed: HashSet<String> =
+            listed.into_iter().map(|(key, _)| key).filter(|key| !key.starts_with(&own)).collect();
+        let new: Vec<String> = {
+            let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+            listed.iter().filter(|key| !catalog.contains_key(*key)).cloned().collect()
+        };
+        let mut read = Vec::new();
+        for key in new {
+            let Some((bytes, _)) =
+                self.store.get_tagged(&key, MAX_MANIFEST).await.map_err(|e| e.to_string())?
+            else {
+                continue;
+            };
+            match Manifest::decode(&bytes, &key) {
+                Ok(manifest) => read.push((key, manifest)),
+                Err(err) => tracing::warn!(key, error = %err, "split manifest refused"),
+            }
+        }
+        let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+        catalog.retain(|key, _| listed.contains(key));
+        catalog.extend(read);
+        self.stats.known.store(catalog.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Searchers over the other collectors' splits that may match, fetched
+    /// into the cache as needed. Blocking.
+    pub(crate) fn searchers(
+        &self,
+        tenants: &[String],
+        from_ns: Option<i64>,
+        to_ns: Option<i64>,
+    ) -> Result<Vec<Searcher>, String> {
+        let wanted: Vec<Manifest> = {
+            let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+            catalog.values().filter(|m| m.may_match(tenants, from_ns, to_ns)).cloned().collect()
+        };
+        wanted.iter().map(|manifest| self.searcher(manifest)).collect()
+    }
+
+    fn searcher(&self, manifest: &Manifest) -> Result<Searcher, String> {
+        if let Some(cached) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&manifest.segment)
+        {
+            cached.used = Instant::now();
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(cached.reader.searcher());
+        }
+        let _one = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cached) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&manifest.segment)
+        {
+            cached.used = Instant::now();
+            return Ok(cached.reader.searcher());
+        }
+        let dir = self.config.cache_dir.join(&manifest.segment);
+        if !dir.join("meta.json").exists() {
+            self.fetch(manifest, &dir)?;
+        }
+        let reader = open_split(&dir).map_err(|e| format!("split {}: {e}", manifest.split))?;
+        let searcher = reader.searcher();
+        let bytes = dir_size(&dir);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(manifest.segment.clone(), Cached { reader, bytes, used: Instant::now() });
+        // Least recently used first out; a searcher in use keeps its files
+        // open (mapped) until it is dropped.
+        while cache.values().map(|c| c.bytes).sum::<u64>() > self.config.cache_bytes && cache.len() > 1 {
+            let Some(oldest) = cache
+                .iter()
+                .filter(|(segment, _)| **segment != manifest.segment)
+                .min_by_key(|(_, c)| c.used)
+                .map(|(segment, _)| segment.clone())
+            else {
+                break;
+            };
+            cache.remove(&oldest);
+            let _ = std::fs::remove_dir_all(self.config.cache_dir.join(&oldest));
+        }
+        Ok(searcher)
+    }
+
+    /// Fetches, checks, decrypts and unpacks a split into `dir`.
+    fn fetch(&self, manifest: &Manifest, dir: &Path) -> Result<(), String> {
+        let bytes = self.runtime.block_on(self.store.get(&manifest.split)).map_err(|e| e.to_string())?;
+        let digest = crate::cluster::hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+        if bytes.len() as u64 != manifest.bytes || digest != manifest.sha256 {
+            return Err(format!("split {} is not the one its manifest names", manifest.split));
+        }
+        let view = SegmentView::parse(&bytes).map_err(|e| format!("split {}: {e}", manifest.split))?;
+        if view.header.segment_id != manifest.segment || view.header.collector != manifest.collector {
+            return Err(format!("split {} names another segment", manifest.split));
+        }
+        let package =
+            view.plaintext(&self.keyring, MAX_SPLIT).map_err(|e| format!("split {}: {e}", manifest.split))?;
+        let tmp = dir.with_extension("tmp");
+        unpack(&package, &tmp)?;
+        std::fs::rename(&tmp, dir).map_err(|e| e.to_string())?;
+        self.stats.fetched.fetch_add(1, Ordering::Relaxed);
+        self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// `LVSP | version u8 | files u16 | (name u16+UTF-8 | len u64 | bytes)*`.
+fn encode_package(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(files.iter().map(|(n, b)| n.len() + b.len() + 10).sum::<usize>() + 7);
+    out.extend_from_slice(PACKAGE_MAGIC);
+    out.push(PACKAGE_VERSION);
+    out.extend_from_slice(&(files.len() as u16).to_be_bytes());
+    for (name, bytes) in files {
+        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// The files of a package, each name checked (`meta.json`, or a segment
+/// file: 32 hex digits, a dot and a lower-case extension) and each length
+/// checked against what is left before anything is allocated.
+fn decode_package(mut bytes: &[u8]) -> Result<Vec<(&str, &[u8])>, String> {
+    let bad = |what: &str| Err(format!("split package: {what}"));
+    let Some(rest) = bytes.strip_prefix(PACKAGE_MAGIC.as_slice()) else { return bad("no magic") };
+    let [version, a, b, rest @ ..] = rest else { return bad("cut") };
+    if *version != PACKAGE_VERSION {
+        return bad("unknown version");
+    }
+    let count = u16::from_be_bytes([*a, *b]) as usize;
+    if count > MAX_FILES {
+        return bad("too many files");
+    }
+    bytes = rest;
+    let mut files = Vec::with_capacity(count);
+    for _ in 0..count {
+        let Some((len, rest)) = bytes.split_first_chunk::<2>() else { return bad("cut") };
+        let Some((name, rest)) = rest.split_at_checked(u16::from_be_bytes(*len) as usize) else {
+            return bad("cut");
+        };
+        let Ok(name) = std::str::from_utf8(name) else { return bad("a name is not UTF-8") };
+        let segment_file = name.split_once('.').is_some_and(|(id, ext)| {
+            valid_segment(id)
+                && !ext.is_empty()
+                && ext.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.')
+        });
+        if name != "meta.json" && !segment_file {
+            return bad("a file name is not one a split has");
+        }
+        let Some((len, rest)) = rest.split_first_chunk::<8>() else { return bad("cut") };
+        let len = u64::from_be_bytes(*len);
+        let Some((data, rest)) = usize::try_from(len).ok().and_then(|len| rest.split_at_checked(len)) else {
+            return bad("a file runs past the end");
+        };
+        if files.iter().any(|(seen, _)| *seen == name) {
+            return bad("a file twice");
+        }
+        files.push((name, data));
+        bytes = rest;
+    }
+    if !bytes.is_empty() {
+        return bad("bytes after the last file");
+    }
+    if !files.iter().any(|(name, _)| *name == "meta.json") {
+        return bad("no meta.json");
+    }
+    Ok(files)
+}
+
+/// Writes a package's files into a fresh `dir`.
+fn unpack(package: &[u8], dir: &Path) -> Result<(), String> {
+    let files = decode_package(package)?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for (name, data) in files {
+        std::fs::write(dir.join(name), data).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Opens an unpacked split as an index of its own.
+fn open_split(dir: &Path) -> tantivy::Result<IndexReader> {
+    let index = Index::open_in_dir(dir)?;
+    crate::index::register_tokenizers(&index);
+    index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()
+}
+
+/// Tenants (when few enough), time range and records of an unpacked split.
+fn split_facts(dir: &Path) -> Result<(Vec<String>, i64, i64, u64), String> {
+    let reader = open_split(dir).map_err(|e| e.to_string())?;
+    let searcher = reader.searcher();
+    let schema = searcher.schema();
+    let tenant = schema.get_field("tenant").map_err(|e| e.to_string())?;
+    let (mut tenants, mut first, mut last, mut records) =
+        (std::collections::BTreeSet::new(), i64::MAX, i64::MIN, 0u64);
+    let mut too_many = false;
+    for segment in searcher.segment_readers() {
+        records += u64::from(segment.num_docs());
+        let column = segment.fast_fields().date("timestamp").map_err(|e| e.to_string())?;
+        if segment.num_docs() > 0 {
+            first = first.min(column.min_value().into_timestamp_nanos());
+            last = last.max(column.max_value().into_timestamp_nanos());
+        }
+        let inverted = segment.inverted_index(tenant).map_err(|e| e.to_string())?;
+        let mut terms = inverted.terms().stream().map_err(|e| e.to_string())?;
+        while terms.advance() {
+            if tenants.len() == MAX_TENANTS {
+                too_many = true;
+                break;
+            }
+            tenants.insert(String::from_utf8_lossy(terms.key()).into_owned());
+        }
+    }
+    if first > last {
+        (first, last) = (0, 0);
+    }
+    let tenants = if too_many { Vec::new() } else { tenants.into_iter().collect() };
+    Ok((tenants, first, last, records))
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_package_reads_back_and_a_damaged_one_is_refused() {
+        let segment = "0123456789abcdef0123456789abcdef";
+        let files = vec![
+            (format!("{segment}.idx"), vec![1, 2, 3]),
+            (format!("{segment}.store"), vec![4; 1000]),
+            ("meta.json".to_owned(), b"{}".to_vec()),
+        ];
+        let package = encode_package(&files);
+        let back = decode_package(&package).unwrap();
+        assert_eq!(back.len(), 3);
+        for ((name, data), (want_name, want_data)) in back.iter().zip(&files) {
+            assert_eq!((*name, *data), (want_name.as_str(), want_data.as_slice()));
+        }
+        for cut in 0..package.len() {
+            assert!(decode_package(&package[..cut]).is_err(), "cut at {cut}");
+        }
+        for name in ["../etc/passwd", "meta.json/x", "0123.idx", "0123456789ABCDEF0123456789abcdef.idx", ""] {
+            let bad = encode_package(&[(name.to_owned(), vec![1]), ("meta.json".into(), vec![])]);
+            assert!(decode_package(&bad).is_err(), "{name}");
+        }
+        let twice = encode_package(&[("meta.json".into(), vec![]), ("meta.json".into(), vec![])]);
+        assert!(decode_package(&twice).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_package_bytes_decode_or_are_refused(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let mut input = PACKAGE_MAGIC.to_vec();
+            input.push(PACKAGE_VERSION);
+            input.extend_from_slice(&bytes);
+            if let Ok(files) = decode_package(&input) {
+                let owned: Vec<(String, Vec<u8>)> = files.iter().map(|(n, d)| (n.to_string(), d.to_vec())).collect();
+                proptest::prop_assert_eq!(encode_package(&owned), input);
+            }
+        }
+    }
+
+    #[test]
+    fn manifests_name_themselves_and_prune_by_time_and_tenant() {
+        let segment = "0123456789abcdef0123456789abcdef".to_owned();
+        let manifest = Manifest {
+            version: 1,
+            collector: "c2".into(),
+            segment: segment.clone(),
+            split: split_key("c2", &segment),
+            tenants: vec!["acme".into()],
+            first_ns: 100,
+            last_ns: 200,
+            records: 5,
+            bytes: 10,
+            sha256: "00".into(),
+            kek_id: "k1".into(),
+        };
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        assert_eq!(Manifest::decode(&bytes, &manifest_key("c2", &segment)).unwrap(), manifest);
+        assert!(Manifest::decode(&bytes, &manifest_key("c3", &segment)).is_err());
+        let acme = ["acme".to_owned()];
+        assert!(manifest.may_match(&acme, None, None));
+        assert!(manifest.may_match(&acme, Some(200), Some(201)));
+        assert!(!manifest.may_match(&acme, Some(201), None));
+        assert!(!manifest.may_match(&acme, None, Some(100)));
+        assert!(!manifest.may_match(&["other".to_owned()], None, None));
+    }
+}
