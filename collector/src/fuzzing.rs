@@ -154,6 +154,20 @@ pub fn wal(data: &[u8]) {
     crate::wal::fuzz_decoders(data);
 }
 
+/// What collectors sharing a bucket read from it: stream objects, split
+/// manifests and split packages.
+pub fn cluster(data: &[u8]) {
+    crate::cluster::fuzz_decoders(data);
+    crate::splits::fuzz_decoders(data);
+}
+
+/// Seeds for the cluster target.
+pub fn cluster_seeds() -> Vec<Vec<u8>> {
+    let mut seeds = crate::cluster::fuzz_seeds();
+    seeds.extend(crate::splits::fuzz_seeds());
+    seeds
+}
+
 /// Seeds for the WAL target: an entry's payload holding `batch`, and a
 /// stream snapshot.
 pub fn wal_seeds(batch: &[u8]) -> Vec<Vec<u8>> {

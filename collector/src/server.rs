@@ -188,6 +188,7 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
             poll_interval: Duration::from_millis(cluster.poll_interval_ms),
             cache_bytes: cluster.cache_bytes,
             cache_dir: config.data_dir.join("splits"),
+            retention: config.index.retention_ms.map(Duration::from_millis),
         };
         let splits = crate::splits::Splits::open(store, splits_config, kek, keyring)
             .await

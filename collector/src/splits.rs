@@ -164,6 +164,9 @@ pub struct SplitsConfig {
     pub cache_bytes: u64,
     /// Where the cache lives.
     pub cache_dir: PathBuf,
+    /// This collector's splits whose newest record is older than this are
+    /// deleted from the bucket (`index.retention_ms`); None keeps them.
+    pub retention: Option<Duration>,
 }
 
 /// Counters for `/metrics`.
@@ -195,6 +198,8 @@ pub struct Splits {
     last_publish: Mutex<Instant>,
     /// Other collectors' manifests, by manifest key.
     catalog: RwLock<BTreeMap<String, Manifest>>,
+    /// This collector's manifests, by manifest key.
+    own: Mutex<BTreeMap<String, Manifest>>,
     cache: Mutex<HashMap<String, Cached>>,
     /// One fetch at a time per split.
     fetching: Mutex<()>,
@@ -224,12 +229,17 @@ impl Splits {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
-        let own = format!("manifests/{}/", config.collector);
+        let prefix = format!("manifests/{}/", config.collector);
         let mut frozen = HashSet::new();
-        for (key, _) in store.list(&own).await.map_err(|e| e.to_string())? {
-            let segment = key.strip_prefix(&own).and_then(|rest| rest.strip_suffix(".json"));
+        let mut own = BTreeMap::new();
+        for (key, _) in store.list(&prefix).await.map_err(|e| e.to_string())? {
+            let segment = key.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".json"));
             if let Some(id) = segment.and_then(|s| SegmentId::from_uuid_string(s).ok()) {
                 frozen.insert(id);
+            }
+            let read = store.get_tagged(&key, MAX_MANIFEST).await.map_err(|e| e.to_string())?;
+            if let Some(manifest) = read.and_then(|(bytes, _)| Manifest::decode(&bytes, &key).ok()) {
+                own.insert(key, manifest);
             }
         }
         tracing::info!(published = frozen.len(), "own splits read back from the shared bucket");
@@ -243,6 +253,7 @@ impl Splits {
             publishing: Arc::new(AtomicBool::new(false)),
             last_publish: Mutex::new(Instant::now()),
             catalog: RwLock::new(BTreeMap::new()),
+            own: Mutex::new(own),
             cache: Mutex::new(HashMap::new()),
             fetching: Mutex::new(()),
             stats: SplitStats::default(),
@@ -381,20 +392,44 @@ impl Splits {
         })?;
         self.frozen.lock().unwrap_or_else(|e| e.into_inner()).insert(meta.id());
         tracing::info!(split = %manifest.split, records, bytes = manifest.bytes, "split published");
+        let key = manifest_key(&manifest.collector, &segment);
+        self.own.lock().unwrap_or_else(|e| e.into_inner()).insert(key, manifest);
         Ok(())
     }
 
-    /// Lists the other collectors' manifests until `cancel` fires.
+    /// Lists the other collectors' manifests, and deletes this
+    /// collector's splits past retention, until `cancel` fires.
     pub async fn follow(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
         loop {
             if let Err(err) = self.poll().await {
                 tracing::warn!(error = %err, "listing the other collectors' splits failed; retrying");
+            }
+            if let Err(err) = self.expire().await {
+                tracing::warn!(error = %err, "deleting splits past retention failed; retrying");
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(self.config.poll_interval) => {}
             }
         }
+    }
+
+    /// Deletes this collector's splits whose records are all past
+    /// retention: the manifest first, so no search looks for the object.
+    pub async fn expire(&self) -> Result<(), String> {
+        let Some(retention) = self.config.retention else { return Ok(()) };
+        let cutoff = crate::time::now_ns().saturating_sub(retention.as_nanos().min(i64::MAX as u128) as i64);
+        let expired: Vec<(String, Manifest)> = {
+            let own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+            own.iter().filter(|(_, m)| m.last_ns < cutoff).map(|(k, m)| (k.clone(), m.clone())).collect()
+        };
+        for (key, manifest) in expired {
+            self.store.delete(&key).await.map_err(|e| e.to_string())?;
+            self.store.delete(&manifest.split).await.map_err(|e| e.to_string())?;
+            self.own.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            tracing::info!(split = %manifest.split, "split past retention deleted");
+        }
+        Ok(())
     }
 
     /// Reads the manifests not known yet; forgets the ones gone.
@@ -419,10 +454,25 @@ impl Splits {
                 Err(err) => tracing::warn!(key, error = %err, "split manifest refused"),
             }
         }
-        let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
-        catalog.retain(|key, _| listed.contains(key));
-        catalog.extend(read);
-        self.stats.known.store(catalog.len() as u64, Ordering::Relaxed);
+        let mut gone = Vec::new();
+        {
+            let mut catalog = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+            catalog.retain(|key, manifest| {
+                let keep = listed.contains(key);
+                if !keep {
+                    gone.push(manifest.segment.clone());
+                }
+                keep
+            });
+            catalog.extend(read);
+            self.stats.known.store(catalog.len() as u64, Ordering::Relaxed);
+        }
+        // Splits deleted by their collector (retention) leave the cache too.
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        for segment in gone {
+            cache.remove(&segment);
+            let _ = std::fs::remove_dir_all(self.config.cache_dir.join(&segment));
+        }
         Ok(())
     }
 
@@ -622,6 +672,46 @@ fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0)
+}
+
+/// The manifest and package decoders on arbitrary bytes, for the fuzz
+/// target: a manifest decodes only under its own key, and a package that
+/// decodes re-encodes to the same bytes.
+pub(crate) fn fuzz_decoders(data: &[u8]) {
+    if let Ok(manifest) = serde_json::from_slice::<Manifest>(data) {
+        let key = manifest_key(&manifest.collector, &manifest.segment);
+        if let Ok(decoded) = Manifest::decode(data, &key) {
+            assert_eq!(decoded, manifest);
+        }
+    }
+    if let Ok(files) = decode_package(data) {
+        let owned: Vec<(String, Vec<u8>)> = files.iter().map(|(n, d)| (n.to_string(), d.to_vec())).collect();
+        assert_eq!(encode_package(&owned), data, "a package re-encodes");
+    }
+}
+
+/// Seeds: a manifest and a small package.
+pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
+    let segment = "0123456789abcdef0123456789abcdef".to_owned();
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        collector: "c2".into(),
+        split: split_key("c2", &segment),
+        segment: segment.clone(),
+        tenants: vec!["acme".into()],
+        first_ns: 1_700_000_000_000_000_000,
+        last_ns: 1_700_000_060_000_000_000,
+        records: 2000,
+        bytes: 123_456,
+        sha256: "ab".repeat(32),
+        kek_id: "k1".into(),
+    };
+    let package = encode_package(&[
+        (format!("{segment}.idx"), vec![1, 2, 3]),
+        (format!("{segment}.store"), vec![7; 64]),
+        ("meta.json".into(), br#"{"segments":[]}"#.to_vec()),
+    ]);
+    vec![serde_json::to_vec(&manifest).expect("a manifest serializes"), package]
 }
 
 #[cfg(test)]

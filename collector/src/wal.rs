@@ -1136,11 +1136,6 @@ pub(crate) fn fuzz_seeds(batch: &[u8]) -> Vec<Vec<u8>> {
         epoch: header.epoch,
     };
     seeds.push(encode_snapshot(entry.len() as u64, &HashMap::from([(key.clone(), state)])));
-    let mut record = crate::cluster::StreamRecord::new(&key.tenant, &key.host, &key.source, key.epoch);
-    if let Ok(hash) = encoded_batch_hash(batch) {
-        record.record("c1", header.first_seq, header.end_seq(), &hash);
-    }
-    seeds.push(record.encode());
     seeds
 }
 

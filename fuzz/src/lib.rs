@@ -23,7 +23,7 @@ use ring::signature::Ed25519KeyPair;
 pub type Target = fn(&[u8]);
 
 /// The names of the targets, as `fuzz_targets/` and `corpus/` know them.
-pub const TARGETS: [(&str, Target); 11] = [
+pub const TARGETS: [(&str, Target); 12] = [
     ("frame", frame),
     ("batch", batch),
     ("syslog", syslog),
@@ -35,6 +35,7 @@ pub const TARGETS: [(&str, Target); 11] = [
     ("wal", wal),
     ("bulk", bulk),
     ("otlp", otlp),
+    ("cluster", cluster),
 ];
 
 fn key() -> &'static Ed25519KeyPair {
@@ -221,9 +222,15 @@ pub fn config(data: &[u8]) {
     let _ = logvault_agent::config::AgentConfig::parse(&text, "fuzz.toml".as_ref());
 }
 
-/// The collector's WAL entries, stream snapshot and shared stream objects.
+/// The collector's WAL entries and stream snapshot.
 pub fn wal(data: &[u8]) {
     logvault_collector::fuzzing::wal(data);
+}
+
+/// What collectors sharing a bucket read from it: stream objects, split
+/// manifests, split packages.
+pub fn cluster(data: &[u8]) {
+    logvault_collector::fuzzing::cluster(data);
 }
 
 /// Where the loghub samples are.
@@ -363,6 +370,9 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push(("config", AGENT_CONFIG.as_bytes().to_vec()));
     for seed in logvault_collector::fuzzing::wal_seeds(&compressed) {
         seeds.push(("wal", seed));
+    }
+    for seed in logvault_collector::fuzzing::cluster_seeds() {
+        seeds.push(("cluster", seed));
     }
     seeds
 }
