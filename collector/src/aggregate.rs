@@ -425,13 +425,23 @@ impl LogIndex {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let terms_collector = TermsCollector { columns };
-        let query = crate::search::deadline_query(self.filter_query(filter)?, deadline);
-        // This collector's records, and the other collectors' splits.
-        let mut searchers = vec![self.reader.searcher()];
-        searchers.extend(self.remote_searchers(filter)?);
+        let clauses = self.filter_query(filter)?;
+        let base: Box<dyn tantivy::query::Query> =
+            Box::new(tantivy::query::BooleanQuery::intersection(clauses));
+        // This collector's records, and the other collectors' splits (each
+        // without what its publisher's retention dropped).
+        let mut searchers = vec![(self.reader.searcher(), base.box_clone())];
+        for split in self.remote_searchers(filter) {
+            let query = self.on_split(&*base, &split);
+            searchers.push((split.searcher, query));
+        }
+        let searchers: Vec<(tantivy::Searcher, Box<dyn tantivy::query::Query>)> = searchers
+            .into_iter()
+            .map(|(searcher, query)| (searcher, crate::search::with_deadline(query, deadline)))
+            .collect();
         let histogram_collector = match histogram {
             None => None,
-            Some(request) => Some(self.histogram_layout(&searchers, &*query, filter, request)?),
+            Some(request) => Some(self.histogram_layout(&searchers, filter, request)?),
         };
         let map_err = |e: tantivy::TantivyError| match e {
             tantivy::TantivyError::InvalidArgument(message) => SearchError::BadQuery(message),
@@ -440,7 +450,7 @@ impl LogIndex {
         let collector = (Count, histogram_collector.as_ref().map(|c| c.0.clone_layout()), terms_collector);
         let fruits = searchers
             .iter()
-            .map(|searcher| searcher.search(&*query, &collector))
+            .map(|(searcher, query)| searcher.search(&**query, &collector))
             .collect::<tantivy::Result<Vec<_>>>()
             .map_err(map_err)?;
         let (total, histogram_fruit, terms_fruits) = collector.merge_fruits(fruits).map_err(map_err)?;
@@ -491,8 +501,7 @@ impl LogIndex {
     /// multiples of the interval since the epoch.
     fn histogram_layout(
         &self,
-        searchers: &[tantivy::Searcher],
-        query: &dyn tantivy::query::Query,
+        searchers: &[(tantivy::Searcher, Box<dyn tantivy::query::Query>)],
         filter: &Filter,
         request: &HistogramRequest,
     ) -> Result<(HistogramCollector, i64), SearchError> {
@@ -503,7 +512,7 @@ impl LogIndex {
         } else {
             let spans = searchers
                 .iter()
-                .map(|searcher| searcher.search(query, &TimeSpan))
+                .map(|(searcher, query)| searcher.search(&**query, &TimeSpan))
                 .collect::<tantivy::Result<Vec<_>>>()
                 .map_err(|e| SearchError::Internal(e.to_string()))?;
             TimeSpan.merge_fruits(spans).map_err(|e| SearchError::Internal(e.to_string()))?

@@ -203,7 +203,7 @@ impl IndexedUpTo {
         format!("{} {}", self.position, self.next_id)
     }
 
-    fn parse(payload: &str) -> Option<IndexedUpTo> {
+    pub(crate) fn parse(payload: &str) -> Option<IndexedUpTo> {
         let (position, next_id) = payload.split_once(' ')?;
         Some(IndexedUpTo { position: position.parse().ok()?, next_id: next_id.parse().ok()? })
     }
@@ -797,6 +797,10 @@ fn index_until_stopped(
     let mut feeder = Feeder::new(index)?;
     let mut up_to = index.indexed_up_to();
     progress.committed.store(up_to.position, Ordering::Release);
+    if let Some(splits) = index.splits.get() {
+        // Ids unique across the collectors sharing a bucket.
+        up_to.next_id = up_to.next_id.max(splits.id_base());
+    }
     let mut pending = false;
     let mut last_commit = Instant::now();
     let mut last_retention: Option<Instant> = None;
@@ -809,7 +813,14 @@ fn index_until_stopped(
     );
     loop {
         let stopping = cancel.is_cancelled();
-        let until = durable.load(Ordering::Acquire);
+        let mut until = durable.load(Ordering::Acquire);
+        // Rebuilding what was published: a commit right at its end.
+        let resync_to = index.splits.get().and_then(|splits| splits.resync_to());
+        if let Some(to) = resync_to
+            && up_to.position < to
+        {
+            until = until.min(to);
+        }
         let entries = match wal::read_range(wal_dir, up_to.position, until, 8 * 1024 * 1024) {
             Ok(entries) => entries,
             Err(err) => {
@@ -839,8 +850,10 @@ fn index_until_stopped(
             last_retention = Some(Instant::now());
             pending |= index.expire(feeder.writer());
         }
+        let at_resync_end = resync_to.is_some_and(|to| up_to.position >= to);
         if pending
             && (stopping
+                || at_resync_end
                 || last_commit.elapsed() >= commit_interval
                 || (idle && last_commit.elapsed() >= commit_interval / 4))
         {

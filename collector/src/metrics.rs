@@ -263,7 +263,7 @@ impl MetricsSource {
         }
         if let Some(splits) = &self.splits {
             let stats = &splits.stats;
-            let cluster: [(&str, &str, &str, u64); 6] = [
+            let cluster: [(&str, &str, &str, u64); 7] = [
                 (
                     "logvault_splits_published_total",
                     "counter",
@@ -299,6 +299,12 @@ impl MetricsSource {
                     "counter",
                     "Split reads served by the cache",
                     load(&stats.cache_hits),
+                ),
+                (
+                    "logvault_splits_unreadable_total",
+                    "counter",
+                    "Other collectors' splits left out of a search because they could not be read",
+                    load(&stats.unreadable),
                 ),
             ];
             for (name, kind, help, value) in cluster {

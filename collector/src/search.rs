@@ -363,15 +363,16 @@ fn check_leaf(leaf: &UserInputLeaf, tenants: &[String]) -> Result<(), SearchErro
 }
 
 /// All of `clauses`, walked under `deadline`.
-pub(crate) fn deadline_query(clauses: Vec<Box<dyn Query>>, deadline: &Deadline) -> Box<dyn Query> {
-    Box::new(DeadlineQuery { inner: must(clauses), deadline: deadline.clone() })
+/// `query`, stopped at `deadline`.
+pub(crate) fn with_deadline(query: Box<dyn Query>, deadline: &Deadline) -> Box<dyn Query> {
+    Box::new(DeadlineQuery { inner: query, deadline: deadline.clone() })
 }
 
 fn date_term(field: tantivy::schema::Field, ns: i64) -> Term {
     Term::from_field_date(field, DateTime::from_timestamp_nanos(ns))
 }
 
-fn must(clauses: Vec<Box<dyn Query>>) -> Box<dyn Query> {
+pub(crate) fn must(clauses: Vec<Box<dyn Query>>) -> Box<dyn Query> {
     Box::new(BooleanQuery::new(clauses.into_iter().map(|clause| (Occur::Must, clause)).collect()))
 }
 
@@ -454,12 +455,25 @@ impl LogIndex {
 
     /// The other collectors' splits that may match `filter` (none without
     /// a shared bucket), fetched as needed. Blocking.
-    pub(crate) fn remote_searchers(&self, filter: &Filter) -> Result<Vec<Searcher>, SearchError> {
+    pub(crate) fn remote_searchers(&self, filter: &Filter) -> Vec<crate::splits::RemoteSplit> {
         match self.splits.get() {
-            Some(splits) => splits
-                .searchers(&filter.tenants, filter.from_ns, filter.to_ns)
-                .map_err(|e| SearchError::Internal(format!("other collectors' splits: {e}"))),
-            None => Ok(Vec::new()),
+            Some(splits) => splits.searchers(&filter.tenants, filter.from_ns, filter.to_ns),
+            None => Vec::new(),
+        }
+    }
+
+    /// `base` on a split: without the records its publisher's retention
+    /// no longer keeps.
+    pub(crate) fn on_split(&self, base: &dyn Query, split: &crate::splits::RemoteSplit) -> Box<dyn Query> {
+        match split.not_before {
+            Some(ns) => must(vec![
+                base.box_clone(),
+                Box::new(RangeQuery::new(
+                    Bound::Included(date_term(self.fields.timestamp, ns)),
+                    Bound::Unbounded,
+                )),
+            ]),
+            None => base.box_clone(),
         }
     }
 
@@ -496,7 +510,7 @@ impl LogIndex {
     ) -> Result<SearchResponse, SearchError> {
         let mut clauses = self.filter_query(&request.filter)?;
         let searcher = self.reader.searcher();
-        let remote = self.remote_searchers(&request.filter)?;
+        let remote = self.remote_searchers(&request.filter);
         // The splits never change; only this collector's own records are
         // kept below the first page's snapshot.
         let remote_base = must(self.filter_query(&request.filter)?);
@@ -508,7 +522,7 @@ impl LogIndex {
             None => {
                 let mut next = Self::next_id(&searcher)?;
                 for split in &remote {
-                    next = next.max(Self::next_id(split)?);
+                    next = next.max(Self::next_id(&split.searcher)?);
                 }
                 next
             }
@@ -525,7 +539,10 @@ impl LogIndex {
         let mut total = 0u64;
         // (sort key, searcher, address) of every searcher's best.
         let mut best = Vec::new();
-        let searchers = std::iter::once((&searcher, &base)).chain(remote.iter().map(|s| (s, &remote_base)));
+        let remote_bases: Vec<Box<dyn Query>> =
+            remote.iter().map(|split| self.on_split(&*remote_base, split)).collect();
+        let searchers = std::iter::once((&searcher, &base))
+            .chain(remote.iter().zip(&remote_bases).map(|(split, base)| (&split.searcher, base)));
         for (n, (searcher, base)) in searchers.enumerate() {
             let total_query = DeadlineQuery { inner: base.box_clone(), deadline: deadline.clone() };
             let page_query = DeadlineQuery {
@@ -551,7 +568,7 @@ impl LogIndex {
         };
         let mut hits = Vec::with_capacity(best.len());
         for (_, n, address) in best {
-            let searcher = if n == 0 { &searcher } else { &remote[n - 1] };
+            let searcher = if n == 0 { &searcher } else { &remote[n - 1].searcher };
             hits.extend(self.load_hits(searcher, [address])?);
         }
         Ok(SearchResponse { total, hits, cursor })

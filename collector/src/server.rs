@@ -190,9 +190,10 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
             cache_dir: config.data_dir.join("splits"),
             retention: config.index.retention_ms.map(Duration::from_millis),
         };
-        let splits = crate::splits::Splits::open(store, splits_config, kek, keyring)
+        let splits = crate::splits::Splits::open(store, splits_config, kek, keyring, index.index.schema())
             .await
             .map_err(ServerError::Cluster)?;
+        splits.resync(index.committed_position(), wal.durable_end());
         index.share(splits.clone());
         tokio::spawn(splits.follow(cancel.clone()));
     }

@@ -2,26 +2,39 @@
 //! search what every other one indexed.
 //!
 //! **Publishing.** Every `cluster.publish_interval_ms` the indexer merges
-//! the index segments it has not published yet into one, and a thread
-//! packages that segment's files into one object, seals it as the archive
-//! seals segments (AES-256-GCM in 1 MiB chunks under a data key wrapped by
-//! the KEK, the header bound to every chunk) and uploads it to
+//! every committed index segment it has not published yet into one (so a
+//! split holds exactly the records indexed from the WAL since the last
+//! one, up to the commit's WAL position), and a thread packages that
+//! segment's files into one object, seals it as the archive seals segments
+//! (AES-256-GCM in 1 MiB chunks under a data key wrapped by the KEK, the
+//! header bound to every chunk) and uploads it to
 //! `splits/COLLECTOR/SEGMENT.split`; then it writes the split's manifest to
 //! `manifests/COLLECTOR/SEGMENT.json`: its time range, tenants, record
-//! count, size, SHA-256 and key id. A published segment is never merged
-//! again (so no record is ever in two published splits); while a split
-//! is being made no other merge starts. At start the collector reads its
-//! own manifests back, so a segment published before a crash is not
-//! published twice.
+//! count, WAL position, size, SHA-256 and key id. The merged segment is
+//! frozen as soon as it exists: never merged again, so no record is in two
+//! splits; a failed upload is retried for that same segment. While a split
+//! is being merged no other merge starts. At start the collector reads its
+//! own manifests back: their segments stay frozen, and when its index is
+//! behind the newest published WAL position (rebuilt, or restored), it is
+//! rebuilt up to that position with merges stopped, and what it holds then
+//! is frozen as published rather than published again.
+//!
+//! Record ids carry a tag of the collector's name in their top 16 bits, so
+//! hits from several collectors never tie in the (timestamp, id) order
+//! that pages and cursors follow.
 //!
 //! **Searching.** Every `cluster.poll_interval_ms` a collector lists the
 //! other collectors' manifests. A search or aggregation reads its own
 //! index (all of its records, published or not) and the other
 //! collectors' splits whose time range and tenants can match, chosen from
-//! the manifests before any split is read. A split is fetched whole the
-//! first time it is needed, checked against its manifest's SHA-256,
-//! decrypted chunk by chunk and unpacked into `DATA_DIR/splits/`, a cache
-//! kept under `cluster.cache_bytes` by dropping the least recently used.
+//! the manifests before any split is read, each limited to the records its
+//! publisher's index retention still keeps. A split is fetched whole the
+//! first time it is needed, checked against its manifest's size and
+//! SHA-256, decrypted chunk by chunk, its schema compared with ours, and
+//! unpacked into `DATA_DIR/splits/`, a cache kept under
+//! `cluster.cache_bytes` by dropping the least recently used. A split that
+//! cannot be read is left out of searches (logged and counted) and tried
+//! again a minute later.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -72,6 +85,11 @@ pub struct Manifest {
     pub last_ns: i64,
     /// Records in it.
     pub records: u64,
+    /// The publisher's WAL position its records were indexed up to.
+    pub wal_to: u64,
+    /// The publisher's index retention, ms: its records older than that
+    /// are no longer searched anywhere.
+    pub retention_ms: Option<u64>,
     /// The object's size.
     pub bytes: u64,
     /// The object's SHA-256 (hex).
@@ -88,6 +106,12 @@ impl Manifest {
             from_ns.is_none_or(|from| self.last_ns >= from) && to_ns.is_none_or(|to| self.first_ns < to);
         let in_tenants = self.tenants.is_empty() || self.tenants.iter().any(|t| tenants.contains(t));
         in_time && in_tenants
+    }
+
+    /// Records older than this are past the publisher's retention.
+    fn not_before(&self) -> Option<i64> {
+        let ms = i64::try_from(self.retention_ms?).ok()?;
+        Some(crate::time::now_ns().saturating_sub(ms.saturating_mul(1_000_000)))
     }
 
     /// Decodes a manifest read from `key` and checks it names itself there.
@@ -184,6 +208,25 @@ pub struct SplitStats {
     pub fetched_bytes: AtomicU64,
     /// Splits read from the cache.
     pub cache_hits: AtomicU64,
+    /// Splits left out of searches because they could not be read.
+    pub unreadable: AtomicU64,
+}
+
+/// One other collector's split, ready to search: its searcher, and the time
+/// before which its publisher no longer keeps records.
+pub(crate) struct RemoteSplit {
+    pub(crate) searcher: Searcher,
+    pub(crate) not_before: Option<i64>,
+}
+
+/// Clears the publishing flags when the publishing thread ends, even by a panic.
+struct Publishing(Arc<Splits>);
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        self.0.publishing.store(false, Ordering::Release);
+        self.0.busy.store(false, Ordering::Release);
+    }
 }
 
 /// A collector's view of the splits in the shared bucket.
@@ -194,8 +237,22 @@ pub struct Splits {
     keyring: Keyring,
     runtime: tokio::runtime::Handle,
     frozen: Arc<Mutex<HashSet<SegmentId>>>,
+    /// No merge starts while set (a split being merged, or the index being
+    /// rebuilt up to what was published).
     publishing: Arc<AtomicBool>,
+    /// A publishing thread runs.
+    busy: AtomicBool,
     last_publish: Mutex<Instant>,
+    /// A merged, frozen segment not published yet (an upload failed), with
+    /// its WAL position; and when to try again.
+    pending: Mutex<Option<(SegmentMeta, u64)>>,
+    retry_at: Mutex<Instant>,
+    /// While the index is behind it: the newest WAL position published.
+    resync_to: AtomicU64,
+    /// Splits that could not be read, and when.
+    failed: Mutex<HashMap<String, Instant>>,
+    /// Our schema: a split must have the same.
+    schema: tantivy::schema::Schema,
     /// Other collectors' manifests, by manifest key.
     catalog: RwLock<BTreeMap<String, Manifest>>,
     /// This collector's manifests, by manifest key.
@@ -220,15 +277,13 @@ impl Splits {
         config: SplitsConfig,
         kek: Kek,
         keyring: Keyring,
+        schema: tantivy::schema::Schema,
     ) -> Result<Arc<Splits>, String> {
+        // What earlier runs cached is fetched again as needed: the cache's
+        // size is then all this run's.
+        let _ = std::fs::remove_dir_all(&config.cache_dir);
         std::fs::create_dir_all(&config.cache_dir)
             .map_err(|e| format!("{}: {e}", config.cache_dir.display()))?;
-        // What a crash may have left half unpacked.
-        for entry in std::fs::read_dir(&config.cache_dir).map_err(|e| e.to_string())?.flatten() {
-            if entry.file_name().to_string_lossy().ends_with(".tmp") {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
         let prefix = format!("manifests/{}/", config.collector);
         let mut frozen = HashSet::new();
         let mut own = BTreeMap::new();
@@ -238,8 +293,14 @@ impl Splits {
                 frozen.insert(id);
             }
             let read = store.get_tagged(&key, MAX_MANIFEST).await.map_err(|e| e.to_string())?;
-            if let Some(manifest) = read.and_then(|(bytes, _)| Manifest::decode(&bytes, &key).ok()) {
-                own.insert(key, manifest);
+            match read.map(|(bytes, _)| Manifest::decode(&bytes, &key)) {
+                Some(Ok(manifest)) => {
+                    own.insert(key, manifest);
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(key, error = %err, "own split manifest unreadable; its segment stays frozen")
+                }
+                None => {}
             }
         }
         tracing::info!(published = frozen.len(), "own splits read back from the shared bucket");
@@ -251,7 +312,13 @@ impl Splits {
             runtime: tokio::runtime::Handle::current(),
             frozen: Arc::new(Mutex::new(frozen)),
             publishing: Arc::new(AtomicBool::new(false)),
+            busy: AtomicBool::new(false),
             last_publish: Mutex::new(Instant::now()),
+            pending: Mutex::new(None),
+            retry_at: Mutex::new(Instant::now()),
+            resync_to: AtomicU64::new(0),
+            failed: Mutex::new(HashMap::new()),
+            schema,
             catalog: RwLock::new(BTreeMap::new()),
             own: Mutex::new(own),
             cache: Mutex::new(HashMap::new()),
@@ -267,65 +334,164 @@ impl Splits {
         PublishingPolicy { inner, frozen: self.frozen.clone(), publishing: self.publishing.clone() }
     }
 
-    /// After a commit, on the indexer thread: when it is time, merges the
-    /// segments not yet published into one and publishes it on a thread
-    /// of its own.
+    /// The tag in the top 16 bits of this collector's record ids.
+    pub(crate) fn id_base(&self) -> u64 {
+        let digest = ring::digest::digest(&ring::digest::SHA256, self.config.collector.as_bytes());
+        u64::from(u16::from_be_bytes([digest.as_ref()[0], digest.as_ref()[1]])) << 48
+    }
+
+    /// Called with the index's committed WAL position before the indexer
+    /// starts: when the index is behind what this collector published, it
+    /// must be rebuilt up to there (with no merge) and frozen, not
+    /// published again. Returns the position to index up to first, if any.
+    pub(crate) fn resync(&self, committed: u64, durable: u64) -> Option<u64> {
+        let published =
+            self.own.lock().unwrap_or_else(|e| e.into_inner()).values().map(|m| m.wal_to).max()?;
+        if committed >= published {
+            return None;
+        }
+        let to = if published > durable {
+            tracing::error!(
+                published,
+                wal_end = durable,
+                "the wal ends before what this collector published (a restored data directory?); the records in between are searchable from its splits only on the other collectors"
+            );
+            durable
+        } else {
+            published
+        };
+        tracing::warn!(
+            from = committed,
+            to,
+            "index behind what this collector published: rebuilding it up to there without publishing it again"
+        );
+        self.publishing.store(true, Ordering::Release);
+        self.resync_to.store(to.max(1), Ordering::Release);
+        Some(to)
+    }
+
+    /// While the index is being rebuilt: the WAL position to stop at.
+    pub(crate) fn resync_to(&self) -> Option<u64> {
+        Some(self.resync_to.load(Ordering::Acquire)).filter(|&to| to > 0)
+    }
+
+    /// After a commit (or a quiet moment), on the indexer thread: when it
+    /// is time, merges the committed segments not yet published into one
+    /// and publishes it on a thread of its own.
     pub(crate) fn after_commit(self: &Arc<Self>, index: &LogIndex, writer: &mut IndexWriter<Queued>) {
-        if self.publishing.load(Ordering::Acquire) {
+        if let Some(to) = self.resync_to() {
+            if index.committed_position() >= to {
+                // Everything indexed now was published before: frozen as such.
+                match index.index.searchable_segment_metas() {
+                    Ok(metas) => {
+                        self.frozen
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .extend(metas.iter().map(|m| m.id()));
+                        self.resync_to.store(0, Ordering::Release);
+                        self.publishing.store(false, Ordering::Release);
+                        tracing::info!(to, "index rebuilt up to what was published");
+                    }
+                    Err(err) => tracing::warn!(error = %err, "index segments unreadable; freezing later"),
+                }
+            }
             return;
         }
+        if self.busy.load(Ordering::Acquire)
+            || Instant::now() < *self.retry_at.lock().unwrap_or_else(|e| e.into_inner())
         {
-            let last = self.last_publish.lock().unwrap_or_else(|e| e.into_inner());
-            if last.elapsed() < self.config.publish_interval {
-                return;
-            }
+            return;
         }
-        let metas = match index.index.searchable_segment_metas() {
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((meta, wal_to)) = pending {
+            // An upload that failed: the same segment again.
+            self.busy.store(true, Ordering::Release);
+            let (splits, dir) = (Arc::clone(self), index.path.clone());
+            let spawned = std::thread::Builder::new().name("logvault-publish".into()).spawn(move || {
+                let guard = Publishing(splits);
+                guard.0.upload(&dir, meta, wal_to);
+            });
+            if spawned.is_err() {
+                self.busy.store(false, Ordering::Release);
+            }
+            return;
+        }
+        if self.last_publish.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+            < self.config.publish_interval
+        {
+            return;
+        }
+        // The committed segments and the WAL position they cover, as one.
+        let metas = match index.index.load_metas() {
             Ok(metas) => metas,
             Err(err) => {
                 tracing::warn!(error = %err, "index segments unreadable; publishing later");
                 return;
             }
         };
+        let wal_to =
+            metas.payload.as_deref().and_then(crate::index::IndexedUpTo::parse).map_or(0, |up| up.position);
         let ids: Vec<SegmentId> = {
             let frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
-            metas.iter().filter(|m| !frozen.contains(&m.id()) && m.num_docs() > 0).map(|m| m.id()).collect()
+            metas
+                .segments
+                .iter()
+                .filter(|m| !frozen.contains(&m.id()) && m.num_docs() > 0)
+                .map(|m| m.id())
+                .collect()
         };
         if ids.is_empty() {
             *self.last_publish.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
             return;
         }
-        // No merge starts from here until the split is made and frozen; one
+        // No merge starts from here until the merged segment is frozen; one
         // already running on any of these makes this merge fail, and the
         // next commit tries again.
         self.publishing.store(true, Ordering::Release);
+        self.busy.store(true, Ordering::Release);
         let merging = writer.merge(&ids);
         let (splits, dir) = (Arc::clone(self), index.path.clone());
         let spawned = std::thread::Builder::new().name("logvault-publish".into()).spawn(move || {
+            let guard = Publishing(splits);
+            let splits = &guard.0;
             match merging.wait() {
-                Ok(Some(meta)) => match splits.publish(&dir, &meta) {
-                    Ok(()) => {
-                        splits.stats.published.fetch_add(1, Ordering::Relaxed);
-                        *splits.last_publish.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-                    }
-                    Err(err) => {
-                        splits.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %err, "publishing a split failed; trying again after the next commit");
-                    }
-                },
+                Ok(Some(meta)) => {
+                    splits.frozen.lock().unwrap_or_else(|e| e.into_inner()).insert(meta.id());
+                    splits.publishing.store(false, Ordering::Release);
+                    splits.upload(&dir, meta, wal_to);
+                }
                 Ok(None) => {}
                 Err(err) => tracing::debug!(error = %err, "segments busy in a merge; publishing after the next commit"),
             }
-            splits.publishing.store(false, Ordering::Release);
         });
         if spawned.is_err() {
             self.publishing.store(false, Ordering::Release);
+            self.busy.store(false, Ordering::Release);
+        }
+    }
+
+    /// Publishes a frozen segment; on failure keeps it pending, to be tried
+    /// again (the same segment, the same keys) a little later.
+    fn upload(&self, dir: &Path, meta: SegmentMeta, wal_to: u64) {
+        match self.publish(dir, &meta, wal_to) {
+            Ok(()) => {
+                *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                *self.last_publish.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            }
+            Err(err) => {
+                *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some((meta, wal_to));
+                *self.retry_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Instant::now() + Duration::from_secs(5);
+                self.stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %err, "publishing a split failed; trying the same one again in 5 s");
+            }
         }
     }
 
     /// Packages, seals and uploads one segment of the index in `dir`, then
     /// its manifest; the segment is frozen once the manifest is written.
-    fn publish(&self, dir: &Path, meta: &SegmentMeta) -> Result<(), String> {
+    fn publish(&self, dir: &Path, meta: &SegmentMeta, wal_to: u64) -> Result<(), String> {
         let segment = meta.id().uuid_string();
         // Its files, and an index meta naming it alone.
         let mut files: Vec<(String, Vec<u8>)> = Vec::new();
@@ -378,6 +544,8 @@ impl Splits {
             first_ns,
             last_ns,
             records,
+            wal_to,
+            retention_ms: self.config.retention.map(|r| r.as_millis().min(u128::from(u64::MAX)) as u64),
             bytes: sealed.bytes.len() as u64,
             sha256: crate::cluster::hex(ring::digest::digest(&ring::digest::SHA256, &sealed.bytes).as_ref()),
             kek_id: self.kek.id().to_owned(),
@@ -390,7 +558,6 @@ impl Splits {
                 .await
                 .map_err(|e| e.to_string())
         })?;
-        self.frozen.lock().unwrap_or_else(|e| e.into_inner()).insert(meta.id());
         tracing::info!(split = %manifest.split, records, bytes = manifest.bytes, "split published");
         let key = manifest_key(&manifest.collector, &segment);
         self.own.lock().unwrap_or_else(|e| e.into_inner()).insert(key, manifest);
@@ -444,14 +611,14 @@ impl Splits {
         };
         let mut read = Vec::new();
         for key in new {
-            let Some((bytes, _)) =
-                self.store.get_tagged(&key, MAX_MANIFEST).await.map_err(|e| e.to_string())?
-            else {
-                continue;
-            };
-            match Manifest::decode(&bytes, &key) {
-                Ok(manifest) => read.push((key, manifest)),
-                Err(err) => tracing::warn!(key, error = %err, "split manifest refused"),
+            // One unreadable manifest does not hold the others back.
+            match self.store.get_tagged(&key, MAX_MANIFEST).await {
+                Ok(Some((bytes, _))) => match Manifest::decode(&bytes, &key) {
+                    Ok(manifest) => read.push((key, manifest)),
+                    Err(err) => tracing::warn!(key, error = %err, "split manifest refused"),
+                },
+                Ok(None) => {}
+                Err(err) => tracing::warn!(key, error = %err, "split manifest unreadable; trying again"),
             }
         }
         let mut gone = Vec::new();
@@ -460,7 +627,7 @@ impl Splits {
             catalog.retain(|key, manifest| {
                 let keep = listed.contains(key);
                 if !keep {
-                    gone.push(manifest.segment.clone());
+                    gone.push(cache_name(manifest));
                 }
                 keep
             });
@@ -468,59 +635,94 @@ impl Splits {
             self.stats.known.store(catalog.len() as u64, Ordering::Relaxed);
         }
         // Splits deleted by their collector (retention) leave the cache too.
+        let _one = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        for segment in gone {
-            cache.remove(&segment);
-            let _ = std::fs::remove_dir_all(self.config.cache_dir.join(&segment));
+        for name in gone {
+            cache.remove(&name);
+            let _ = std::fs::remove_dir_all(self.config.cache_dir.join(&name));
         }
         Ok(())
     }
 
-    /// Searchers over the other collectors' splits that may match, fetched
-    /// into the cache as needed. Blocking.
+    /// The other collectors' splits that may match, fetched into the cache
+    /// as needed; one that cannot be read is left out (logged, counted) and
+    /// tried again a minute later. Blocking.
     pub(crate) fn searchers(
         &self,
         tenants: &[String],
         from_ns: Option<i64>,
         to_ns: Option<i64>,
-    ) -> Result<Vec<Searcher>, String> {
+    ) -> Vec<RemoteSplit> {
         let wanted: Vec<Manifest> = {
             let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
             catalog.values().filter(|m| m.may_match(tenants, from_ns, to_ns)).cloned().collect()
         };
-        wanted.iter().map(|manifest| self.searcher(manifest)).collect()
+        let mut out = Vec::with_capacity(wanted.len());
+        for manifest in wanted {
+            let name = cache_name(&manifest);
+            let failed_recently = self
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&name)
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(60));
+            if failed_recently {
+                continue;
+            }
+            match self.searcher(&manifest) {
+                Ok(searcher) => out.push(RemoteSplit { searcher, not_before: manifest.not_before() }),
+                Err(err) => {
+                    self.stats.unreadable.fetch_add(1, Ordering::Relaxed);
+                    self.failed.lock().unwrap_or_else(|e| e.into_inner()).insert(name, Instant::now());
+                    tracing::error!(split = %manifest.split, error = %err, "split unreadable: left out of searches, tried again in a minute");
+                }
+            }
+        }
+        out
     }
 
     fn searcher(&self, manifest: &Manifest) -> Result<Searcher, String> {
-        if let Some(cached) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&manifest.segment)
-        {
-            cached.used = Instant::now();
+        let name = cache_name(manifest);
+        let cached = |splits: &Splits| {
+            let mut cache = splits.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.get_mut(&name).map(|cached| {
+                cached.used = Instant::now();
+                cached.reader.searcher()
+            })
+        };
+        if let Some(searcher) = cached(self) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(cached.reader.searcher());
+            return Ok(searcher);
         }
         let _one = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(cached) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&manifest.segment)
-        {
-            cached.used = Instant::now();
-            return Ok(cached.reader.searcher());
+        if let Some(searcher) = cached(self) {
+            return Ok(searcher);
         }
-        let dir = self.config.cache_dir.join(&manifest.segment);
-        if !dir.join("meta.json").exists() {
-            self.fetch(manifest, &dir)?;
-        }
-        let reader = open_split(&dir).map_err(|e| format!("split {}: {e}", manifest.split))?;
+        let dir = self.config.cache_dir.join(&name);
+        self.fetch(manifest, &dir)?;
+        let reader = match open_split(&dir) {
+            Ok(reader) if reader.searcher().schema() == &self.schema => reader,
+            Ok(_) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(format!("split {} has another schema", manifest.split));
+            }
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(format!("split {}: {err}", manifest.split));
+            }
+        };
         let searcher = reader.searcher();
         let bytes = dir_size(&dir);
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.insert(manifest.segment.clone(), Cached { reader, bytes, used: Instant::now() });
+        cache.insert(name.clone(), Cached { reader, bytes, used: Instant::now() });
         // Least recently used first out; a searcher in use keeps its files
         // open (mapped) until it is dropped.
         while cache.values().map(|c| c.bytes).sum::<u64>() > self.config.cache_bytes && cache.len() > 1 {
             let Some(oldest) = cache
                 .iter()
-                .filter(|(segment, _)| **segment != manifest.segment)
+                .filter(|(other, _)| **other != name)
                 .min_by_key(|(_, c)| c.used)
-                .map(|(segment, _)| segment.clone())
+                .map(|(other, _)| other.clone())
             else {
                 break;
             };
@@ -530,11 +732,15 @@ impl Splits {
         Ok(searcher)
     }
 
-    /// Fetches, checks, decrypts and unpacks a split into `dir`.
+    /// Fetches, checks, decrypts and unpacks a split into `dir` (replacing
+    /// whatever is there), every file fsynced before it is renamed in.
     fn fetch(&self, manifest: &Manifest, dir: &Path) -> Result<(), String> {
-        let bytes = self.runtime.block_on(self.store.get(&manifest.split)).map_err(|e| e.to_string())?;
+        let bytes = self
+            .runtime
+            .block_on(self.store.get_sized(&manifest.split, manifest.bytes))
+            .map_err(|e| e.to_string())?;
         let digest = crate::cluster::hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
-        if bytes.len() as u64 != manifest.bytes || digest != manifest.sha256 {
+        if digest != manifest.sha256 {
             return Err(format!("split {} is not the one its manifest names", manifest.split));
         }
         let view = SegmentView::parse(&bytes).map_err(|e| format!("split {}: {e}", manifest.split))?;
@@ -545,11 +751,17 @@ impl Splits {
             view.plaintext(&self.keyring, MAX_SPLIT).map_err(|e| format!("split {}: {e}", manifest.split))?;
         let tmp = dir.with_extension("tmp");
         unpack(&package, &tmp)?;
+        let _ = std::fs::remove_dir_all(dir);
         std::fs::rename(&tmp, dir).map_err(|e| e.to_string())?;
         self.stats.fetched.fetch_add(1, Ordering::Relaxed);
         self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// A split's directory name in the cache.
+fn cache_name(manifest: &Manifest) -> String {
+    format!("{}-{}", manifest.collector, manifest.segment)
 }
 
 /// `LVSP | version u8 | files u16 | (name u16+UTF-8 | len u64 | bytes)*`.
@@ -623,9 +835,13 @@ fn unpack(package: &[u8], dir: &Path) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     for (name, data) in files {
-        std::fs::write(dir.join(name), data).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let written = std::fs::File::create(dir.join(name)).and_then(|mut file| {
+            std::io::Write::write_all(&mut file, data)?;
+            file.sync_all()
+        });
+        written.map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    Ok(())
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 /// Opens an unpacked split as an index of its own.
@@ -702,6 +918,8 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
         first_ns: 1_700_000_000_000_000_000,
         last_ns: 1_700_000_060_000_000_000,
         records: 2000,
+        wal_to: 1 << 20,
+        retention_ms: Some(86_400_000),
         bytes: 123_456,
         sha256: "ab".repeat(32),
         kek_id: "k1".into(),
@@ -768,6 +986,8 @@ mod tests {
             first_ns: 100,
             last_ns: 200,
             records: 5,
+            wal_to: 77,
+            retention_ms: None,
             bytes: 10,
             sha256: "00".into(),
             kek_id: "k1".into(),

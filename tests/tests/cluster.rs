@@ -511,3 +511,56 @@ fn a_collector_joining_and_leaving_the_bucket_keeps_what_it_acked_alone() {
     assert_eq!(streams[0]["high"], 250, "{streams:?}");
     joined.process.stop();
 }
+
+/// A collector whose index is rebuilt from its WAL (removed, say) does not
+/// publish again what it published before: the other collector still
+/// counts each record once, and what comes after is published as usual.
+/// A split whose bytes no longer match its manifest is left out of
+/// searches and counted, never read.
+#[test]
+fn a_rebuilt_index_is_not_published_twice_and_a_damaged_split_is_left_out() {
+    let setup = Setup::new("cluster-rebuild");
+    let s3 = S3Server::start(setup.path(), "logs");
+    let cluster = Cluster::new(&setup, &s3, 2);
+    let c1 = cluster.start(0);
+    let c2 = cluster.start(1);
+    let mut agent = RawAgent::connect(&setup, "raw-1", c1.ingest);
+    let batches = chain(&agent, "/var/log/rebuild.log", 5, 50);
+    for batch in &batches[..4] {
+        assert_eq!(ack(agent.send_batch(batch.clone())), AckStatus::Stored);
+    }
+    let token = setup.token(&["default"], Role::Reader);
+    wait_all(&[&c1, &c2], &token, 200, "published");
+    c1.process.stop();
+    std::fs::remove_dir_all(setup.path().join("c1-data/index")).unwrap();
+    let c1 = cluster.start(0);
+    wait_all(&[&c1, &c2], &token, 200, "c1 rebuilt");
+    // Well past a publish interval: still once on c2, nothing published again.
+    std::thread::sleep(Duration::from_secs(2));
+    wait_all(&[&c1, &c2], &token, 200, "nothing published twice");
+    assert_eq!(c1.metric(&setup, "logvault_splits_published_total"), 0);
+    let mut agent = RawAgent::connect(&setup, "raw-1", c1.ingest);
+    assert_eq!(ack(agent.send_batch(batches[4].clone())), AckStatus::Stored);
+    wait_all(&[&c1, &c2], &token, 250, "published after the rebuild");
+    // c2, restarted with an empty cache, finds one of c1's splits damaged.
+    c2.process.stop();
+    let splits = s3.root.join("logs/cluster/splits/c1");
+    let damaged = std::fs::read_dir(&splits)
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "split"))
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(&damaged, bytes).unwrap();
+    let c2 = cluster.start(1);
+    wait_for(Duration::from_secs(30), "c2 to leave the damaged split out", || {
+        let total = c2.total(&token, "*");
+        assert!(total < 250, "a damaged split was read");
+        (c2.metric(&setup, "logvault_splits_unreadable_total") > 0).then_some(())
+    });
+    c1.process.stop();
+    c2.process.stop();
+}
