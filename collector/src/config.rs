@@ -57,7 +57,7 @@
 //!
 //! [cluster]                                # several collectors, one bucket; off when absent
 //! uri = "s3://logs/cluster?endpoint=https://s3.example.org&region=eu-west-1"
-//! publish_interval_ms = 60000              # this collector's new records as a split
+//! publish_interval_ms = 300000             # this collector's new records as a split
 //! poll_interval_ms = 10000                 # the others' splits listed
 //! cache_bytes = 10737418240                # their splits cached here, at most
 //! ```
@@ -136,7 +136,8 @@ pub struct ClusterConfig {
     /// conditionally (`If-Match`, `If-None-Match`), apart from the archive.
     pub uri: String,
     /// Publish this collector's newest index segments as a split at most
-    /// this often, in ms. Default 60000.
+    /// this often, in ms: what the others find of it lags by about this
+    /// much. Default 300000 (five minutes).
     #[serde(default = "default_publish_interval_ms")]
     pub publish_interval_ms: u64,
     /// List the other collectors' splits this often, in ms. Default 10000.
@@ -149,7 +150,7 @@ pub struct ClusterConfig {
 }
 
 fn default_publish_interval_ms() -> u64 {
-    60_000
+    300_000
 }
 fn default_poll_interval_ms() -> u64 {
     10_000

@@ -18,7 +18,7 @@ const SENDERS: usize = 3;
 /// collector's indexer hands them.
 const GROUP: usize = 64;
 /// Records per batch: the agent's default.
-const BATCH_RECORDS: usize = 2000;
+pub(crate) const BATCH_RECORDS: usize = 2000;
 
 /// One sender's signed batches, in order.
 type Stream = Vec<Vec<u8>>;
@@ -189,7 +189,7 @@ fn measure(
     Ok(report)
 }
 
-fn read_lines(input: &Path) -> Result<Vec<String>, String> {
+pub(crate) fn read_lines(input: &Path) -> Result<Vec<String>, String> {
     let mut lines = Vec::new();
     for name in logvault_e2e::SAMPLES {
         let text = std::fs::read(input.join(name)).map_err(|e| format!("{name}: {e}"))?;
@@ -232,7 +232,7 @@ fn bare_tantivy(path: &Path, lines: &[String], group: usize) -> Result<Duration,
 
 /// Signed, compressed batches of `lines` for `agent`, as its agent would
 /// send them: a chain per sender.
-fn build_stream(agent: &str, key: &ring::signature::Ed25519KeyPair, lines: &[String]) -> Stream {
+pub(crate) fn build_stream(agent: &str, key: &ring::signature::Ed25519KeyPair, lines: &[String]) -> Stream {
     let mut deflater = Deflater::zstd(1).expect("zstd starts");
     let mut prev = [0u8; 32];
     let mut seq = 0u64;

@@ -11,6 +11,10 @@
 //! stored) and appends the same batches to a bare WAL. Each figure is input
 //! MB per CPU second of the process doing the work.
 //!
+//! `logvault-bench cluster` runs one, two and three collectors sharing a
+//! bucket on s3s-fs: ingest until every collector finds every record, and
+//! a search over the others' splits, cold and warm (`cluster_bench`).
+//!
 //! `logvault-bench agent` ships the eight loghub samples, repeated to
 //! `--bytes`, twice over mutual TLS to a receiver in this process that only
 //! terminates TLS and acknowledges: once with `logvault-agent` (tail, parse,
@@ -37,10 +41,12 @@ const USAGE: &str = "usage: logvault-bench all [--scale full|tiny] [--dir DIR] [
 [--compression zstd|none] [--no-rsyslog] [--runs N] [--out FILE]
        logvault-bench collector [--bytes N[K|M|G]] [--dir DIR] [--runs N] [--out FILE]
        logvault-bench search [--records N] [--dir DIR] [--out FILE]
-       logvault-bench archive [--lines N] [--level L] [--dir DIR] [--out FILE]";
+       logvault-bench archive [--lines N] [--level L] [--dir DIR] [--out FILE]
+       logvault-bench cluster [--bytes N[K|M|G]] [--dir DIR] [--out FILE]";
 
 mod all_bench;
 mod archive_bench;
+mod cluster_bench;
 mod collector_bench;
 mod search_bench;
 
@@ -58,7 +64,7 @@ pub(crate) struct Options {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = args.first().map(String::as_str);
-    if !matches!(command, Some("all" | "agent" | "collector" | "search" | "archive")) {
+    if !matches!(command, Some("all" | "agent" | "collector" | "search" | "archive" | "cluster")) {
         eprintln!("{USAGE}");
         std::process::exit(2);
     }
@@ -126,7 +132,15 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let outcome = if command == Some("collector") {
+    let outcome = if command == Some("cluster") {
+        if !args.iter().any(|a| a == "--dir") {
+            options.dir = PathBuf::from("target/bench/cluster");
+        }
+        if !args.iter().any(|a| a == "--bytes") {
+            options.bytes = 64 << 20;
+        }
+        cluster_bench::run(&options)
+    } else if command == Some("collector") {
         if !args.iter().any(|a| a == "--dir") {
             options.dir = PathBuf::from("target/bench/collector");
         }
