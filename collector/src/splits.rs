@@ -600,7 +600,7 @@ impl Splits {
     }
 
     /// Reads the manifests not known yet; forgets the ones gone.
-    pub async fn poll(&self) -> Result<(), String> {
+    pub async fn poll(self: &Arc<Self>) -> Result<(), String> {
         let listed = self.store.list("manifests/").await.map_err(|e| e.to_string())?;
         let own = format!("manifests/{}/", self.config.collector);
         let listed: HashSet<String> =
@@ -634,12 +634,20 @@ impl Splits {
             catalog.extend(read);
             self.stats.known.store(catalog.len() as u64, Ordering::Relaxed);
         }
-        // Splits deleted by their collector (retention) leave the cache too.
-        let _one = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        for name in gone {
-            cache.remove(&name);
-            let _ = std::fs::remove_dir_all(self.config.cache_dir.join(&name));
+        // Splits deleted by their collector (retention) leave the cache too,
+        // off the async workers: a fetch holds the lock while it waits on
+        // the store, which these workers drive.
+        if !gone.is_empty() {
+            let splits = Arc::clone(self);
+            let _ = tokio::task::spawn_blocking(move || {
+                let _one = splits.fetching.lock().unwrap_or_else(|e| e.into_inner());
+                let mut cache = splits.cache.lock().unwrap_or_else(|e| e.into_inner());
+                for name in gone {
+                    cache.remove(&name);
+                    let _ = std::fs::remove_dir_all(splits.config.cache_dir.join(&name));
+                }
+            })
+            .await;
         }
         Ok(())
     }
