@@ -75,6 +75,14 @@ fn every_benchmark_runs_beside_its_peer_and_the_report_has_every_figure() {
     assert!(batches >= 8, "{report}");
     assert_eq!(details["archive"]["audit_batches"].as_u64(), Some(batches), "{report}");
     assert!(details["archive"]["bare_sha256_mb_s"].as_f64().unwrap() > 0.0, "{report}");
+    // One, two and three collectors each found every record.
+    let runs = details["cluster"]["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3, "{report}");
+    for run in runs {
+        assert_eq!(run["hits"].as_u64(), runs[0]["hits"].as_u64(), "{report}");
+        assert!(run["ingest_mb_s_per_core"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    assert!(runs[2]["splits_fetched_mb"].as_f64().unwrap() > 0.0, "{report}");
 
     // The summary names every figure, and the plots are SVG documents.
     let summary = std::fs::read_to_string(dir.path().join("BENCHMARKS.md")).unwrap();

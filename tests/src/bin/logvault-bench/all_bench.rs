@@ -53,7 +53,8 @@ impl Scale {
             (Scale::Full, "collector") => &["--bytes", "200M", "--runs", "3"],
             (Scale::Full, "search") => &["--records", "10000000"],
             (Scale::Full, "archive") => &["--lines", "1000000"],
-            (Scale::Tiny, "agent" | "collector") => &["--bytes", "4M"],
+            (Scale::Full, "cluster") => &["--bytes", "200M"],
+            (Scale::Tiny, "agent" | "collector" | "cluster") => &["--bytes", "4M"],
             (Scale::Tiny, "search") => &["--records", "20000"],
             (Scale::Tiny, _) => &["--lines", "20000"],
             (Scale::Full, _) => &[],
@@ -61,7 +62,7 @@ impl Scale {
     }
 }
 
-const BENCHES: [&str; 4] = ["agent", "collector", "search", "archive"];
+const BENCHES: [&str; 5] = ["agent", "collector", "search", "archive", "cluster"];
 
 /// A figure PRODUCT.md sets a target for.
 struct Target {
@@ -223,6 +224,7 @@ fn merge(details: serde_json::Map<String, Value>, scale: Scale, wall_s: f64) -> 
             "collector": details["collector"]["input"],
             "search": details["search"]["input"],
             "archive": details["archive"]["input"],
+            "cluster": details["cluster"]["input"],
         },
     });
     for (bench, key) in [
@@ -394,6 +396,46 @@ input MB per CPU second of the process doing the work. Regenerate with \
         md,
         "- logvault serve while ingesting at full speed: peak RSS {} MiB.\n",
         number(report["collector_rss_mib"].as_f64().unwrap_or(f64::NAN))
+    );
+    let _ = writeln!(md, "## Collectors sharing a bucket\n");
+    let _ = writeln!(
+        md,
+        "One, two and three collectors on this machine's loopback, sharing a bucket on s3s-fs, the \
+same input spread over them from three connections. Ingest runs until every collector finds every \
+record (its own and the others' published splits, published every second here); per core is input \
+MB per CPU second of all the collectors together, which share the machine's cores. The search is a \
+term query (newest 100) on the first collector restarted with an empty split cache: cold fetches, \
+checks, decrypts and opens the others' splits; warm is the median of the next twenty.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| collectors | ingest per core | ingest wall | search cold | search warm p50 | splits fetched |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for run in d["cluster"]["runs"].as_array().into_iter().flatten() {
+        let n = |key: &str| number(run[key].as_f64().unwrap_or(f64::NAN));
+        let _ = writeln!(
+            md,
+            "| {} | {} MB/s | {} MB/s | {} ms | {} ms | {} MB |",
+            run["collectors"],
+            n("ingest_mb_s_per_core"),
+            n("ingest_mb_s_wall"),
+            n("search_cold_ms"),
+            n("search_warm_p50_ms"),
+            n("splits_fetched_mb"),
+        );
+    }
+    let ratio = |key: &str| number(d["cluster"][key].as_f64().unwrap_or(f64::NAN));
+    let _ = writeln!(
+        md,
+        "\nAgainst one collector: ingest per core {} with two, {} with three; a warm search over \
+remote splits {} and {} of the local one; cold {} and {}.\n",
+        ratio("ingest_per_core_2_vs_1"),
+        ratio("ingest_per_core_3_vs_1"),
+        ratio("search_warm_2_vs_1"),
+        ratio("search_warm_3_vs_1"),
+        ratio("search_cold_2_vs_1"),
+        ratio("search_cold_3_vs_1"),
     );
     let _ = writeln!(md, "## Inputs\n");
     for bench in BENCHES {

@@ -1,6 +1,6 @@
 //! `logvault-bench`: measured runs of the real binaries beside their peers.
 //!
-//! `logvault-bench all` runs the four below one after another and merges
+//! `logvault-bench all` runs the five below one after another and merges
 //! their figures into one report beside PRODUCT.md's targets, with a
 //! readable summary and plots (`all_bench`).
 //!
