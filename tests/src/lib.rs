@@ -953,14 +953,97 @@ pub struct S3Server {
     pub root: PathBuf,
     /// The environment its clients need (credentials).
     pub env: Vec<(String, String)>,
+    /// The bucket, the region, and the prefix this test's objects go
+    /// under (empty on s3s-fs, where each test has its own server).
+    pub bucket: String,
+    pub region: String,
+    pub prefix: String,
     port: u16,
     dir: PathBuf,
 }
+
+/// Where tests run against an S3 store of one's own (a Garage cluster,
+/// say) instead of s3s-fs: `LOGVAULT_TEST_S3_ENDPOINT`, `_BUCKET`,
+/// `_REGION` (default `garage`), with `AWS_ACCESS_KEY_ID` and
+/// `AWS_SECRET_ACCESS_KEY`. See `tests/garage/run`.
+pub const EXTERNAL_S3_ENDPOINT: &str = "LOGVAULT_TEST_S3_ENDPOINT";
 
 const S3_ACCESS_KEY: &str = "logvault-test";
 const S3_SECRET_KEY: &str = "logvault-test-secret";
 
 impl S3Server {
+    /// The store named by [`EXTERNAL_S3_ENDPOINT`] when it is set (this
+    /// test's objects under a prefix of their own), else s3s-fs.
+    pub fn external_or_start(dir: &Path, bucket: &str) -> S3Server {
+        let Ok(endpoint) = std::env::var(EXTERNAL_S3_ENDPOINT) else { return S3Server::start(dir, bucket) };
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| panic!("{name} must be set with {EXTERNAL_S3_ENDPOINT}"))
+        };
+        let prefix = format!("{}/", dir.file_name().unwrap().to_string_lossy());
+        S3Server {
+            process: None,
+            endpoint,
+            root: PathBuf::new(),
+            env: vec![
+                ("AWS_ACCESS_KEY_ID".into(), var("AWS_ACCESS_KEY_ID")),
+                ("AWS_SECRET_ACCESS_KEY".into(), var("AWS_SECRET_ACCESS_KEY")),
+            ],
+            bucket: var("LOGVAULT_TEST_S3_BUCKET"),
+            region: std::env::var("LOGVAULT_TEST_S3_REGION").unwrap_or_else(|_| "garage".into()),
+            prefix,
+            port: 0,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// The URI of `path` in this test's part of the store.
+    pub fn uri(&self, path: &str) -> String {
+        format!(
+            "s3://{}/{}{path}?endpoint={}&region={}",
+            self.bucket, self.prefix, self.endpoint, self.region
+        )
+    }
+
+    /// A client on this test's part of the store, credentials given.
+    fn operator(&self) -> opendal::Operator {
+        let key = |name: &str| self.env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap();
+        let builder = opendal::services::S3::default()
+            .bucket(&self.bucket)
+            .root(&format!("/{}", self.prefix))
+            .endpoint(&self.endpoint)
+            .region(&self.region)
+            .access_key_id(&key("AWS_ACCESS_KEY_ID"))
+            .secret_access_key(&key("AWS_SECRET_ACCESS_KEY"))
+            .disable_config_load()
+            .disable_ec2_metadata();
+        opendal::Operator::new(builder).unwrap().finish()
+    }
+
+    /// Every object under `path`, with its bytes, sorted by key.
+    pub fn objects(&self, path: &str) -> Vec<(String, Vec<u8>)> {
+        let operator = self.operator();
+        runtime().block_on(async {
+            let mut out = Vec::new();
+            let entries = match operator.list_with(path).recursive(true).await {
+                Ok(entries) => entries,
+                Err(err) if err.kind() == opendal::ErrorKind::NotFound => return out,
+                Err(err) => panic!("listing {path}: {err}"),
+            };
+            for entry in entries.into_iter().filter(|e| !e.metadata().is_dir()) {
+                let bytes = operator.read(entry.path()).await.unwrap().to_vec();
+                out.push((entry.path().to_owned(), bytes));
+            }
+            out.sort();
+            out
+        })
+    }
+
+    /// Replaces the object `key` (a path under this test's prefix).
+    pub fn write_object(&self, key: &str, bytes: Vec<u8>) {
+        let operator = self.operator();
+        runtime().block_on(operator.write(key, bytes)).unwrap();
+    }
+
     pub fn start(dir: &Path, bucket: &str) -> S3Server {
         let root = dir.join("s3");
         std::fs::create_dir_all(root.join(bucket)).unwrap();
@@ -973,6 +1056,9 @@ impl S3Server {
                 ("AWS_ACCESS_KEY_ID".into(), S3_ACCESS_KEY.into()),
                 ("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET_KEY.into()),
             ],
+            bucket: bucket.to_owned(),
+            region: "us-east-1".into(),
+            prefix: String::new(),
             port,
             dir: dir.to_owned(),
         };

@@ -7,7 +7,7 @@
 //! across the three checkpoint chains.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -31,12 +31,12 @@ impl<'a> Cluster<'a> {
     /// `n` collectors' settings over `s3`, with one archive key.
     fn new(setup: &'a Setup, s3: &'a S3Server, n: usize) -> Cluster<'a> {
         let kek = setup.path().join("cluster.kek");
-        let status = Command::new(bin("logvault"))
+        let made = Command::new(bin("logvault"))
             .args(["archive", "keygen", "--id", "k1", "--out"])
             .arg(&kek)
-            .status()
+            .output()
             .unwrap();
-        assert!(status.success());
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
         Cluster {
             setup,
             s3,
@@ -79,7 +79,7 @@ impl<'a> Cluster<'a> {
     }
 
     fn uri(&self, prefix: &str) -> String {
-        format!("s3://logs/{prefix}?endpoint={}&region=us-east-1", self.s3.endpoint)
+        self.s3.uri(prefix)
     }
 
     fn start(&self, i: usize) -> Collector {
@@ -169,24 +169,19 @@ fn append_part(files: &HashMap<String, PathBuf>, part: usize) {
     }
 }
 
-fn stream_objects(root: &Path) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    let Ok(dirs) = std::fs::read_dir(root.join("cluster").join("streams")) else { return out };
-    for dir in dirs {
-        for file in std::fs::read_dir(dir.unwrap().path()).unwrap() {
-            let path = file.unwrap().path();
-            if path.extension().is_some_and(|e| e == "json") {
-                out.push(serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap());
-            }
-        }
-    }
-    out
+/// The shared stream objects (the store's probe left out).
+fn stream_objects(s3: &S3Server) -> Vec<serde_json::Value> {
+    s3.objects("cluster/streams/")
+        .into_iter()
+        .filter(|(key, _)| !key.contains("/probe/"))
+        .map(|(_, bytes)| serde_json::from_slice(&bytes).unwrap())
+        .collect()
 }
 
 #[test]
 fn three_collectors_share_a_bucket_and_store_every_line_once_through_kills_and_failovers() {
     let setup = Setup::new("cluster");
-    let s3 = S3Server::start(setup.path(), "logs");
+    let s3 = S3Server::external_or_start(setup.path(), "logs");
     let cluster = Cluster::new(&setup, &s3, 3);
     let mut collectors: Vec<Option<Collector>> = (0..3).map(|i| Some(cluster.start(i))).collect();
     let token = setup.token(&["default"], Role::Reader);
@@ -284,7 +279,7 @@ fn three_collectors_share_a_bucket_and_store_every_line_once_through_kills_and_f
 
     // The bucket says who stored what: node-2's streams on c2 and c3,
     // node-1's on c1 then c3 then c1 again.
-    let streams = stream_objects(&s3.root.join("logs"));
+    let streams = stream_objects(&s3);
     assert_eq!(streams.len(), 8, "one object per source: {streams:?}");
     let owners = |host: &str| -> Vec<Vec<String>> {
         streams
@@ -311,11 +306,11 @@ fn three_collectors_share_a_bucket_and_store_every_line_once_through_kills_and_f
 
     // The shared archive: three checkpoint chains, every record once.
     let report = cluster.wait_audit(16_000);
-    let chains: std::collections::BTreeSet<String> =
-        std::fs::read_dir(s3.root.join("logs/archive/_checkpoints"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+    let chains: std::collections::BTreeSet<String> = s3
+        .objects("archive/_checkpoints/")
+        .into_iter()
+        .map(|(key, _)| key.split('/').nth(2).unwrap().to_owned())
+        .collect();
     assert_eq!(chains.into_iter().collect::<Vec<_>>(), ["c1", "c2", "c3"], "{report}");
 
     for agent in agents.into_iter().flatten() {
@@ -358,7 +353,7 @@ fn ack(reply: Option<Frame>) -> AckStatus {
 #[test]
 fn two_collectors_given_the_same_batches_store_each_record_once() {
     let setup = Setup::new("cluster-race");
-    let s3 = S3Server::start(setup.path(), "logs");
+    let s3 = S3Server::external_or_start(setup.path(), "logs");
     let cluster = Cluster::new(&setup, &s3, 2);
     let collectors = [cluster.start(0), cluster.start(1)];
     let connect = |i: usize| RawAgent::connect(&setup, "raw-1", collectors[i].ingest);
@@ -390,7 +385,7 @@ fn two_collectors_given_the_same_batches_store_each_record_once() {
     let token = setup.token(&["default"], Role::Reader);
     let live: Vec<&Collector> = collectors.iter().collect();
     wait_all(&live, &token, 500, "the chain");
-    let streams = stream_objects(&s3.root.join("logs"));
+    let streams = stream_objects(&s3);
     let runs: Vec<&str> =
         streams[0]["runs"].as_array().unwrap().iter().map(|r| r["collector"].as_str().unwrap()).collect();
     assert_eq!(runs, ["c1", "c2", "c1", "c2", "c1", "c2", "c1", "c2", "c1", "c2"]);
@@ -410,7 +405,7 @@ fn two_collectors_given_the_same_batches_store_each_record_once() {
 #[test]
 fn a_collector_killed_before_its_stream_object_is_written_voids_what_it_never_acked() {
     let setup = Setup::new("cluster-crash");
-    let s3 = S3Server::start(setup.path(), "logs");
+    let s3 = S3Server::external_or_start(setup.path(), "logs");
     let cluster = Cluster::new(&setup, &s3, 2);
     // c1 aborts after the fsync of its third group, before its object.
     let mut c1 = cluster.start_with(0, &[("LOGVAULT_TEST_CRASH_AFTER_WAL_FSYNC", "3")]);
@@ -457,7 +452,7 @@ fn a_collector_killed_before_its_stream_object_is_written_voids_what_it_never_ac
 #[test]
 fn a_collector_joining_and_leaving_the_bucket_keeps_what_it_acked_alone() {
     let setup = Setup::new("cluster-join");
-    let s3 = S3Server::start(setup.path(), "logs");
+    let s3 = S3Server::external_or_start(setup.path(), "logs");
     let cluster = Cluster::new(&setup, &s3, 1);
     let alone = cluster.start_as(0, &[], false);
     let mut agent = RawAgent::connect(&setup, "raw-1", alone.ingest);
@@ -507,7 +502,7 @@ fn a_collector_joining_and_leaving_the_bucket_keeps_what_it_acked_alone() {
     wait_all(&[&joined], &token, 250, "every record once");
     let report = cluster.wait_audit(250);
     assert_eq!(report["findings"], serde_json::json!([]));
-    let streams = stream_objects(&s3.root.join("logs"));
+    let streams = stream_objects(&s3);
     assert_eq!(streams[0]["high"], 250, "{streams:?}");
     joined.process.stop();
 }
@@ -520,7 +515,7 @@ fn a_collector_joining_and_leaving_the_bucket_keeps_what_it_acked_alone() {
 #[test]
 fn a_rebuilt_index_is_not_published_twice_and_a_damaged_split_is_left_out() {
     let setup = Setup::new("cluster-rebuild");
-    let s3 = S3Server::start(setup.path(), "logs");
+    let s3 = S3Server::external_or_start(setup.path(), "logs");
     let cluster = Cluster::new(&setup, &s3, 2);
     let c1 = cluster.start(0);
     let c2 = cluster.start(1);
@@ -544,17 +539,10 @@ fn a_rebuilt_index_is_not_published_twice_and_a_damaged_split_is_left_out() {
     wait_all(&[&c1, &c2], &token, 250, "published after the rebuild");
     // c2, restarted with an empty cache, finds one of c1's splits damaged.
     c2.process.stop();
-    let splits = s3.root.join("logs/cluster/splits/c1");
-    let damaged = std::fs::read_dir(&splits)
-        .unwrap()
-        .flatten()
-        .find(|e| e.path().extension().is_some_and(|x| x == "split"))
-        .unwrap()
-        .path();
-    let mut bytes = std::fs::read(&damaged).unwrap();
+    let (key, mut bytes) = s3.objects("cluster/splits/c1/").into_iter().next().unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 1;
-    std::fs::write(&damaged, bytes).unwrap();
+    s3.write_object(&key, bytes);
     let c2 = cluster.start(1);
     wait_for(Duration::from_secs(30), "c2 to leave the damaged split out", || {
         let total = c2.total(&token, "*");
