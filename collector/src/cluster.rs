@@ -324,20 +324,10 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
     vec![record.encode()]
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use logvault_storage::checkpoint::hex;
 
 fn unhex(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    logvault_storage::checkpoint::parse_hash(text)
 }
 
 #[cfg(test)]

@@ -16,12 +16,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::collector_bench::{build_stream, read_lines, send_all};
+use crate::{Options, cpu_time, machine, make_input, round};
 use logvault_collector::auth::Role;
 use logvault_e2e::{Collector, CollectorOptions, RawAgent, S3Server, Setup, bin};
-use logvault_storage::Frame;
-
-use crate::collector_bench::{build_stream, read_lines};
-use crate::{Options, cpu_time, machine, make_input, round};
 
 /// Connections sending at once.
 const SENDERS: usize = 3;
@@ -116,23 +114,7 @@ fn measure(
     };
     let before = cpu(&pids)?;
     let started = Instant::now();
-    let threads: Vec<_> = senders
-        .into_iter()
-        .map(|(name, mut raw, stream)| {
-            std::thread::spawn(move || {
-                for batch in stream {
-                    match raw.send_batch(batch) {
-                        Some(Frame::Ack { .. }) => {}
-                        other => return Err(format!("{name}: {other:?}")),
-                    }
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().map_err(|_| "a sender panicked".to_owned())??;
-    }
+    send_all(senders)?;
     let acked = started.elapsed();
     let want = lines.len() as u64;
     while collectors.iter().any(|c| c.total(&token, "*") < want) {

@@ -107,23 +107,7 @@ fn measure(
     println!("collector pid {pid}");
     let before = cpu_time(pid).ok_or("cannot read the collector's CPU time")?;
     let started = Instant::now();
-    let threads: Vec<_> = senders
-        .into_iter()
-        .map(|(name, mut raw, stream)| {
-            std::thread::spawn(move || {
-                for batch in stream {
-                    match raw.send_batch(batch) {
-                        Some(Frame::Ack { .. }) => {}
-                        other => return Err(format!("{name}: {other:?}")),
-                    }
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().map_err(|_| "a sender panicked".to_owned())??;
-    }
+    send_all(senders)?;
     let acked = started.elapsed();
     let want = lines.len() as u64;
     while collector.total(&token, "*") < want {
@@ -187,6 +171,29 @@ fn measure(
         "collector_peak_rss_mib": round(peak_rss_kib as f64 / 1024.0),
     });
     Ok(report)
+}
+
+/// Sends each sender's batches over its own connection, all at once,
+/// until each is acked.
+pub(crate) fn send_all(senders: Vec<(String, RawAgent, Stream)>) -> Result<(), String> {
+    let threads: Vec<_> = senders
+        .into_iter()
+        .map(|(name, mut raw, stream)| {
+            std::thread::spawn(move || {
+                for batch in stream {
+                    match raw.send_batch(batch) {
+                        Some(Frame::Ack { .. }) => {}
+                        other => return Err(format!("{name}: {other:?}")),
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().map_err(|_| "a sender panicked".to_owned())??;
+    }
+    Ok(())
 }
 
 pub(crate) fn read_lines(input: &Path) -> Result<Vec<String>, String> {
