@@ -430,10 +430,11 @@ impl LogIndex {
             Box::new(tantivy::query::BooleanQuery::intersection(clauses));
         // This collector's records, and the other collectors' splits (each
         // without what its publisher's retention dropped).
+        let remote = self.remote_searchers(filter);
         let mut searchers = vec![(self.reader.searcher(), base.box_clone())];
-        for split in self.remote_searchers(filter) {
-            let query = self.on_split(&*base, &split);
-            searchers.push((split.searcher, query));
+        for split in &remote {
+            let query = self.on_split(&*base, split);
+            searchers.push((split.searcher.clone(), query));
         }
         let searchers: Vec<(tantivy::Searcher, Box<dyn tantivy::query::Query>)> = searchers
             .into_iter()
@@ -448,11 +449,20 @@ impl LogIndex {
             other => SearchError::Internal(other.to_string()),
         };
         let collector = (Count, histogram_collector.as_ref().map(|c| c.0.clone_layout()), terms_collector);
-        let fruits = searchers
-            .iter()
-            .map(|(searcher, query)| searcher.search(&**query, &collector))
-            .collect::<tantivy::Result<Vec<_>>>()
-            .map_err(map_err)?;
+        let mut fruits = Vec::with_capacity(searchers.len());
+        for (n, (searcher, query)) in searchers.iter().enumerate() {
+            match searcher.search(&**query, &collector) {
+                Ok(fruit) => fruits.push(fruit),
+                Err(err) if n == 0 || matches!(err, tantivy::TantivyError::InvalidArgument(_)) => {
+                    return Err(map_err(err));
+                }
+                // A split whose bytes cannot be read now is left out.
+                Err(err) => {
+                    deadline.check()?;
+                    self.split_failed(&remote[n - 1], &err);
+                }
+            }
+        }
         let (total, histogram_fruit, terms_fruits) = collector.merge_fruits(fruits).map_err(map_err)?;
         deadline.check()?;
         let histogram = match (histogram_collector, histogram_fruit) {

@@ -263,7 +263,7 @@ impl MetricsSource {
         }
         if let Some(splits) = &self.splits {
             let stats = &splits.stats;
-            let cluster: [(&str, &str, &str, u64); 7] = [
+            let cluster: [(&str, &str, &str, u64); 9] = [
                 (
                     "logvault_splits_published_total",
                     "counter",
@@ -283,22 +283,34 @@ impl MetricsSource {
                     load(&stats.known),
                 ),
                 (
-                    "logvault_splits_fetched_total",
+                    "logvault_splits_opened_total",
                     "counter",
-                    "Other collectors' splits fetched into the cache",
-                    load(&stats.fetched),
+                    "Other collectors' splits opened for searching",
+                    load(&stats.opened),
+                ),
+                (
+                    "logvault_splits_range_reads_total",
+                    "counter",
+                    "Ranged reads of split objects",
+                    load(&stats.range_reads),
                 ),
                 (
                     "logvault_splits_fetched_bytes_total",
                     "counter",
-                    "Bytes of splits fetched",
+                    "Bytes of split objects fetched",
                     load(&stats.fetched_bytes),
                 ),
                 (
                     "logvault_splits_cache_hits_total",
                     "counter",
-                    "Split reads served by the cache",
+                    "Searches that found a split open already",
                     load(&stats.cache_hits),
+                ),
+                (
+                    "logvault_splits_cache_bytes",
+                    "gauge",
+                    "Bytes of other collectors' splits in the local cache",
+                    splits.cache_bytes(),
                 ),
                 (
                     "logvault_splits_unreadable_total",

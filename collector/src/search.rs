@@ -462,6 +462,14 @@ impl LogIndex {
         }
     }
 
+    /// A read of `split` failed during a search: it is left out of
+    /// searches for a while.
+    pub(crate) fn split_failed(&self, split: &crate::splits::RemoteSplit, err: &dyn std::fmt::Display) {
+        if let Some(splits) = self.splits.get() {
+            splits.failed_during_search(split, &err.to_string());
+        }
+    }
+
     /// `base` on a split: without the records its publisher's retention
     /// no longer keeps.
     pub(crate) fn on_split(&self, base: &dyn Query, split: &crate::splits::RemoteSplit) -> Box<dyn Query> {
@@ -549,8 +557,20 @@ impl LogIndex {
                 inner: self.after_cursor(&**base, request.cursor, request.order),
                 deadline: deadline.clone(),
             };
-            total += searcher.search(&total_query, &Count).map_err(internal)? as u64;
-            let found = searcher.search(&page_query, &top).map_err(internal)?;
+            let searched = searcher
+                .search(&total_query, &Count)
+                .and_then(|count| searcher.search(&page_query, &top).map(|found| (count, found)));
+            let (count, found) = match searched {
+                Ok(searched) => searched,
+                Err(err) if n == 0 => return Err(internal(err)),
+                // A split whose bytes cannot be read now is left out.
+                Err(err) => {
+                    deadline.check()?;
+                    self.split_failed(&remote[n - 1], &err);
+                    continue;
+                }
+            };
+            total += count as u64;
             best.extend(found.into_iter().map(|(key, address)| (key, n, address)));
             deadline.check()?;
         }

@@ -28,13 +28,14 @@
 //! index (all of its records, published or not) and the other
 //! collectors' splits whose time range and tenants can match, chosen from
 //! the manifests before any split is read, each limited to the records its
-//! publisher's index retention still keeps. A split is fetched whole the
-//! first time it is needed, checked against its manifest's size and
-//! SHA-256, decrypted chunk by chunk, its schema compared with ours, and
-//! unpacked into `DATA_DIR/splits/`, a cache kept under
-//! `cluster.cache_bytes` by dropping the least recently used. A split that
-//! cannot be read is left out of searches (logged and counted) and tried
-//! again a minute later.
+//! publisher's index retention still keeps. A split is opened with two
+//! ranged reads (its head, and the table at its end, see [`remote`]), its
+//! schema compared with ours; then only the chunks a search touches are
+//! fetched, each authenticated as it is decrypted, and kept in a sparse
+//! file under `DATA_DIR/splits/`. The cache is kept under
+//! `cluster.cache_bytes` (checked before every search) by dropping the
+//! least recently used splits. A split that cannot be read is left out of
+//! searches (logged and counted) and tried again a minute later.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -44,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use logvault_storage::archive::Archive;
 use logvault_storage::keyring::{Kek, Keyring};
-use logvault_storage::segment::{self, SegmentHeader, SegmentView};
+use logvault_storage::segment::{self, SegmentHeader};
 use serde::{Deserialize, Serialize};
 use tantivy::index::{SegmentId, SegmentMeta};
 use tantivy::indexer::{LogMergePolicy, MergeCandidate, MergePolicy};
@@ -52,8 +53,15 @@ use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher};
 
 use crate::index::{LogIndex, Queued};
 
+mod remote;
+
 const PACKAGE_MAGIC: &[u8; 4] = b"LVSP";
-const PACKAGE_VERSION: u8 = 1;
+/// The package version written; version 1 (no table) is still read.
+const PACKAGE_VERSION: u8 = 2;
+/// A package's last bytes: `table_len u32 | version u8 | magic`.
+const TRAILER: usize = 9;
+/// Largest package table.
+const MAX_TABLE: u32 = 64 * 1024;
 const MANIFEST_VERSION: u8 = 1;
 /// Largest manifest read back.
 const MAX_MANIFEST: u64 = 64 * 1024;
@@ -168,10 +176,10 @@ impl MergePolicy for PublishingPolicy {
     }
 }
 
-/// A split unpacked in the cache and open.
+/// A split open on its object in the bucket.
 struct Cached {
     reader: IndexReader,
-    bytes: u64,
+    directory: remote::SplitDirectory,
     used: Instant,
 }
 
@@ -202,11 +210,13 @@ pub struct SplitStats {
     pub publish_failures: AtomicU64,
     /// Other collectors' splits known.
     pub known: AtomicU64,
-    /// Splits fetched into the cache.
-    pub fetched: AtomicU64,
-    /// Bytes fetched.
+    /// Splits opened.
+    pub opened: AtomicU64,
+    /// Ranged reads of split objects.
+    pub range_reads: AtomicU64,
+    /// Bytes fetched by them.
     pub fetched_bytes: AtomicU64,
-    /// Splits read from the cache.
+    /// Splits found open already.
     pub cache_hits: AtomicU64,
     /// Splits left out of searches because they could not be read.
     pub unreadable: AtomicU64,
@@ -217,6 +227,10 @@ pub struct SplitStats {
 pub(crate) struct RemoteSplit {
     pub(crate) searcher: Searcher,
     pub(crate) not_before: Option<i64>,
+    /// Its name in the cache.
+    name: String,
+    /// Its object's key.
+    pub(crate) key: String,
 }
 
 /// Clears the publishing flags when the publishing thread ends, even by a panic.
@@ -258,10 +272,11 @@ pub struct Splits {
     /// This collector's manifests, by manifest key.
     own: Mutex<BTreeMap<String, Manifest>>,
     cache: Mutex<HashMap<String, Cached>>,
-    /// One fetch at a time per split.
-    fetching: Mutex<()>,
+    /// Names the cache files, so a split opened again never shares one
+    /// with an earlier opening still in use.
+    openings: AtomicU64,
     /// Counters.
-    pub stats: SplitStats,
+    pub stats: Arc<SplitStats>,
 }
 
 impl std::fmt::Debug for Splits {
@@ -322,8 +337,8 @@ impl Splits {
             catalog: RwLock::new(BTreeMap::new()),
             own: Mutex::new(own),
             cache: Mutex::new(HashMap::new()),
-            fetching: Mutex::new(()),
-            stats: SplitStats::default(),
+            openings: AtomicU64::new(0),
+            stats: Arc::default(),
         }))
     }
 
@@ -493,26 +508,7 @@ impl Splits {
     /// its manifest; the segment is frozen once the manifest is written.
     fn publish(&self, dir: &Path, meta: &SegmentMeta, wal_to: u64) -> Result<(), String> {
         let segment = meta.id().uuid_string();
-        // Its files, and an index meta naming it alone.
-        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("{segment}.")) && !name.ends_with(".del") {
-                files.push((name, std::fs::read(entry.path()).map_err(|e| e.to_string())?));
-            }
-        }
-        let index_meta = std::fs::read(dir.join("meta.json")).map_err(|e| e.to_string())?;
-        let mut index_meta: serde_json::Value =
-            serde_json::from_slice(&index_meta).map_err(|e| e.to_string())?;
-        let mut segment_meta = serde_json::to_value(meta).map_err(|e| e.to_string())?;
-        segment_meta["deletes"] = serde_json::Value::Null;
-        index_meta["segments"] = serde_json::json!([segment_meta]);
-        if let Some(object) = index_meta.as_object_mut() {
-            object.remove("payload");
-        }
-        files.push(("meta.json".into(), serde_json::to_vec(&index_meta).map_err(|e| e.to_string())?));
-        files.sort();
-        let package = encode_package(&files);
+        let package = package_segment(dir, meta)?;
         // What it holds, read from the split itself.
         let scratch = self.config.cache_dir.join(format!("own-{segment}.tmp"));
         unpack(&package, &scratch)?;
@@ -634,33 +630,25 @@ impl Splits {
             catalog.extend(read);
             self.stats.known.store(catalog.len() as u64, Ordering::Relaxed);
         }
-        // Splits deleted by their collector (retention) leave the cache too,
-        // off the async workers: a fetch holds the lock while it waits on
-        // the store, which these workers drive.
-        if !gone.is_empty() {
-            let splits = Arc::clone(self);
-            let _ = tokio::task::spawn_blocking(move || {
-                let _one = splits.fetching.lock().unwrap_or_else(|e| e.into_inner());
-                let mut cache = splits.cache.lock().unwrap_or_else(|e| e.into_inner());
-                for name in gone {
-                    cache.remove(&name);
-                    let _ = std::fs::remove_dir_all(splits.config.cache_dir.join(&name));
-                }
-            })
-            .await;
+        // Splits deleted by their collector (retention) leave the cache too;
+        // their cache files go when the last search using them ends.
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        for name in gone {
+            cache.remove(&name);
         }
         Ok(())
     }
 
-    /// The other collectors' splits that may match, fetched into the cache
-    /// as needed; one that cannot be read is left out (logged, counted) and
-    /// tried again a minute later. Blocking.
+    /// The other collectors' splits that may match, opened as needed;
+    /// one that cannot be opened is left out (logged, counted) and tried
+    /// again a minute later. Blocking.
     pub(crate) fn searchers(
         &self,
         tenants: &[String],
         from_ns: Option<i64>,
         to_ns: Option<i64>,
     ) -> Vec<RemoteSplit> {
+        self.trim_cache(None);
         let wanted: Vec<Manifest> = {
             let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
             catalog.values().filter(|m| m.may_match(tenants, from_ns, to_ns)).cloned().collect()
@@ -677,94 +665,122 @@ impl Splits {
             if failed_recently {
                 continue;
             }
-            match self.searcher(&manifest) {
-                Ok(searcher) => out.push(RemoteSplit { searcher, not_before: manifest.not_before() }),
-                Err(err) => {
-                    self.stats.unreadable.fetch_add(1, Ordering::Relaxed);
-                    self.failed.lock().unwrap_or_else(|e| e.into_inner()).insert(name, Instant::now());
-                    tracing::error!(split = %manifest.split, error = %err, "split unreadable: left out of searches, tried again in a minute");
-                }
+            match self.searcher(&manifest, &name) {
+                Ok(searcher) => out.push(RemoteSplit {
+                    searcher,
+                    not_before: manifest.not_before(),
+                    name,
+                    key: manifest.split.clone(),
+                }),
+                Err(err) => self.unreadable(&name, &manifest.split, &err),
             }
         }
         out
     }
 
-    fn searcher(&self, manifest: &Manifest) -> Result<Searcher, String> {
-        let name = cache_name(manifest);
-        let cached = |splits: &Splits| {
-            let mut cache = splits.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache.get_mut(&name).map(|cached| {
-                cached.used = Instant::now();
-                cached.reader.searcher()
-            })
-        };
-        if let Some(searcher) = cached(self) {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(searcher);
-        }
-        let _one = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(searcher) = cached(self) {
-            return Ok(searcher);
-        }
-        let dir = self.config.cache_dir.join(&name);
-        self.fetch(manifest, &dir)?;
-        let reader = match open_split(&dir) {
-            Ok(reader) if reader.searcher().schema() == &self.schema => reader,
-            Ok(_) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(format!("split {} has another schema", manifest.split));
-            }
-            Err(err) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(format!("split {}: {err}", manifest.split));
-            }
-        };
-        let searcher = reader.searcher();
-        let bytes = dir_size(&dir);
+    /// Leaves a split out of searches for a minute, and out of the cache.
+    fn unreadable(&self, name: &str, key: &str, err: &str) {
+        self.stats.unreadable.fetch_add(1, Ordering::Relaxed);
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned(), Instant::now());
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        tracing::error!(split = %key, error = %err, "split unreadable: left out of searches, tried again in a minute");
+    }
+
+    /// A read of `split` failed during a search: it is left out of
+    /// searches for a minute.
+    pub(crate) fn failed_during_search(&self, split: &RemoteSplit, err: &str) {
+        self.unreadable(&split.name, &split.key, err);
+    }
+
+    /// Bytes of other collectors' splits in the cache.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|c| c.directory.cached_bytes())
+            .sum()
+    }
+
+    /// Drops the least recently used splits (but `keep`) until what the
+    /// cache holds is under its cap. A search still using one keeps its
+    /// file until it ends.
+    fn trim_cache(&self, keep: Option<&str>) {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.insert(name.clone(), Cached { reader, bytes, used: Instant::now() });
-        // Least recently used first out; a searcher in use keeps its files
-        // open (mapped) until it is dropped.
-        while cache.values().map(|c| c.bytes).sum::<u64>() > self.config.cache_bytes && cache.len() > 1 {
+        while cache.values().map(|c| c.directory.cached_bytes()).sum::<u64>() > self.config.cache_bytes {
             let Some(oldest) = cache
                 .iter()
-                .filter(|(other, _)| **other != name)
+                .filter(|(other, _)| Some(other.as_str()) != keep)
                 .min_by_key(|(_, c)| c.used)
                 .map(|(other, _)| other.clone())
             else {
                 break;
             };
             cache.remove(&oldest);
-            let _ = std::fs::remove_dir_all(self.config.cache_dir.join(&oldest));
         }
-        Ok(searcher)
     }
 
-    /// Fetches, checks, decrypts and unpacks a split into `dir` (replacing
-    /// whatever is there), every file fsynced before it is renamed in.
-    fn fetch(&self, manifest: &Manifest, dir: &Path) -> Result<(), String> {
-        let bytes = self
-            .runtime
-            .block_on(self.store.get_sized(&manifest.split, manifest.bytes))
-            .map_err(|e| e.to_string())?;
-        let digest = crate::cluster::hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
-        if digest != manifest.sha256 {
-            return Err(format!("split {} is not the one its manifest names", manifest.split));
+    fn searcher(&self, manifest: &Manifest, name: &str) -> Result<Searcher, String> {
+        if let Some(cached) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get_mut(name) {
+            cached.used = Instant::now();
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(cached.reader.searcher());
         }
-        let view = SegmentView::parse(&bytes).map_err(|e| format!("split {}: {e}", manifest.split))?;
-        if view.header.segment_id != manifest.segment || view.header.collector != manifest.collector {
-            return Err(format!("split {} names another segment", manifest.split));
+        let opening = self.openings.fetch_add(1, Ordering::Relaxed);
+        let object = remote::SplitObject::open(
+            self.store.clone(),
+            self.runtime.clone(),
+            &self.keyring,
+            manifest,
+            self.stats.clone(),
+        )?;
+        let directory =
+            remote::SplitDirectory::open(object, self.config.cache_dir.join(format!("{name}.{opening}")))?;
+        let reader = Index::open(directory.clone())
+            .and_then(|index| {
+                crate::index::register_tokenizers(&index);
+                index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()
+            })
+            .map_err(|e| format!("split {}: {e}", manifest.split))?;
+        if reader.searcher().schema() != &self.schema {
+            return Err(format!("split {} has another schema", manifest.split));
         }
-        let package =
-            view.plaintext(&self.keyring, MAX_SPLIT).map_err(|e| format!("split {}: {e}", manifest.split))?;
-        let tmp = dir.with_extension("tmp");
-        unpack(&package, &tmp)?;
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::rename(&tmp, dir).map_err(|e| e.to_string())?;
-        self.stats.fetched.fetch_add(1, Ordering::Relaxed);
-        self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok(())
+        self.stats.opened.fetch_add(1, Ordering::Relaxed);
+        let searcher = {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            // Opened by another search meanwhile: that one is used.
+            let cached =
+                cache.entry(name.to_owned()).or_insert(Cached { reader, directory, used: Instant::now() });
+            cached.used = Instant::now();
+            cached.reader.searcher()
+        };
+        self.trim_cache(Some(name));
+        Ok(searcher)
     }
+}
+
+/// The package of one segment of the index in `dir`: its files, and an
+/// index meta naming it alone.
+fn package_segment(dir: &Path, meta: &SegmentMeta) -> Result<Vec<u8>, String> {
+    let segment = meta.id().uuid_string();
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!("{segment}.")) && !name.ends_with(".del") {
+            files.push((name, std::fs::read(entry.path()).map_err(|e| e.to_string())?));
+        }
+    }
+    let index_meta = std::fs::read(dir.join("meta.json")).map_err(|e| e.to_string())?;
+    let mut index_meta: serde_json::Value = serde_json::from_slice(&index_meta).map_err(|e| e.to_string())?;
+    let mut segment_meta = serde_json::to_value(meta).map_err(|e| e.to_string())?;
+    segment_meta["deletes"] = serde_json::Value::Null;
+    index_meta["segments"] = serde_json::json!([segment_meta]);
+    if let Some(object) = index_meta.as_object_mut() {
+        object.remove("payload");
+    }
+    files.push(("meta.json".into(), serde_json::to_vec(&index_meta).map_err(|e| e.to_string())?));
+    files.sort();
+    Ok(encode_package(&files))
 }
 
 /// A split's directory name in the cache.
@@ -772,36 +788,136 @@ fn cache_name(manifest: &Manifest) -> String {
     format!("{}-{}", manifest.collector, manifest.segment)
 }
 
-/// `LVSP | version u8 | files u16 | (name u16+UTF-8 | len u64 | bytes)*`.
+/// A package: `LVSP | version u8 = 2 | the files' bytes, one after
+/// another | table | table_len u32 | version u8 = 2 | LVSP`, the table
+/// being `files u16 | (name u16+UTF-8 | offset u64 | len u64)*`. Its end
+/// says where every file is, so a reader that starts there needs no other
+/// byte before the files it reads.
 fn encode_package(files: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(files.iter().map(|(n, b)| n.len() + b.len() + 10).sum::<usize>() + 7);
+    let data: usize = files.iter().map(|(_, b)| b.len()).sum();
+    let mut out =
+        Vec::with_capacity(5 + data + files.iter().map(|(n, _)| n.len() + 18).sum::<usize>() + 2 + 9);
     out.extend_from_slice(PACKAGE_MAGIC);
     out.push(PACKAGE_VERSION);
-    out.extend_from_slice(&(files.len() as u16).to_be_bytes());
+    let mut table = Vec::new();
+    table.extend_from_slice(&(files.len() as u16).to_be_bytes());
     for (name, bytes) in files {
-        out.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        table.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        table.extend_from_slice(name.as_bytes());
+        table.extend_from_slice(&(out.len() as u64).to_be_bytes());
+        table.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
         out.extend_from_slice(bytes);
     }
+    out.extend_from_slice(&table);
+    out.extend_from_slice(&(table.len() as u32).to_be_bytes());
+    out.push(PACKAGE_VERSION);
+    out.extend_from_slice(PACKAGE_MAGIC);
     out
 }
 
-/// The files of a package, each name checked (`meta.json`, or a segment
-/// file: 32 hex digits, a dot and a lower-case extension) and each length
-/// checked against what is left before anything is allocated.
-fn decode_package(mut bytes: &[u8]) -> Result<Vec<(&str, &[u8])>, String> {
+/// The table's length, from a package's last [`TRAILER`] bytes; None when
+/// they are not a version 2 trailer (a version 1 package has none).
+fn table_len(tail: &[u8]) -> Option<u32> {
+    let [a, b, c, d, version, magic @ ..] = tail else { return None };
+    (*version == PACKAGE_VERSION && magic == PACKAGE_MAGIC).then(|| u32::from_be_bytes([*a, *b, *c, *d]))
+}
+
+/// Whether `name` is a file a split holds: `meta.json`, or a segment file
+/// (32 hex digits, a dot and a lower-case extension).
+fn split_file_name(name: &str) -> bool {
+    let segment_file = name.split_once('.').is_some_and(|(id, ext)| {
+        valid_segment(id)
+            && !ext.is_empty()
+            && ext.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.')
+    });
+    name == "meta.json" || segment_file
+}
+
+/// The files a version 2 table lists, each name checked, the files lying
+/// one after another from the package's fifth byte to `table_at`, where
+/// the table starts.
+fn decode_table(mut table: &[u8], table_at: u64) -> Result<Vec<(String, std::ops::Range<u64>)>, String> {
+    let bad = |what: &str| Err(format!("split package table: {what}"));
+    if table.len() as u64 > u64::from(MAX_TABLE) {
+        return bad("too long");
+    }
+    let Some((count, rest)) = table.split_first_chunk::<2>() else { return bad("cut") };
+    let count = u16::from_be_bytes(*count) as usize;
+    if count > MAX_FILES {
+        return bad("too many files");
+    }
+    table = rest;
+    let mut files: Vec<(String, std::ops::Range<u64>)> = Vec::with_capacity(count);
+    let mut next = PACKAGE_MAGIC.len() as u64 + 1;
+    for _ in 0..count {
+        let Some((len, rest)) = table.split_first_chunk::<2>() else { return bad("cut") };
+        let Some((name, rest)) = rest.split_at_checked(u16::from_be_bytes(*len) as usize) else {
+            return bad("cut");
+        };
+        let Ok(name) = std::str::from_utf8(name) else { return bad("a name is not UTF-8") };
+        if !split_file_name(name) {
+            return bad("a file name is not one a split has");
+        }
+        let Some((offset, rest)) = rest.split_first_chunk::<8>() else { return bad("cut") };
+        let Some((len, rest)) = rest.split_first_chunk::<8>() else { return bad("cut") };
+        let (offset, len) = (u64::from_be_bytes(*offset), u64::from_be_bytes(*len));
+        let Some(end) = offset.checked_add(len).filter(|end| offset == next && *end <= table_at) else {
+            return bad("a file is not where the one before it ends");
+        };
+        if files.iter().any(|(seen, _)| seen == name) {
+            return bad("a file twice");
+        }
+        files.push((name.to_owned(), offset..end));
+        next = end;
+        table = rest;
+    }
+    if !table.is_empty() {
+        return bad("bytes after the last file");
+    }
+    if next != table_at {
+        return bad("bytes between the files and the table");
+    }
+    if !files.iter().any(|(name, _)| name == "meta.json") {
+        return bad("no meta.json");
+    }
+    Ok(files)
+}
+
+/// The files of a whole package, version 1
+/// (`LVSP | 1 | files u16 | (name u16+UTF-8 | len u64 | bytes)*`) or 2,
+/// each name checked and each length checked against what is there before
+/// anything is allocated.
+fn decode_package(bytes: &[u8]) -> Result<Vec<(String, &[u8])>, String> {
     let bad = |what: &str| Err(format!("split package: {what}"));
     let Some(rest) = bytes.strip_prefix(PACKAGE_MAGIC.as_slice()) else { return bad("no magic") };
-    let [version, a, b, rest @ ..] = rest else { return bad("cut") };
-    if *version != PACKAGE_VERSION {
-        return bad("unknown version");
+    match rest.first() {
+        Some(1) => decode_package_v1(&rest[1..]),
+        Some(&PACKAGE_VERSION) => {
+            let Some(table_len) = bytes.len().checked_sub(TRAILER).and_then(|at| table_len(&bytes[at..]))
+            else {
+                return bad("no table at its end");
+            };
+            let Some(table_at) = (bytes.len() - TRAILER).checked_sub(table_len as usize) else {
+                return bad("the table runs past the start");
+            };
+            let table = decode_table(&bytes[table_at..bytes.len() - TRAILER], table_at as u64)?;
+            Ok(table
+                .into_iter()
+                .map(|(name, range)| (name, &bytes[range.start as usize..range.end as usize]))
+                .collect())
+        }
+        _ => bad("unknown version"),
     }
+}
+
+fn decode_package_v1(bytes: &[u8]) -> Result<Vec<(String, &[u8])>, String> {
+    let bad = |what: &str| Err(format!("split package: {what}"));
+    let [a, b, rest @ ..] = bytes else { return bad("cut") };
     let count = u16::from_be_bytes([*a, *b]) as usize;
     if count > MAX_FILES {
         return bad("too many files");
     }
-    bytes = rest;
+    let mut bytes = rest;
     let mut files = Vec::with_capacity(count);
     for _ in 0..count {
         let Some((len, rest)) = bytes.split_first_chunk::<2>() else { return bad("cut") };
@@ -809,12 +925,7 @@ fn decode_package(mut bytes: &[u8]) -> Result<Vec<(&str, &[u8])>, String> {
             return bad("cut");
         };
         let Ok(name) = std::str::from_utf8(name) else { return bad("a name is not UTF-8") };
-        let segment_file = name.split_once('.').is_some_and(|(id, ext)| {
-            valid_segment(id)
-                && !ext.is_empty()
-                && ext.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.')
-        });
-        if name != "meta.json" && !segment_file {
+        if !split_file_name(name) {
             return bad("a file name is not one a split has");
         }
         let Some((len, rest)) = rest.split_first_chunk::<8>() else { return bad("cut") };
@@ -822,16 +933,16 @@ fn decode_package(mut bytes: &[u8]) -> Result<Vec<(&str, &[u8])>, String> {
         let Some((data, rest)) = usize::try_from(len).ok().and_then(|len| rest.split_at_checked(len)) else {
             return bad("a file runs past the end");
         };
-        if files.iter().any(|(seen, _)| *seen == name) {
+        if files.iter().any(|(seen, _)| seen == name) {
             return bad("a file twice");
         }
-        files.push((name, data));
+        files.push((name.to_owned(), data));
         bytes = rest;
     }
     if !bytes.is_empty() {
         return bad("bytes after the last file");
     }
-    if !files.iter().any(|(name, _)| *name == "meta.json") {
+    if !files.iter().any(|(name, _)| name == "meta.json") {
         return bad("no meta.json");
     }
     Ok(files)
@@ -892,12 +1003,6 @@ fn split_facts(dir: &Path) -> Result<(Vec<String>, i64, i64, u64), String> {
     Ok((tenants, first, last, records))
 }
 
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
-        .unwrap_or(0)
-}
-
 /// The manifest and package decoders on arbitrary bytes, for the fuzz
 /// target: a manifest decodes only under its own key, and a package that
 /// decodes re-encodes to the same bytes.
@@ -909,8 +1014,20 @@ pub(crate) fn fuzz_decoders(data: &[u8]) {
         }
     }
     if let Ok(files) = decode_package(data) {
-        let owned: Vec<(String, Vec<u8>)> = files.iter().map(|(n, d)| (n.to_string(), d.to_vec())).collect();
-        assert_eq!(encode_package(&owned), data, "a package re-encodes");
+        let owned: Vec<(String, Vec<u8>)> = files.iter().map(|(n, d)| (n.clone(), d.to_vec())).collect();
+        let encoded = encode_package(&owned);
+        if data[4] == PACKAGE_VERSION {
+            assert_eq!(encoded, data, "a package re-encodes");
+        }
+        let again = decode_package(&encoded).expect("what is written reads back");
+        assert!(again.iter().map(|(n, d)| (n, *d)).eq(files.iter().map(|(n, d)| (n, *d))), "the same files");
+        // Read from its end, as a search does, the table finds the same files.
+        let end = encoded.len() - TRAILER;
+        let table_at = end - table_len(&encoded[end..]).expect("a trailer") as usize;
+        let table = decode_table(&encoded[table_at..end], table_at as u64).expect("the table reads");
+        assert!(table.iter().zip(&files).all(|((n, r), (name, data))| {
+            n == name && &encoded[r.start as usize..r.end as usize] == *data
+        }));
     }
 }
 
@@ -956,7 +1073,7 @@ mod tests {
         let back = decode_package(&package).unwrap();
         assert_eq!(back.len(), 3);
         for ((name, data), (want_name, want_data)) in back.iter().zip(&files) {
-            assert_eq!((*name, *data), (want_name.as_str(), want_data.as_slice()));
+            assert_eq!((name.as_str(), *data), (want_name.as_str(), want_data.as_slice()));
         }
         for cut in 0..package.len() {
             assert!(decode_package(&package[..cut]).is_err(), "cut at {cut}");

@@ -460,6 +460,28 @@ impl Archive {
         Ok(bytes)
     }
 
+    /// Reads bytes `range` of `key`, which must all exist: a read that
+    /// comes back short (the object is smaller) is an error. At most
+    /// [`MAX_OBJECT`] bytes.
+    pub async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Vec<u8>, ArchiveError> {
+        let want = range.end.saturating_sub(range.start);
+        if want > MAX_OBJECT {
+            return Err(ArchiveError::TooLarge { key: key.to_owned(), size: want });
+        }
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let bytes = self.operator.read_with(key).range(range).await.map_err(store_err(key))?.to_vec();
+        if bytes.len() as u64 != want {
+            let message = format!("{} bytes read, {want} asked", bytes.len());
+            return Err(ArchiveError::Store {
+                key: key.to_owned(),
+                source: opendal::Error::new(ErrorKind::Unexpected, message),
+            });
+        }
+        Ok(bytes)
+    }
+
     /// Deletes `key` (absent is fine).
     pub async fn delete(&self, key: &str) -> Result<(), ArchiveError> {
         self.operator.delete(key).await.map_err(store_err(key))

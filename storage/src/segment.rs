@@ -449,7 +449,11 @@ impl<'a> SegmentView<'a> {
     /// What opening this segment's chunks in place needs, once the bytes
     /// are no longer borrowed by the view: the data key (unwrapped with
     /// `keyring`), where the chunks start in the segment's `len` bytes.
-    pub(crate) fn opener(&self, keyring: &Keyring, len: usize) -> Result<Opener, SegmentError> {
+    ///
+    /// `bytes` may be the segment's first bytes only (through the wrap):
+    /// `len` is then the length of those, and the chunks are found where
+    /// [`Opener::chunks_at`] says in the whole segment.
+    pub fn opener(&self, keyring: &Keyring, len: usize) -> Result<Opener, SegmentError> {
         Ok(Opener {
             key: self.data_key(keyring)?,
             aad: sha256(&[self.prefix]),
@@ -631,9 +635,10 @@ pub(crate) fn entry_ref(body: &[u8]) -> Result<EntryRef<'_>, SegmentError> {
     Ok(EntryRef { received_ns, skip, signer, batch: b.bytes })
 }
 
-/// Opens a segment's chunks where they lie, one at a time, for a reader
-/// that hashes each chunk before it is opened (the audit).
-pub(crate) struct Opener {
+/// Opens a segment's chunks where they lie, one at a time: for a reader
+/// that hashes each chunk before it is opened (the audit), or one that
+/// reads a segment in ranges (index splits).
+pub struct Opener {
     key: LessSafeKey,
     aad: Hash,
     /// Plaintext bytes of every chunk but the last.
@@ -647,7 +652,7 @@ pub(crate) struct Opener {
 impl Opener {
     /// Opens chunk `index` (sealed bytes and tag) in place: its plaintext
     /// is the front of `sealed`, the tag's bytes are left behind.
-    pub(crate) fn open<'a>(
+    pub fn open<'a>(
         &self,
         index: u64,
         last: bool,
@@ -658,6 +663,22 @@ impl Opener {
             return Err(fail());
         }
         self.key.open_in_place(chunk_nonce(index, last), Aad::from(self.aad), sealed).map_err(|_| fail())
+    }
+
+    /// Plaintext bytes of every chunk but the last.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+
+    /// Where the chunks start in the segment.
+    pub fn chunks_at(&self) -> usize {
+        self.chunks_at
+    }
+}
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opener").field("chunk_size", &self.chunk_size).finish_non_exhaustive()
     }
 }
 

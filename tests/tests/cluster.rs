@@ -270,10 +270,18 @@ fn three_collectors_share_a_bucket_and_store_every_line_once_through_kills_and_f
     }
     std::thread::sleep(Duration::from_secs(2));
     wait_all(&live(&collectors), &token, 16_000, "nothing arrives twice later");
-    // Each published splits and read the others'.
+    // Each published splits and read the others', in ranges: at least the
+    // head and the tail of each split opened, and no chunk fetched twice
+    // (each split's bytes at most once, with a head read).
+    let split_bytes: u64 = s3.objects("cluster/splits/").iter().map(|(_, bytes)| bytes.len() as u64).sum();
     for collector in live(&collectors) {
         assert!(collector.metric(&setup, "logvault_splits_published_total") > 0);
-        assert!(collector.metric(&setup, "logvault_splits_fetched_total") >= 2);
+        let opened = collector.metric(&setup, "logvault_splits_opened_total");
+        assert!(opened >= 2);
+        assert!(collector.metric(&setup, "logvault_splits_range_reads_total") >= 2 * opened);
+        let fetched = collector.metric(&setup, "logvault_splits_fetched_bytes_total");
+        assert!(fetched <= split_bytes + 4096 * opened, "{fetched} bytes fetched of {split_bytes}");
+        assert!(collector.metric(&setup, "logvault_splits_cache_bytes") > 0);
         assert_eq!(collector.metric(&setup, "logvault_splits_publish_failures_total"), 0);
     }
 
