@@ -70,6 +70,8 @@ const MAX_FILES: usize = 32;
 /// Most tenants a manifest lists; a split with more lists none and is
 /// read for every tenant.
 const MAX_TENANTS: usize = 256;
+/// Splits opened at once by a search.
+const OPENING_THREADS: usize = 8;
 /// Largest split fetched.
 const MAX_SPLIT: u64 = logvault_storage::archive::MAX_OBJECT;
 
@@ -653,24 +655,53 @@ impl Splits {
             let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
             catalog.values().filter(|m| m.may_match(tenants, from_ns, to_ns)).cloned().collect()
         };
+        let wanted: Vec<(Manifest, String)> = {
+            let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+            wanted
+                .into_iter()
+                .map(|manifest| {
+                    let name = cache_name(&manifest);
+                    (manifest, name)
+                })
+                .filter(|(_, name)| failed.get(name).is_none_or(|at| at.elapsed() >= Duration::from_secs(60)))
+                .collect()
+        };
+        // Splits not open yet are opened several at once: each waits on
+        // the store for a few small reads.
+        let closed = {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            wanted.iter().filter(|(_, name)| !cache.contains_key(name)).count()
+        };
+        let threads = closed.clamp(1, OPENING_THREADS);
+        let per_thread = wanted.len().div_ceil(threads).max(1);
+        let opened: Vec<Result<Searcher, String>> = if threads == 1 {
+            wanted.iter().map(|(manifest, name)| self.searcher(manifest, name)).collect()
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = wanted
+                    .chunks(per_thread)
+                    .map(|part| {
+                        scope.spawn(move || {
+                            part.iter()
+                                .map(|(manifest, name)| self.searcher(manifest, name))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                    .collect()
+            })
+        };
         let mut out = Vec::with_capacity(wanted.len());
-        for manifest in wanted {
-            let name = cache_name(&manifest);
-            let failed_recently = self
-                .failed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&name)
-                .is_some_and(|at| at.elapsed() < Duration::from_secs(60));
-            if failed_recently {
-                continue;
-            }
-            match self.searcher(&manifest, &name) {
+        for ((manifest, name), opened) in wanted.into_iter().zip(opened) {
+            match opened {
                 Ok(searcher) => out.push(RemoteSplit {
                     searcher,
                     not_before: manifest.not_before(),
                     name,
-                    key: manifest.split.clone(),
+                    key: manifest.split,
                 }),
                 Err(err) => self.unreadable(&name, &manifest.split, &err),
             }

@@ -42,6 +42,24 @@ const HEAD: u64 = 4096;
 const MAX_HEAD: u64 = 9 + segment::MAX_HEADER as u64 + 2 + u16::MAX as u64;
 /// An AES-GCM tag.
 const TAG: u64 = 16;
+/// The longest a ranged read may take, its retries included.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads bytes `range` of `key`, within [`READ_TIMEOUT`]. Blocking.
+fn read_range(
+    store: &Archive,
+    runtime: &tokio::runtime::Handle,
+    key: &str,
+    range: Range<u64>,
+) -> Result<Vec<u8>, String> {
+    let read =
+        runtime.block_on(async { tokio::time::timeout(READ_TIMEOUT, store.get_range(key, range)).await });
+    match read {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer from the store in {} s", READ_TIMEOUT.as_secs())),
+    }
+}
 
 /// A split object in the bucket: its head read, its data key unwrapped,
 /// its chunks fetched on demand.
@@ -83,7 +101,7 @@ impl SplitObject {
         let size = manifest.bytes;
         let fail = |what: String| format!("split {key}: {what}");
         let read = |range: Range<u64>| {
-            let bytes = runtime.block_on(store.get_range(&key, range)).map_err(|e| fail(e.to_string()))?;
+            let bytes = read_range(&store, &runtime, &key, range).map_err(fail)?;
             stats.range_reads.fetch_add(1, Ordering::Relaxed);
             stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             Ok::<_, String>(bytes)
@@ -132,10 +150,7 @@ impl SplitObject {
         }
         let from = self.chunks_at + chunks.start * self.sealed;
         let to = (self.chunks_at + chunks.end * self.sealed).min(self.size);
-        let mut bytes = self
-            .runtime
-            .block_on(self.store.get_range(&self.key, from..to))
-            .map_err(|e| fail(e.to_string()))?;
+        let mut bytes = read_range(&self.store, &self.runtime, &self.key, from..to).map_err(fail)?;
         self.stats.range_reads.fetch_add(1, Ordering::Relaxed);
         self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let mut plain = Vec::with_capacity(bytes.len());
@@ -150,11 +165,12 @@ impl SplitObject {
 }
 
 /// One index file of a split: where it lies in the package, and its
-/// sparse file in the cache.
+/// sparse file in the cache (opened to write a chunk, so an open split
+/// holds no descriptor).
 #[derive(Debug)]
 struct CachedFile {
     range: Range<u64>,
-    file: std::fs::File,
+    path: PathBuf,
 }
 
 /// Removes a split's cache directory when the last reader of it is gone.
@@ -242,14 +258,13 @@ impl SplitDirectory {
         let mut cached = HashMap::with_capacity(files.len());
         for (name, range) in files {
             let path = dir.join(&name);
-            let file = std::fs::OpenOptions::new()
-                .read(true)
+            std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&path)
-                .and_then(|file| file.set_len(range.end - range.start).map(|()| file))
+                .and_then(|file| file.set_len(range.end - range.start))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
-            cached.insert(PathBuf::from(name), CachedFile { range, file });
+            cached.insert(PathBuf::from(name), CachedFile { range, path });
         }
         let mapped = MmapDirectory::open(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let chunks = usize::try_from(object.last + 1).map_err(|_| fail("too many chunks".into()))?;
@@ -265,6 +280,7 @@ impl SplitDirectory {
         let mut present = shared.present.lock().unwrap_or_else(|e| e.into_inner());
         shared.keep(&mut present, loaded, &plain).map_err(|e| e.to_string())?;
         drop(present);
+        shared.prefetch_footers().map_err(|e| e.to_string())?;
         Ok(SplitDirectory(Arc::new(shared)))
     }
 
@@ -279,6 +295,45 @@ impl SplitDirectory {
 }
 
 impl Shared {
+    /// Fetches the last chunk of every file at once, one ranged read per
+    /// run of such chunks, side by side: tantivy opens each file at its
+    /// footer, and reading those one after another would cost a round
+    /// trip to the store each.
+    fn prefetch_footers(&self) -> std::io::Result<()> {
+        let mut wanted = std::collections::BTreeSet::new();
+        {
+            let present = self.present.lock().unwrap_or_else(|e| e.into_inner());
+            for cached in self.files.values().filter(|f| f.range.end > f.range.start) {
+                let last = self.object.chunks(&(cached.range.end - 1..cached.range.end)).start;
+                if !present[last as usize] {
+                    wanted.insert(last);
+                }
+            }
+        }
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for index in wanted {
+            match runs.last_mut() {
+                Some(run) if run.end == index => run.end += 1,
+                _ => runs.push(index..index + 1),
+            }
+        }
+        let fetched: Vec<(Range<u64>, std::io::Result<Vec<u8>>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = runs
+                .into_iter()
+                .map(|run| scope.spawn(move || (run.clone(), self.object.fetch(run))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect()
+        });
+        let mut present = self.present.lock().unwrap_or_else(|e| e.into_inner());
+        for (run, plain) in fetched {
+            self.keep(&mut present, run, &plain?)?;
+        }
+        Ok(())
+    }
+
     /// Makes package bytes `range` present in the cache files: each run of
     /// missing chunks is fetched with one ranged read.
     fn fill(&self, range: Range<u64>) -> std::io::Result<()> {
@@ -313,7 +368,8 @@ impl Shared {
             let from = cached.range.start.max(base);
             let to = cached.range.end.min(end);
             if from < to {
-                cached.file.write_all_at(
+                let file = std::fs::OpenOptions::new().write(true).open(&cached.path)?;
+                file.write_all_at(
                     &plain[(from - base) as usize..(to - base) as usize],
                     from - cached.range.start,
                 )?;
@@ -521,15 +577,30 @@ mod tests {
     }
 
     #[test]
-    fn a_split_opens_with_two_ranged_reads_and_fetches_only_what_a_search_reads() {
+    fn a_split_opens_from_its_ends_and_fetches_only_what_a_search_reads() {
         let fixture = fixture("lazy");
         let manifest = fixture.publish(&fixture.package);
         let stats = Arc::new(SplitStats::default());
-        let directory = fixture.open(&manifest, &stats, "cache").unwrap();
-        // The head, and the last chunk with the table (and one before it
-        // when the table straddles two).
+        let object = SplitObject::open(
+            fixture.store.clone(),
+            fixture.runtime.handle().clone(),
+            &fixture.keyring,
+            &manifest,
+            stats.clone(),
+        )
+        .unwrap();
+        // The head.
+        assert_eq!(stats.range_reads.load(Ordering::Relaxed), 1);
+        let directory = SplitDirectory::open(object, fixture.root.join("cache")).unwrap();
+        // The last chunk, with the table; then every file's last chunk,
+        // side by side, at most one read each.
+        let files = directory.0.files.len() as u64;
         let reads = stats.range_reads.load(Ordering::Relaxed);
-        assert!((2..=3).contains(&reads), "{reads} reads to open");
+        assert!(reads <= 1 + 2 + files, "{reads} reads to open {files} files");
+        let index = Index::open(directory.clone()).unwrap();
+        let reader = index.reader().unwrap();
+        let opened = stats.range_reads.load(Ordering::Relaxed);
+        assert!(opened - reads <= 2, "{} more reads to open the index", opened - reads);
         assert_eq!(count(&directory, "error").unwrap(), 400);
         let after_search = stats.fetched_bytes.load(Ordering::Relaxed);
         assert!(after_search < manifest.bytes / 2, "{after_search} of {} bytes fetched", manifest.bytes);
@@ -542,7 +613,7 @@ mod tests {
         // The cache files go with the last reader.
         let cache = fixture.root.join("cache");
         assert!(cache.exists());
-        drop(directory);
+        drop((directory, index, reader));
         assert!(!cache.exists());
         let _ = std::fs::remove_dir_all(&fixture.root);
     }

@@ -8,7 +8,8 @@
 //! collectors together (they share the machine's cores) and as wall-clock
 //! MB/s. Then the first collector is restarted with an empty split cache
 //! and a term query (newest 100) is timed: the first one (cold: the other
-//! collectors' splits fetched, checked, decrypted and opened) and the
+//! collectors' splits opened, and the chunks the query reads fetched,
+//! decrypted and authenticated, beside the size of those splits whole) and the
 //! median of the next twenty (warm), beside the same query on one
 //! collector holding everything locally.
 
@@ -163,10 +164,20 @@ fn measure(
     let warm_p50 = warm[warm.len() / 2];
     let (_, body) = first.search_raw(Some(&token), &query);
     let fetched = first.metric(&setup, "logvault_splits_fetched_bytes_total");
+    let range_reads = first.metric(&setup, "logvault_splits_range_reads_total");
+    let opened = first.metric(&setup, "logvault_splits_opened_total");
+    // What the other collectors published: what a whole fetch would read.
+    let others: u64 = s3
+        .objects("cluster/splits/")
+        .iter()
+        .filter(|(key, _)| !key.starts_with("cluster/splits/c1/"))
+        .map(|(_, bytes)| bytes.len() as u64)
+        .sum();
     println!(
-        "   search {TERM:?}, newest 100 of {} hits: cold {cold:.1} ms ({:.1} MB of splits fetched), warm p50 {warm_p50:.1} ms",
+        "   search {TERM:?}, newest 100 of {} hits: cold {cold:.1} ms ({opened} splits opened, {range_reads} ranged reads, {:.1} of {:.1} MB of splits fetched), warm p50 {warm_p50:.1} ms",
         body["total"],
-        fetched as f64 / 1e6
+        fetched as f64 / 1e6,
+        others as f64 / 1e6
     );
     first.process.stop();
     for collector in collectors {
@@ -184,6 +195,9 @@ fn measure(
         "search_cold_ms": round(cold),
         "search_warm_p50_ms": round(warm_p50),
         "splits_fetched_mb": round(fetched as f64 / 1e6),
+        "splits_others_mb": round(others as f64 / 1e6),
+        "splits_opened": opened,
+        "splits_range_reads": range_reads,
         "hits": body["total"],
     }))
 }
