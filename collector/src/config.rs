@@ -60,6 +60,8 @@
 //! publish_interval_ms = 300000             # this collector's new records as a split
 //! poll_interval_ms = 10000                 # the others' splits listed
 //! cache_bytes = 10737418240                # their splits cached here, at most
+//! compact_splits = 8                       # this many small splits merged into one; 0: never
+//! compact_grace_ms = 600000                # replaced splits deleted this long after
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -147,6 +149,22 @@ pub struct ClusterConfig {
     /// bytes (the least recently used go first). Default 10 GiB.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
+    /// Merge this many of this collector's published splits of one size
+    /// class into one (so the others open few, larger splits); 0 never
+    /// does. Default 8.
+    #[serde(default = "default_compact_splits")]
+    pub compact_splits: usize,
+    /// Delete splits replaced by a compacted one this long after it is
+    /// published, in ms. Default 600000 (ten minutes).
+    #[serde(default = "default_compact_grace_ms")]
+    pub compact_grace_ms: u64,
+}
+
+fn default_compact_splits() -> usize {
+    8
+}
+fn default_compact_grace_ms() -> u64 {
+    600_000
 }
 
 fn default_publish_interval_ms() -> u64 {
@@ -590,6 +608,9 @@ impl CollectorConfig {
             }
             if cluster.cache_bytes < 1 << 20 {
                 return invalid("cluster.cache_bytes", "must be at least 1 MiB");
+            }
+            if cluster.compact_splits == 1 || cluster.compact_splits > 64 {
+                return invalid("cluster.compact_splits", "must be 0 (never) or 2 to 64");
             }
         }
         if self.api.max_concurrent_queries == 0 {

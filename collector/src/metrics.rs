@@ -263,7 +263,7 @@ impl MetricsSource {
         }
         if let Some(splits) = &self.splits {
             let stats = &splits.stats;
-            let cluster: [(&str, &str, &str, u64); 9] = [
+            let cluster: [(&str, &str, &str, u64); 10] = [
                 (
                     "logvault_splits_published_total",
                     "counter",
@@ -311,6 +311,12 @@ impl MetricsSource {
                     "gauge",
                     "Bytes of other collectors' splits in the local cache",
                     splits.cache_bytes(),
+                ),
+                (
+                    "logvault_splits_compacted_total",
+                    "counter",
+                    "This collector's splits replaced by compacted ones",
+                    load(&stats.compacted),
                 ),
                 (
                     "logvault_splits_unreadable_total",

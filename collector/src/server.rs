@@ -189,6 +189,8 @@ pub async fn start(config: CollectorConfig, cancel: CancellationToken) -> Result
             cache_bytes: cluster.cache_bytes,
             cache_dir: config.data_dir.join("splits"),
             retention: config.index.retention_ms.map(Duration::from_millis),
+            compact_splits: cluster.compact_splits,
+            compact_grace: Duration::from_millis(cluster.compact_grace_ms),
         };
         let splits = crate::splits::Splits::open(store, splits_config, kek, keyring, index.index.schema())
             .await

@@ -70,6 +70,13 @@ const MAX_FILES: usize = 32;
 /// Most tenants a manifest lists; a split with more lists none and is
 /// read for every tenant.
 const MAX_TENANTS: usize = 256;
+/// Most segments a manifest may list as replaced or covered (36 bytes
+/// each, within [`MAX_MANIFEST`]).
+const MAX_COVERS: usize = 1024;
+/// Splits smaller than this are compaction's first size class.
+const COMPACT_BASE: u64 = 16 << 20;
+/// Splits this large or larger are never compacted.
+const COMPACT_MAX_INPUT: u64 = 128 << 20;
 /// Splits opened at once by a search.
 const OPENING_THREADS: usize = 8;
 /// Largest split fetched.
@@ -106,6 +113,18 @@ pub struct Manifest {
     pub sha256: String,
     /// The key-encryption key its data key is wrapped under.
     pub kek_id: String,
+    /// A compacted split: the publisher's splits whose records it holds.
+    /// Once it is listed they are never searched, and its publisher
+    /// deletes them a grace period later.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaces: Vec<String>,
+    /// A compacted split: the publisher's index segments whose records it
+    /// holds (a split that is not compacted holds its own segment's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub covers: Vec<String>,
+    /// A compacted split: when it was published, ns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_ns: Option<i64>,
 }
 
 impl Manifest {
@@ -138,11 +157,47 @@ impl Manifest {
         {
             return Err("it names another split".into());
         }
-        if manifest.tenants.len() > MAX_TENANTS || manifest.bytes > MAX_SPLIT {
+        if manifest.tenants.len() > MAX_TENANTS
+            || manifest.bytes > MAX_SPLIT
+            || manifest.covers.len() > MAX_COVERS
+            || manifest.replaces.len() > MAX_COVERS
+        {
             return Err("over the caps".into());
+        }
+        if !manifest.replaces.iter().chain(&manifest.covers).all(|id| valid_segment(id))
+            || manifest.replaces.contains(&manifest.segment)
+        {
+            return Err("it replaces or covers a bad segment".into());
         }
         Ok(manifest)
     }
+
+    /// The publisher's index segments whose records it holds.
+    fn covered(&self) -> impl Iterator<Item = &String> {
+        self.covers.iter().chain(self.covers.is_empty().then_some(&self.segment))
+    }
+}
+
+/// The manifests among `manifests` that no other one of the same
+/// collector replaces: what a search reads.
+fn live<'a>(manifests: impl Iterator<Item = &'a Manifest> + Clone) -> Vec<&'a Manifest> {
+    let replaced: HashSet<(&str, &str)> = manifests
+        .clone()
+        .flat_map(|m| m.replaces.iter().map(move |r| (m.collector.as_str(), r.as_str())))
+        .collect();
+    manifests.filter(|m| !replaced.contains(&(m.collector.as_str(), m.segment.as_str()))).collect()
+}
+
+/// A split's size class for compaction: splits of one class are merged
+/// together, so each record is rewritten about log8(size) times.
+fn tier(bytes: u64) -> u32 {
+    let mut tier = 0;
+    let mut limit = COMPACT_BASE;
+    while bytes >= limit {
+        tier += 1;
+        limit = limit.saturating_mul(8);
+    }
+    tier
 }
 
 fn valid_segment(id: &str) -> bool {
@@ -201,6 +256,12 @@ pub struct SplitsConfig {
     /// This collector's splits whose newest record is older than this are
     /// deleted from the bucket (`index.retention_ms`); None keeps them.
     pub retention: Option<Duration>,
+    /// Merge this many of this collector's splits of one size class into
+    /// one; below 2, never.
+    pub compact_splits: usize,
+    /// Splits replaced by a compacted one are deleted this long after it
+    /// is published (searches that opened them before finish first).
+    pub compact_grace: Duration,
 }
 
 /// Counters for `/metrics`.
@@ -222,6 +283,8 @@ pub struct SplitStats {
     pub cache_hits: AtomicU64,
     /// Splits left out of searches because they could not be read.
     pub unreadable: AtomicU64,
+    /// This collector's splits replaced by compacted ones.
+    pub compacted: AtomicU64,
 }
 
 /// One other collector's split, ready to search: its searcher, and the time
@@ -263,6 +326,8 @@ pub struct Splits {
     /// its WAL position; and when to try again.
     pending: Mutex<Option<(SegmentMeta, u64)>>,
     retry_at: Mutex<Instant>,
+    /// When to try compacting again after a failure.
+    compact_retry_at: Mutex<Instant>,
     /// While the index is behind it: the newest WAL position published.
     resync_to: AtomicU64,
     /// Splits that could not be read, and when.
@@ -304,7 +369,9 @@ impl Splits {
         let prefix = format!("manifests/{}/", config.collector);
         let mut frozen = HashSet::new();
         let mut own = BTreeMap::new();
+        let mut listed = HashSet::new();
         for (key, _) in store.list(&prefix).await.map_err(|e| e.to_string())? {
+            listed.insert(key.clone());
             let segment = key.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".json"));
             if let Some(id) = segment.and_then(|s| SegmentId::from_uuid_string(s).ok()) {
                 frozen.insert(id);
@@ -312,6 +379,9 @@ impl Splits {
             let read = store.get_tagged(&key, MAX_MANIFEST).await.map_err(|e| e.to_string())?;
             match read.map(|(bytes, _)| Manifest::decode(&bytes, &key)) {
                 Some(Ok(manifest)) => {
+                    // A compacted split's segments stay frozen: their
+                    // records are published.
+                    frozen.extend(manifest.covered().filter_map(|id| SegmentId::from_uuid_string(id).ok()));
                     own.insert(key, manifest);
                 }
                 Some(Err(err)) => {
@@ -321,6 +391,16 @@ impl Splits {
             }
         }
         tracing::info!(published = frozen.len(), "own splits read back from the shared bucket");
+        // Split objects with no manifest (an upload cut short before its
+        // manifest was written) are never read: deleted.
+        let splits_prefix = format!("splits/{}/", config.collector);
+        for (key, _) in store.list(&splits_prefix).await.map_err(|e| e.to_string())? {
+            let segment = key.strip_prefix(&splits_prefix).and_then(|rest| rest.strip_suffix(".split"));
+            if segment.is_some_and(|segment| !listed.contains(&manifest_key(&config.collector, segment))) {
+                tracing::info!(key, "split without a manifest deleted");
+                store.delete(&key).await.map_err(|e| e.to_string())?;
+            }
+        }
         Ok(Arc::new(Splits {
             store,
             config,
@@ -333,6 +413,7 @@ impl Splits {
             last_publish: Mutex::new(Instant::now()),
             pending: Mutex::new(None),
             retry_at: Mutex::new(Instant::now()),
+            compact_retry_at: Mutex::new(Instant::now()),
             resync_to: AtomicU64::new(0),
             failed: Mutex::new(HashMap::new()),
             schema,
@@ -436,6 +517,7 @@ impl Splits {
         if self.last_publish.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
             < self.config.publish_interval
         {
+            self.start_compaction();
             return;
         }
         // The committed segments and the WAL position they cover, as one.
@@ -487,6 +569,36 @@ impl Splits {
         }
     }
 
+    /// Compacts this collector's splits on a thread of its own, when some
+    /// are due and nothing else is being published.
+    fn start_compaction(self: &Arc<Self>) {
+        if Instant::now() < *self.compact_retry_at.lock().unwrap_or_else(|e| e.into_inner()) {
+            return;
+        }
+        let Some(olds) = self.compaction() else { return };
+        self.busy.store(true, Ordering::Release);
+        let splits = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("logvault-compact".into()).spawn(move || {
+            let guard = Publishing(splits);
+            let splits = &guard.0;
+            let records: u64 = olds.iter().map(|m| m.records).sum();
+            match splits.compact(&olds) {
+                Ok(manifest) => {
+                    splits.stats.compacted.fetch_add(olds.len() as u64, Ordering::Relaxed);
+                    tracing::info!(split = %manifest.split, replaced = olds.len(), records, bytes = manifest.bytes, "splits compacted");
+                }
+                Err(err) => {
+                    *splits.compact_retry_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Instant::now() + Duration::from_secs(60);
+                    tracing::warn!(error = %err, "compacting splits failed; trying again in a minute");
+                }
+            }
+        });
+        if spawned.is_err() {
+            self.busy.store(false, Ordering::Release);
+        }
+    }
+
     /// Publishes a frozen segment; on failure keeps it pending, to be tried
     /// again (the same segment, the same keys) a little later.
     fn upload(&self, dir: &Path, meta: SegmentMeta, wal_to: u64) {
@@ -509,6 +621,18 @@ impl Splits {
     /// Packages, seals and uploads one segment of the index in `dir`, then
     /// its manifest; the segment is frozen once the manifest is written.
     fn publish(&self, dir: &Path, meta: &SegmentMeta, wal_to: u64) -> Result<(), String> {
+        self.publish_as(dir, meta, wal_to, None).map(|_| ())
+    }
+
+    /// As [`Splits::publish`]; a compacted split names the splits it
+    /// replaces and the index segments it covers.
+    fn publish_as(
+        &self,
+        dir: &Path,
+        meta: &SegmentMeta,
+        wal_to: u64,
+        compacted: Option<(Vec<String>, Vec<String>)>,
+    ) -> Result<Manifest, String> {
         let segment = meta.id().uuid_string();
         let package = package_segment(dir, meta)?;
         // What it holds, read from the split itself.
@@ -547,6 +671,13 @@ impl Splits {
             bytes: sealed.bytes.len() as u64,
             sha256: crate::cluster::hex(ring::digest::digest(&ring::digest::SHA256, &sealed.bytes).as_ref()),
             kek_id: self.kek.id().to_owned(),
+            published_ns: compacted.is_some().then(crate::time::now_ns),
+            replaces: Vec::new(),
+            covers: Vec::new(),
+        };
+        let manifest = match compacted {
+            Some((replaces, covers)) => Manifest { replaces, covers, ..manifest },
+            None => manifest,
         };
         let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
         self.runtime.block_on(async {
@@ -558,8 +689,105 @@ impl Splits {
         })?;
         tracing::info!(split = %manifest.split, records, bytes = manifest.bytes, "split published");
         let key = manifest_key(&manifest.collector, &segment);
-        self.own.lock().unwrap_or_else(|e| e.into_inner()).insert(key, manifest);
-        Ok(())
+        self.own.lock().unwrap_or_else(|e| e.into_inner()).insert(key, manifest.clone());
+        Ok(manifest)
+    }
+
+    /// This collector's splits to compact now, if any: of its splits that
+    /// no other replaces and that are under [`COMPACT_MAX_INPUT`], the
+    /// oldest `compact_splits` of the smallest size class that has that
+    /// many, within [`MAX_COVERS`] segments together.
+    fn compaction(&self) -> Option<Vec<Manifest>> {
+        let fan_in = self.config.compact_splits;
+        if fan_in < 2 {
+            return None;
+        }
+        let own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        let mut classes: BTreeMap<u32, Vec<&Manifest>> = BTreeMap::new();
+        for manifest in live(own.values()) {
+            if manifest.bytes < COMPACT_MAX_INPUT && manifest.covered().count() < MAX_COVERS {
+                classes.entry(tier(manifest.bytes)).or_default().push(manifest);
+            }
+        }
+        for mut class in classes.into_values() {
+            class.sort_by_key(|m| (m.first_ns, m.last_ns));
+            let mut chosen = Vec::new();
+            let mut covers = 0;
+            for manifest in class {
+                let more = manifest.covered().count();
+                if covers + more > MAX_COVERS {
+                    break;
+                }
+                covers += more;
+                chosen.push(manifest.clone());
+                if chosen.len() == fan_in {
+                    return Some(chosen);
+                }
+            }
+        }
+        None
+    }
+
+    /// Merges `olds`, this collector's splits, into one split that replaces
+    /// them: each is read from the bucket whole, unpacked into a scratch
+    /// index, and the segments merged there; the local index is not
+    /// touched. The replaced splits are deleted a grace period later, by
+    /// [`Splits::expire`]. Blocking.
+    fn compact(&self, olds: &[Manifest]) -> Result<Manifest, String> {
+        let n = self.openings.fetch_add(1, Ordering::Relaxed);
+        let scratch = self.config.cache_dir.join(format!("compact-{n}.tmp"));
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+        let cleanup = remote::Cleanup(scratch.clone());
+        let mut index_meta: Option<serde_json::Value> = None;
+        let mut segments = Vec::new();
+        for old in olds {
+            let object = remote::SplitObject::open(
+                self.store.clone(),
+                self.runtime.clone(),
+                &self.keyring,
+                old,
+                self.stats.clone(),
+            )?;
+            let package = object.read_all().map_err(|e| e.to_string())?;
+            for (name, data) in decode_package(&package)? {
+                if name == "meta.json" {
+                    let meta: serde_json::Value = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+                    segments.extend(meta["segments"].as_array().cloned().unwrap_or_default());
+                    index_meta.get_or_insert(meta);
+                } else {
+                    std::fs::write(scratch.join(&name), data).map_err(|e| format!("{name}: {e}"))?;
+                }
+            }
+        }
+        let mut index_meta = index_meta.ok_or("no split to compact")?;
+        index_meta["segments"] = serde_json::Value::Array(segments);
+        std::fs::write(
+            scratch.join("meta.json"),
+            serde_json::to_vec(&index_meta).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        let index = Index::open_in_dir(&scratch).map_err(|e| e.to_string())?;
+        crate::index::register_tokenizers(&index);
+        if index.schema() != self.schema {
+            return Err("a split to compact has another schema".into());
+        }
+        let ids: Vec<SegmentId> = index.searchable_segment_ids().map_err(|e| e.to_string())?;
+        if ids.len() != olds.len() {
+            return Err(format!("{} segments in {} splits", ids.len(), olds.len()));
+        }
+        let mut writer: IndexWriter =
+            index.writer_with_num_threads(1, 50_000_000).map_err(|e| e.to_string())?;
+        let merged = writer.merge(&ids).wait().map_err(|e| e.to_string())?.ok_or("the merge made nothing")?;
+        writer.wait_merging_threads().map_err(|e| e.to_string())?;
+        let wal_to = olds.iter().map(|m| m.wal_to).max().unwrap_or(0);
+        let replaces = olds.iter().map(|m| m.segment.clone()).collect();
+        let mut covers: Vec<String> = olds.iter().flat_map(|m| m.covered().cloned()).collect();
+        covers.sort();
+        covers.dedup();
+        let manifest = self.publish_as(&scratch, &merged, wal_to, Some((replaces, covers)))?;
+        drop(cleanup);
+        Ok(manifest)
     }
 
     /// Lists the other collectors' manifests, and deletes this
@@ -582,17 +810,34 @@ impl Splits {
     /// Deletes this collector's splits whose records are all past
     /// retention: the manifest first, so no search looks for the object.
     pub async fn expire(&self) -> Result<(), String> {
-        let Some(retention) = self.config.retention else { return Ok(()) };
-        let cutoff = crate::time::now_ns().saturating_sub(retention.as_nanos().min(i64::MAX as u128) as i64);
+        let cutoff = match self.config.retention {
+            Some(retention) => {
+                crate::time::now_ns().saturating_sub(retention.as_nanos().min(i64::MAX as u128) as i64)
+            }
+            None => i64::MIN,
+        };
+        let grace = self.config.compact_grace.as_nanos().min(i64::MAX as u128) as i64;
+        let replaced_before = crate::time::now_ns().saturating_sub(grace);
         let expired: Vec<(String, Manifest)> = {
             let own = self.own.lock().unwrap_or_else(|e| e.into_inner());
-            own.iter().filter(|(_, m)| m.last_ns < cutoff).map(|(k, m)| (k.clone(), m.clone())).collect()
+            // Splits replaced by a compacted one published long enough ago.
+            let replaced: HashSet<&String> = own
+                .values()
+                .filter(|m| m.published_ns.is_some_and(|at| at < replaced_before))
+                .flat_map(|m| &m.replaces)
+                .collect();
+            own.iter()
+                .filter(|(_, m)| m.last_ns < cutoff || replaced.contains(&m.segment))
+                .map(|(k, m)| (k.clone(), m.clone()))
+                .collect()
         };
         for (key, manifest) in expired {
             self.store.delete(&key).await.map_err(|e| e.to_string())?;
             self.store.delete(&manifest.split).await.map_err(|e| e.to_string())?;
             self.own.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-            tracing::info!(split = %manifest.split, "split past retention deleted");
+            let why =
+                if manifest.last_ns < cutoff { "past retention" } else { "replaced by a compacted split" };
+            tracing::info!(split = %manifest.split, why, "split deleted");
         }
         Ok(())
     }
@@ -653,7 +898,11 @@ impl Splits {
         self.trim_cache(None);
         let wanted: Vec<Manifest> = {
             let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
-            catalog.values().filter(|m| m.may_match(tenants, from_ns, to_ns)).cloned().collect()
+            live(catalog.values())
+                .into_iter()
+                .filter(|m| m.may_match(tenants, from_ns, to_ns))
+                .cloned()
+                .collect()
         };
         let wanted: Vec<(Manifest, String)> = {
             let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
@@ -1079,6 +1328,9 @@ pub(crate) fn fuzz_seeds() -> Vec<Vec<u8>> {
         bytes: 123_456,
         sha256: "ab".repeat(32),
         kek_id: "k1".into(),
+        replaces: Vec::new(),
+        covers: Vec::new(),
+        published_ns: None,
     };
     let package = encode_package(&[
         (format!("{segment}.idx"), vec![1, 2, 3]),
@@ -1147,6 +1399,9 @@ mod tests {
             bytes: 10,
             sha256: "00".into(),
             kek_id: "k1".into(),
+            replaces: Vec::new(),
+            covers: Vec::new(),
+            published_ns: None,
         };
         let bytes = serde_json::to_vec(&manifest).unwrap();
         assert_eq!(Manifest::decode(&bytes, &manifest_key("c2", &segment)).unwrap(), manifest);
@@ -1157,5 +1412,53 @@ mod tests {
         assert!(!manifest.may_match(&acme, Some(201), None));
         assert!(!manifest.may_match(&acme, None, Some(100)));
         assert!(!manifest.may_match(&["other".to_owned()], None, None));
+    }
+
+    #[test]
+    fn a_compacted_split_hides_the_ones_it_replaces_from_its_own_collector_only() {
+        let make = |collector: &str, segment: char, replaces: &[char]| {
+            let id = |c: char| c.to_string().repeat(32);
+            Manifest {
+                version: 1,
+                collector: collector.into(),
+                segment: id(segment),
+                split: split_key(collector, &id(segment)),
+                tenants: Vec::new(),
+                first_ns: 0,
+                last_ns: 1,
+                records: 1,
+                wal_to: 1,
+                retention_ms: None,
+                bytes: 1,
+                sha256: "00".into(),
+                kek_id: "k1".into(),
+                covers: replaces.iter().map(|c| id(*c)).collect(),
+                replaces: replaces.iter().map(|c| id(*c)).collect(),
+                published_ns: (!replaces.is_empty()).then_some(5),
+            }
+        };
+        let plain = make("c2", 'a', &[]);
+        // A split that is not compacted reads as before: no new field.
+        let json = String::from_utf8(serde_json::to_vec(&plain).unwrap()).unwrap();
+        assert!(!json.contains("replaces") && !json.contains("covers") && !json.contains("published_ns"));
+        assert_eq!(plain.covered().collect::<Vec<_>>(), [&plain.segment]);
+        let all = [plain.clone(), make("c2", 'b', &[]), make("c2", 'c', &['a', 'b']), make("c3", 'a', &[])];
+        let searched: Vec<(&str, &str)> =
+            live(all.iter()).iter().map(|m| (m.collector.as_str(), &m.segment[..1])).collect();
+        assert_eq!(searched, [("c2", "c"), ("c3", "a")]);
+        // A compacted manifest reads back; one replacing itself, or naming a
+        // bad segment, is refused.
+        let compacted = make("c2", 'c', &['a', 'b']);
+        let key = manifest_key("c2", &compacted.segment);
+        assert_eq!(Manifest::decode(&serde_json::to_vec(&compacted).unwrap(), &key).unwrap(), compacted);
+        let mut itself = compacted.clone();
+        itself.replaces.push(itself.segment.clone());
+        assert!(Manifest::decode(&serde_json::to_vec(&itself).unwrap(), &key).is_err());
+        let mut bad = compacted.clone();
+        bad.covers.push("../x".into());
+        assert!(Manifest::decode(&serde_json::to_vec(&bad).unwrap(), &key).is_err());
+        // Size classes: each eight times the one before.
+        assert_eq!((tier(0), tier(COMPACT_BASE - 1), tier(COMPACT_BASE)), (0, 0, 1));
+        assert_eq!((tier(8 * COMPACT_BASE - 1), tier(8 * COMPACT_BASE)), (1, 2));
     }
 }

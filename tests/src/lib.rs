@@ -1019,7 +1019,8 @@ impl S3Server {
         opendal::Operator::new(builder).unwrap().finish()
     }
 
-    /// Every object under `path`, with its bytes, sorted by key.
+    /// Every object under `path`, with its bytes, sorted by key (one deleted
+    /// meanwhile left out).
     pub fn objects(&self, path: &str) -> Vec<(String, Vec<u8>)> {
         let operator = self.operator();
         runtime().block_on(async {
@@ -1030,8 +1031,12 @@ impl S3Server {
                 Err(err) => panic!("listing {path}: {err}"),
             };
             for entry in entries.into_iter().filter(|e| !e.metadata().is_dir()) {
-                let bytes = operator.read(entry.path()).await.unwrap().to_vec();
-                out.push((entry.path().to_owned(), bytes));
+                // One deleted between the listing and the read is left out.
+                match operator.read(entry.path()).await {
+                    Ok(bytes) => out.push((entry.path().to_owned(), bytes.to_vec())),
+                    Err(err) if err.kind() == opendal::ErrorKind::NotFound => {}
+                    Err(err) => panic!("reading {}: {err}", entry.path()),
+                }
             }
             out.sort();
             out

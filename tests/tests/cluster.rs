@@ -25,6 +25,8 @@ struct Cluster<'a> {
     kek: PathBuf,
     checkpoint_key: PathBuf,
     ports: Vec<u16>,
+    /// More `[cluster]` settings.
+    cluster_toml: String,
 }
 
 impl<'a> Cluster<'a> {
@@ -43,6 +45,7 @@ impl<'a> Cluster<'a> {
             kek,
             checkpoint_key: setup.path().join("checkpoint.key"),
             ports: (0..n).map(|_| free_port()).collect(),
+            cluster_toml: String::new(),
         }
     }
 
@@ -94,12 +97,13 @@ impl<'a> Cluster<'a> {
     /// Collector `i`, sharing the bucket or (`shared` false) alone.
     fn start_as(&self, i: usize, env: &[(&str, &str)], shared: bool) -> Collector {
         let extra_toml = format!(
-            "\n[archive]\nuri = {:?}\nkek_file = {:?}\ncheckpoint_key = {:?}\ncollector_id = \"c{}\"\nseal_interval_ms = 300\ncheckpoint_interval_ms = 2000\nsegment_bytes = 1048576\n\n[cluster]\nuri = {:?}\npublish_interval_ms = 500\npoll_interval_ms = 300\n",
+            "\n[archive]\nuri = {:?}\nkek_file = {:?}\ncheckpoint_key = {:?}\ncollector_id = \"c{}\"\nseal_interval_ms = 300\ncheckpoint_interval_ms = 2000\nsegment_bytes = 1048576\n\n[cluster]\nuri = {:?}\npublish_interval_ms = 500\npoll_interval_ms = 300\n{}",
             self.uri("archive"),
             self.kek.display().to_string(),
             self.checkpoint_key.display().to_string(),
             i + 1,
             self.uri("cluster"),
+            self.cluster_toml,
         );
         let extra_toml =
             if shared { extra_toml } else { extra_toml.split("\n[cluster]").next().unwrap().to_owned() };
@@ -557,6 +561,77 @@ fn a_rebuilt_index_is_not_published_twice_and_a_damaged_split_is_left_out() {
         assert!(total < 250, "a damaged split was read");
         (c2.metric(&setup, "logvault_splits_unreadable_total") > 0).then_some(())
     });
+    c1.process.stop();
+    c2.process.stop();
+}
+
+/// A collector's small splits are merged into one that replaces them:
+/// another collector counts every record once before, during and after
+/// (never the replaced splits and their replacement both), the replaced
+/// ones leave the bucket after the grace period, and neither a restart of
+/// the publisher nor an empty cache on the reader publishes or counts a
+/// record twice. A split object left without a manifest is deleted.
+#[test]
+fn compacted_splits_replace_the_small_ones_and_no_record_is_counted_twice() {
+    let setup = Setup::new("cluster-compact");
+    let s3 = S3Server::external_or_start(setup.path(), "logs");
+    let mut cluster = Cluster::new(&setup, &s3, 2);
+    cluster.cluster_toml = "compact_splits = 3\ncompact_grace_ms = 1500\n".into();
+    let c1 = cluster.start(0);
+    let c2 = cluster.start(1);
+    let token = setup.token(&["default"], Role::Reader);
+    let mut agent = RawAgent::connect(&setup, "raw-1", c1.ingest);
+    let batches = chain(&agent, "/var/log/compact.log", 7, 40);
+    // One split per batch: each is published before the next is sent.
+    for (n, batch) in batches.iter().enumerate() {
+        assert_eq!(ack(agent.send_batch(batch.clone())), AckStatus::Stored);
+        wait_all(&[&c1, &c2], &token, 40 * (n as u64 + 1), "published");
+    }
+    let manifests = |s3: &S3Server| -> Vec<serde_json::Value> {
+        s3.objects("cluster/manifests/c1/")
+            .into_iter()
+            .map(|(_, bytes)| serde_json::from_slice(&bytes).unwrap())
+            .collect()
+    };
+    // Compacted, and the replaced splits gone after the grace period;
+    // c2 finds each record once all along.
+    wait_for(Duration::from_secs(60), "c1's splits compacted and the replaced ones deleted", || {
+        assert_eq!(c2.total(&token, "*"), 280, "c2 counts each record once");
+        let listed = manifests(&s3);
+        let replaced: Vec<&serde_json::Value> =
+            listed.iter().flat_map(|m| m["replaces"].as_array().into_iter().flatten()).collect();
+        let still_there = listed.iter().any(|m| replaced.contains(&&m["segment"]));
+        (!replaced.is_empty() && !still_there).then_some(())
+    });
+    assert!(c1.metric(&setup, "logvault_splits_compacted_total") >= 3);
+    let listed = manifests(&s3);
+    assert!(listed.len() < 7, "{} splits left of 7", listed.len());
+    assert_eq!(listed.iter().map(|m| m["records"].as_u64().unwrap()).sum::<u64>(), 280, "{listed:?}");
+    let objects = s3.objects("cluster/splits/c1/");
+    assert_eq!(objects.len(), listed.len(), "one split object per manifest");
+    // The compacted split names what it covers.
+    let compacted = listed.iter().find(|m| m["replaces"].is_array()).unwrap();
+    assert!(compacted["covers"].as_array().unwrap().len() >= 3, "{compacted}");
+    // A restarted publisher publishes nothing again; a reader with an
+    // empty cache reads the compacted split.
+    c1.process.stop();
+    c2.process.stop();
+    // A split object whose manifest was never written (an upload cut
+    // short) is deleted when its publisher starts.
+    let orphan = format!("cluster/splits/c1/{}.split", "7".repeat(32));
+    s3.write_object(&orphan, vec![1; 64]);
+    assert!(s3.objects("cluster/splits/c1/").iter().any(|(key, _)| *key == orphan));
+    let c1 = cluster.start(0);
+    let c2 = cluster.start(1);
+    wait_all(&[&c1, &c2], &token, 280, "after restarts");
+    assert!(s3.objects("cluster/splits/c1/").iter().all(|(key, _)| *key != orphan), "the orphan is deleted");
+    std::thread::sleep(Duration::from_secs(2));
+    wait_all(&[&c1, &c2], &token, 280, "nothing published twice");
+    assert_eq!(c1.metric(&setup, "logvault_splits_published_total"), 0);
+    let (status, levels) =
+        c2.aggregate(&token, serde_json::json!({ "terms": [{ "field": "source", "size": 5 }] }));
+    assert_eq!(status, 200, "{levels}");
+    assert_eq!(levels["total"], 280);
     c1.process.stop();
     c2.process.stop();
 }

@@ -135,6 +135,11 @@ impl SplitObject {
         Ok(SplitObject { store, runtime, key, size, opener, chunks_at, chunk, sealed, last, len, stats })
     }
 
+    /// The whole package, with one ranged read. Blocking.
+    pub(crate) fn read_all(&self) -> std::io::Result<Vec<u8>> {
+        self.fetch(0..self.last + 1)
+    }
+
     /// The chunks that hold package bytes `range` (not empty).
     fn chunks(&self, range: &Range<u64>) -> Range<u64> {
         range.start / self.chunk..(range.end - 1) / self.chunk + 1
@@ -173,9 +178,10 @@ struct CachedFile {
     path: PathBuf,
 }
 
-/// Removes a split's cache directory when the last reader of it is gone.
+/// Removes a directory when dropped: a split's cache, when the last
+/// reader of it is gone.
 #[derive(Debug)]
-struct Cleanup(PathBuf);
+pub(crate) struct Cleanup(pub(crate) PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -548,6 +554,9 @@ mod tests {
                 bytes: sealed.bytes.len() as u64,
                 sha256: String::new(),
                 kek_id: "k1".into(),
+                replaces: Vec::new(),
+                covers: Vec::new(),
+                published_ns: None,
             }
         }
 
