@@ -19,6 +19,17 @@
 //! rebuilt up to that position with merges stopped, and what it holds then
 //! is frozen as published rather than published again.
 //!
+//! **Compaction.** When `cluster.compact_splits` of a collector's own
+//! splits (none replaced, each under [`COMPACT_MAX_INPUT`]) fall in one
+//! size class ([`tier`]), it reads them from the bucket, merges them in a
+//! scratch index (its own index is not touched) and publishes the result
+//! with a manifest naming the splits it `replaces` and the index segments
+//! it `covers`. Readers never search a replaced split ([`live`]), so each
+//! record is read from one split at every moment; the replaced ones are
+//! deleted `cluster.compact_grace_ms` later. At start the segments a
+//! compacted split covers stay frozen, and split objects without a
+//! manifest (an upload cut short) are deleted.
+//!
 //! Record ids carry a tag of the collector's name in their top 16 bits, so
 //! hits from several collectors never tie in the (timestamp, id) order
 //! that pages and cursors follow.
