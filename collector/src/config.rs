@@ -612,6 +612,12 @@ impl CollectorConfig {
             if cluster.compact_splits == 1 || cluster.compact_splits > 64 {
                 return invalid("cluster.compact_splits", "must be 0 (never) or 2 to 64");
             }
+            if cluster.compact_splits > 0 && cluster.compact_grace_ms < 3 * cluster.poll_interval_ms {
+                return invalid(
+                    "cluster.compact_grace_ms",
+                    "must be at least three poll intervals, so every collector lists a compacted split before the ones it replaces go",
+                );
+            }
         }
         if self.api.max_concurrent_queries == 0 {
             return invalid("api.max_concurrent_queries", "must be at least 1");

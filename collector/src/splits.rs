@@ -88,6 +88,8 @@ const MAX_COVERS: usize = 1024;
 const COMPACT_BASE: u64 = 16 << 20;
 /// Splits this large or larger are never compacted.
 const COMPACT_MAX_INPUT: u64 = 128 << 20;
+/// The most bytes of splits merged into one.
+const COMPACT_MAX_OUTPUT: u64 = 512 << 20;
 /// Splits opened at once by a search.
 const OPENING_THREADS: usize = 8;
 /// Largest split fetched.
@@ -197,6 +199,20 @@ fn live<'a>(manifests: impl Iterator<Item = &'a Manifest> + Clone) -> Vec<&'a Ma
         .flat_map(|m| m.replaces.iter().map(move |r| (m.collector.as_str(), r.as_str())))
         .collect();
     manifests.filter(|m| !replaced.contains(&(m.collector.as_str(), m.segment.as_str()))).collect()
+}
+
+/// The segment id of the split compacted from `olds`: 32 hex digits of
+/// SHA-256 over their ids, so the same inputs always make the same keys.
+fn compacted_id(olds: &[Manifest]) -> String {
+    let mut ids: Vec<&str> = olds.iter().map(|m| m.segment.as_str()).collect();
+    ids.sort_unstable();
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(b"logvault compacted split\n");
+    for id in ids {
+        context.update(id.as_bytes());
+        context.update(b"\n");
+    }
+    crate::cluster::hex(&context.finish().as_ref()[..16])
 }
 
 /// A split's size class for compaction: splits of one class are merged
@@ -387,7 +403,16 @@ impl Splits {
             if let Some(id) = segment.and_then(|s| SegmentId::from_uuid_string(s).ok()) {
                 frozen.insert(id);
             }
-            let read = store.get_tagged(&key, MAX_MANIFEST).await.map_err(|e| e.to_string())?;
+            let read = match store.get_tagged(&key, MAX_MANIFEST).await {
+                Ok(read) => read,
+                // Unreadable as a manifest; its own segment stays frozen.
+                Err(err @ logvault_storage::archive::ArchiveError::OverCap { .. }) => {
+                    tracing::warn!(key, error = %err, "own split manifest over the cap; its segment stays frozen");
+                    continue;
+                }
+                // Any other failure: what is frozen must be known whole.
+                Err(err) => return Err(err.to_string()),
+            };
             match read.map(|(bytes, _)| Manifest::decode(&bytes, &key)) {
                 Some(Ok(manifest)) => {
                     // A compacted split's segments stay frozen: their
@@ -632,20 +657,24 @@ impl Splits {
     /// Packages, seals and uploads one segment of the index in `dir`, then
     /// its manifest; the segment is frozen once the manifest is written.
     fn publish(&self, dir: &Path, meta: &SegmentMeta, wal_to: u64) -> Result<(), String> {
-        self.publish_as(dir, meta, wal_to, None).map(|_| ())
+        self.publish_as(dir, meta, &meta.id().uuid_string(), wal_to, None).map(|_| ())
     }
 
-    /// As [`Splits::publish`]; a compacted split names the splits it
-    /// replaces and the index segments it covers.
+    /// As [`Splits::publish`], as segment `segment`; a compacted split
+    /// names the splits it replaces and the index segments it covers.
     fn publish_as(
         &self,
         dir: &Path,
         meta: &SegmentMeta,
+        segment: &str,
         wal_to: u64,
         compacted: Option<(Vec<String>, Vec<String>)>,
     ) -> Result<Manifest, String> {
-        let segment = meta.id().uuid_string();
-        let package = package_segment(dir, meta)?;
+        let segment = segment.to_owned();
+        let package = package_segment(dir, meta, &segment)?;
+        if package.len() as u64 > MAX_SPLIT / 2 {
+            return Err(format!("a split of {} bytes is over the cap", package.len()));
+        }
         // What it holds, read from the split itself.
         let scratch = self.config.cache_dir.join(format!("own-{segment}.tmp"));
         unpack(&package, &scratch)?;
@@ -690,7 +719,17 @@ impl Splits {
             Some((replaces, covers)) => Manifest { replaces, covers, ..manifest },
             None => manifest,
         };
-        let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+        let mut manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+        if manifest_bytes.len() as u64 > MAX_MANIFEST {
+            // Too many tenants to list within the cap: listed as none (read
+            // for every tenant).
+            let manifest = Manifest { tenants: Vec::new(), ..manifest.clone() };
+            manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+            if manifest_bytes.len() as u64 > MAX_MANIFEST {
+                return Err(format!("a manifest of {} bytes is over the cap", manifest_bytes.len()));
+            }
+        }
+        let manifest: Manifest = serde_json::from_slice(&manifest_bytes).map_err(|e| e.to_string())?;
         self.runtime.block_on(async {
             self.store.put_verified(&manifest.split, &sealed.bytes).await.map_err(|e| e.to_string())?;
             self.store
@@ -723,13 +762,14 @@ impl Splits {
         for mut class in classes.into_values() {
             class.sort_by_key(|m| (m.first_ns, m.last_ns));
             let mut chosen = Vec::new();
-            let mut covers = 0;
+            let (mut covers, mut bytes) = (0, 0);
             for manifest in class {
                 let more = manifest.covered().count();
-                if covers + more > MAX_COVERS {
-                    break;
+                if covers + more > MAX_COVERS || bytes + manifest.bytes > COMPACT_MAX_OUTPUT {
+                    continue;
                 }
                 covers += more;
+                bytes += manifest.bytes;
                 chosen.push(manifest.clone());
                 if chosen.len() == fan_in {
                     return Some(chosen);
@@ -792,13 +832,47 @@ impl Splits {
         let merged = writer.merge(&ids).wait().map_err(|e| e.to_string())?.ok_or("the merge made nothing")?;
         writer.wait_merging_threads().map_err(|e| e.to_string())?;
         let wal_to = olds.iter().map(|m| m.wal_to).max().unwrap_or(0);
-        let replaces = olds.iter().map(|m| m.segment.clone()).collect();
+        // It replaces its inputs, and what they replace that is not
+        // deleted yet: whatever is deleted first, nothing it holds is ever
+        // searched twice.
+        let mut replaces: Vec<String> = {
+            let own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+            let existing: HashSet<&String> = own.values().map(|m| &m.segment).collect();
+            olds.iter()
+                .flat_map(|m| {
+                    std::iter::once(&m.segment).chain(m.replaces.iter().filter(|r| existing.contains(r)))
+                })
+                .cloned()
+                .collect()
+        };
+        replaces.sort();
+        replaces.dedup();
         let mut covers: Vec<String> = olds.iter().flat_map(|m| m.covered().cloned()).collect();
         covers.sort();
         covers.dedup();
-        let manifest = self.publish_as(&scratch, &merged, wal_to, Some((replaces, covers)))?;
+        if replaces.len() > MAX_COVERS {
+            return Err(format!("{} splits to replace, over the cap", replaces.len()));
+        }
+        // Its id follows from its inputs: a retry writes the same keys.
+        let segment = compacted_id(olds);
+        let published = self.publish_as(&scratch, &merged, &segment, wal_to, Some((replaces, covers)));
         drop(cleanup);
-        Ok(manifest)
+        match published {
+            Ok(manifest) => Ok(manifest),
+            // The manifest may have landed though the call failed: then it
+            // stands (known, so its inputs are not merged again elsewhere).
+            Err(err) => {
+                let key = manifest_key(&self.config.collector, &segment);
+                let landed = self.runtime.block_on(self.store.get_tagged(&key, MAX_MANIFEST));
+                match landed.ok().flatten().map(|(bytes, _)| Manifest::decode(&bytes, &key)) {
+                    Some(Ok(manifest)) => {
+                        self.own.lock().unwrap_or_else(|e| e.into_inner()).insert(key, manifest.clone());
+                        Ok(manifest)
+                    }
+                    _ => Err(err),
+                }
+            }
+        }
     }
 
     /// Lists the other collectors' manifests, and deletes this
@@ -907,23 +981,18 @@ impl Splits {
         to_ns: Option<i64>,
     ) -> Vec<RemoteSplit> {
         self.trim_cache(None);
-        let wanted: Vec<Manifest> = {
-            let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
-            live(catalog.values())
-                .into_iter()
-                .filter(|m| m.may_match(tenants, from_ns, to_ns))
-                .cloned()
-                .collect()
-        };
+        // A split that failed lately is left out, and the splits it
+        // replaces, if still there, are searched in its place.
         let wanted: Vec<(Manifest, String)> = {
             let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-            wanted
+            let catalog = self.catalog.read().unwrap_or_else(|e| e.into_inner());
+            let readable = catalog.values().filter(|m| {
+                failed.get(&cache_name(m)).is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+            });
+            live(readable)
                 .into_iter()
-                .map(|manifest| {
-                    let name = cache_name(&manifest);
-                    (manifest, name)
-                })
-                .filter(|(_, name)| failed.get(name).is_none_or(|at| at.elapsed() >= Duration::from_secs(60)))
+                .filter(|m| m.may_match(tenants, from_ns, to_ns))
+                .map(|manifest| (manifest.clone(), cache_name(manifest)))
                 .collect()
         };
         // Splits not open yet are opened several at once: each waits on
@@ -970,10 +1039,14 @@ impl Splits {
     }
 
     /// Leaves a split out of searches for a minute, and out of the cache.
+    /// Its manifest leaves the catalog too, to be read again at the next
+    /// listing (a split published again after a failed attempt); while it
+    /// is out, the splits it replaces, if still there, are searched.
     fn unreadable(&self, name: &str, key: &str, err: &str) {
         self.stats.unreadable.fetch_add(1, Ordering::Relaxed);
         self.failed.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned(), Instant::now());
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.catalog.write().unwrap_or_else(|e| e.into_inner()).retain(|_, m| m.split != key);
         tracing::error!(split = %key, error = %err, "split unreadable: left out of searches, tried again in a minute");
     }
 
@@ -1051,20 +1124,25 @@ impl Splits {
 }
 
 /// The package of one segment of the index in `dir`: its files, and an
-/// index meta naming it alone.
-fn package_segment(dir: &Path, meta: &SegmentMeta) -> Result<Vec<u8>, String> {
+/// index meta naming it alone, under the id `as_id`.
+fn package_segment(dir: &Path, meta: &SegmentMeta, as_id: &str) -> Result<Vec<u8>, String> {
     let segment = meta.id().uuid_string();
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&format!("{segment}.")) && !name.ends_with(".del") {
-            files.push((name, std::fs::read(entry.path()).map_err(|e| e.to_string())?));
+        if let Some(extension) = name.strip_prefix(&format!("{segment}.")).filter(|_| !name.ends_with(".del"))
+        {
+            files.push((
+                format!("{as_id}.{extension}"),
+                std::fs::read(entry.path()).map_err(|e| e.to_string())?,
+            ));
         }
     }
     let index_meta = std::fs::read(dir.join("meta.json")).map_err(|e| e.to_string())?;
     let mut index_meta: serde_json::Value = serde_json::from_slice(&index_meta).map_err(|e| e.to_string())?;
     let mut segment_meta = serde_json::to_value(meta).map_err(|e| e.to_string())?;
     segment_meta["deletes"] = serde_json::Value::Null;
+    segment_meta["segment_id"] = serde_json::Value::String(as_id.to_owned());
     index_meta["segments"] = serde_json::json!([segment_meta]);
     if let Some(object) = index_meta.as_object_mut() {
         object.remove("payload");
@@ -1468,6 +1546,12 @@ mod tests {
         let mut bad = compacted.clone();
         bad.covers.push("../x".into());
         assert!(Manifest::decode(&serde_json::to_vec(&bad).unwrap(), &key).is_err());
+        // A compaction's id follows from its inputs, in any order.
+        let (a, b) = (make("c2", 'a', &[]), make("c2", 'b', &[]));
+        let id = compacted_id(&[a.clone(), b.clone()]);
+        assert!(valid_segment(&id));
+        assert_eq!(id, compacted_id(&[b.clone(), a.clone()]));
+        assert_ne!(id, compacted_id(&[a]));
         // Size classes: each eight times the one before.
         assert_eq!((tier(0), tier(COMPACT_BASE - 1), tier(COMPACT_BASE)), (0, 0, 1));
         assert_eq!((tier(8 * COMPACT_BASE - 1), tier(8 * COMPACT_BASE)), (1, 2));

@@ -149,23 +149,43 @@ impl SplitObject {
     /// their plaintext, which starts at package byte `chunks.start * chunk`.
     /// Blocking.
     fn fetch(&self, chunks: Range<u64>) -> std::io::Result<Vec<u8>> {
-        let fail = |e: String| std::io::Error::other(format!("split {}: {e}", self.key));
+        let bytes = read_range(&self.store, &self.runtime, &self.key, self.sealed_range(&chunks)?)
+            .map_err(|e| self.error(e))?;
+        self.open_chunks(chunks.start, bytes)
+    }
+
+    /// Where chunks `chunks` lie in the object.
+    fn sealed_range(&self, chunks: &Range<u64>) -> std::io::Result<Range<u64>> {
         if chunks.start >= chunks.end || chunks.end > self.last + 1 {
-            return Err(fail(format!("no chunks {chunks:?}")));
+            return Err(self.error(format!("no chunks {chunks:?}")));
         }
         let from = self.chunks_at + chunks.start * self.sealed;
-        let to = (self.chunks_at + chunks.end * self.sealed).min(self.size);
-        let mut bytes = read_range(&self.store, &self.runtime, &self.key, from..to).map_err(fail)?;
+        Ok(from..(self.chunks_at + chunks.end * self.sealed).min(self.size))
+    }
+
+    /// Opens the sealed chunks in `bytes`, the first being chunk `first`,
+    /// in place: their plaintext. Counted as one ranged read.
+    fn open_chunks(&self, first: u64, mut bytes: Vec<u8>) -> std::io::Result<Vec<u8>> {
         self.stats.range_reads.fetch_add(1, Ordering::Relaxed);
         self.stats.fetched_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        let mut plain = Vec::with_capacity(bytes.len());
-        for (offset, sealed) in bytes.chunks_mut(self.sealed as usize).enumerate() {
-            let index = chunks.start + offset as u64;
-            let opened =
-                self.opener.open(index, index == self.last, sealed).map_err(|e| fail(e.to_string()))?;
-            plain.extend_from_slice(opened);
+        let (sealed, mut written) = (self.sealed as usize, 0);
+        for (offset, start) in (0..bytes.len()).step_by(sealed).enumerate() {
+            let index = first + offset as u64;
+            let end = (start + sealed).min(bytes.len());
+            let len = self
+                .opener
+                .open(index, index == self.last, &mut bytes[start..end])
+                .map_err(|e| self.error(e.to_string()))?
+                .len();
+            bytes.copy_within(start..start + len, written);
+            written += len;
         }
-        Ok(plain)
+        bytes.truncate(written);
+        Ok(bytes)
+    }
+
+    fn error(&self, message: String) -> std::io::Error {
+        std::io::Error::other(format!("split {}: {message}", self.key))
     }
 }
 
@@ -228,7 +248,9 @@ impl SplitDirectory {
         };
         let tail = at(&plain, &loaded, len - super::TRAILER as u64..len);
         let files = match super::table_len(&tail) {
-            Some(table_len) if u64::from(table_len) <= len - super::TRAILER as u64 => {
+            Some(table_len)
+                if table_len <= super::MAX_TABLE && u64::from(table_len) <= len - super::TRAILER as u64 =>
+            {
                 let end = len - super::TRAILER as u64;
                 let start = end - u64::from(table_len);
                 let needed = object.chunks(&(start..end.max(start + 1)));
@@ -302,9 +324,9 @@ impl SplitDirectory {
 
 impl Shared {
     /// Fetches the last chunk of every file at once, one ranged read per
-    /// run of such chunks, side by side: tantivy opens each file at its
-    /// footer, and reading those one after another would cost a round
-    /// trip to the store each.
+    /// run of such chunks, all in flight together: tantivy opens each file
+    /// at its footer, and reading those one after another would cost a
+    /// round trip to the store each.
     fn prefetch_footers(&self) -> std::io::Result<()> {
         let mut wanted = std::collections::BTreeSet::new();
         {
@@ -323,19 +345,31 @@ impl Shared {
                 _ => runs.push(index..index + 1),
             }
         }
-        let fetched: Vec<(Range<u64>, std::io::Result<Vec<u8>>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = runs
-                .into_iter()
-                .map(|run| scope.spawn(move || (run.clone(), self.object.fetch(run))))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-                .collect()
-        });
+        let object = &self.object;
+        let ranges = runs.iter().map(|run| object.sealed_range(run)).collect::<std::io::Result<Vec<_>>>()?;
+        let fetched: Vec<(usize, Result<Vec<u8>, String>)> = object.runtime.block_on(async {
+            let mut reads = tokio::task::JoinSet::new();
+            for (n, range) in ranges.into_iter().enumerate() {
+                let (store, key) = (object.store.clone(), object.key.clone());
+                reads.spawn(async move {
+                    let read = tokio::time::timeout(READ_TIMEOUT, store.get_range(&key, range)).await;
+                    (
+                        n,
+                        read.map_err(|_| "no answer from the store in time".to_owned())
+                            .and_then(|r| r.map_err(|e| e.to_string())),
+                    )
+                });
+            }
+            let mut fetched = Vec::new();
+            while let Some(done) = reads.join_next().await {
+                fetched.push(done.map_err(|e| std::io::Error::other(e.to_string()))?);
+            }
+            Ok::<_, std::io::Error>(fetched)
+        })?;
         let mut present = self.present.lock().unwrap_or_else(|e| e.into_inner());
-        for (run, plain) in fetched {
-            self.keep(&mut present, run, &plain?)?;
+        for (n, bytes) in fetched {
+            let plain = object.open_chunks(runs[n].start, bytes.map_err(|e| object.error(e))?)?;
+            self.keep(&mut present, runs[n].clone(), &plain)?;
         }
         Ok(())
     }
@@ -509,7 +543,8 @@ mod tests {
         }
         writer.commit().unwrap();
         let meta = index.searchable_segment_metas().unwrap().remove(0);
-        let package = super::super::package_segment(&root.join("index"), &meta).unwrap();
+        let package =
+            super::super::package_segment(&root.join("index"), &meta, &meta.id().uuid_string()).unwrap();
         let kek = Kek::generate("k1").unwrap();
         let mut keyring = Keyring::default();
         keyring.insert(kek.clone());
