@@ -438,28 +438,6 @@ impl Archive {
         }
     }
 
-    /// Reads `key`, which must be exactly `size` bytes: no byte past them
-    /// is read, whatever the object is now.
-    pub async fn get_sized(&self, key: &str, size: u64) -> Result<Vec<u8>, ArchiveError> {
-        if size > MAX_OBJECT {
-            return Err(ArchiveError::TooLarge { key: key.to_owned(), size });
-        }
-        let read = if size > 0 {
-            self.operator.read_with(key).range(0..size).await
-        } else {
-            self.operator.read(key).await
-        };
-        let bytes = read.map_err(store_err(key))?.to_vec();
-        if bytes.len() as u64 != size {
-            let message = format!("{} bytes read, {size} expected", bytes.len());
-            return Err(ArchiveError::Store {
-                key: key.to_owned(),
-                source: opendal::Error::new(ErrorKind::Unexpected, message),
-            });
-        }
-        Ok(bytes)
-    }
-
     /// Reads bytes `range` of `key`, which must all exist: a read that
     /// comes back short (the object is smaller) is an error. At most
     /// [`MAX_OBJECT`] bytes.
