@@ -28,6 +28,7 @@ use tantivy::{
 };
 
 use crate::index::{Hit, LogIndex};
+use crate::splits::ID_TAG_SHIFT;
 
 /// Longest query text, in bytes.
 pub const MAX_QUERY_BYTES: usize = 4096;
@@ -135,8 +136,10 @@ impl Cursor {
         let mut next = || parts.next().ok_or_else(bad);
         let timestamp_ns = next()?.parse().map_err(|_| bad())?;
         let id = next()?.parse().map_err(|_| bad())?;
-        let snapshot = next()?.parse().map_err(|_| bad())?;
-        if id >= snapshot {
+        let snapshot: u64 = next()?.parse().map_err(|_| bad())?;
+        // A hit of this collector's (its tag in the top bits, as the
+        // snapshot's) lies below the snapshot; another collector's may not.
+        if id >> ID_TAG_SHIFT == snapshot >> ID_TAG_SHIFT && id >= snapshot {
             return Err(bad());
         }
         Ok(Cursor { timestamp_ns, id, snapshot })
@@ -519,21 +522,18 @@ impl LogIndex {
         let mut clauses = self.filter_query(&request.filter)?;
         let searcher = self.reader.searcher();
         let remote = self.remote_searchers(&request.filter);
-        // The splits never change; only this collector's own records are
-        // kept below the first page's snapshot.
+        // A split never changes; this collector's own records are kept
+        // below the first page's snapshot, this collector's next id. (Each
+        // collector's ids carry its tag in their top bits, so a bound over
+        // every collector's ids would bound nothing here once a peer's tag
+        // is the higher.)
         let remote_base = must(self.filter_query(&request.filter)?);
         let snapshot = match request.cursor {
             Some(cursor) => {
                 clauses.push(self.id_range(Bound::Unbounded, Bound::Excluded(cursor.snapshot)));
                 cursor.snapshot
             }
-            None => {
-                let mut next = Self::next_id(&searcher)?;
-                for split in &remote {
-                    next = next.max(Self::next_id(&split.searcher)?);
-                }
-                next
-            }
+            None => Self::next_id(&searcher)?.max(self.splits.get().map_or(0, |splits| splits.id_base())),
         };
         let base = must(clauses);
         let order = match request.order {
@@ -771,5 +771,12 @@ mod tests {
         for bad in ["", "1.2", "a.b.c", "1.9.9", "1.2.3.4"] {
             assert!(Cursor::decode(bad).is_err(), "{bad}");
         }
+        // Another collector's hit may carry a higher tag than the
+        // snapshot, this collector's next id; one of this collector's
+        // at or above the snapshot is refused.
+        let own = 5 << ID_TAG_SHIFT;
+        let peer = Cursor { timestamp_ns: 1, id: (9 << ID_TAG_SHIFT) + 3, snapshot: own + 100 };
+        assert_eq!(Cursor::decode(&peer.encode()).unwrap(), peer);
+        assert!(Cursor::decode(&format!("1.{}.{}", own + 100, own + 100)).is_err());
     }
 }

@@ -67,6 +67,9 @@ use crate::index::{LogIndex, Queued};
 mod remote;
 
 const PACKAGE_MAGIC: &[u8; 4] = b"LVSP";
+/// Record ids carry their collector's tag above this bit, so ids never tie
+/// across collectors.
+pub(crate) const ID_TAG_SHIFT: u32 = 48;
 /// The package version written; version 1 (no table) is still read.
 const PACKAGE_VERSION: u8 = 2;
 /// A package's last bytes: `table_len u32 | version u8 | magic`.
@@ -471,7 +474,7 @@ impl Splits {
     /// The tag in the top 16 bits of this collector's record ids.
     pub(crate) fn id_base(&self) -> u64 {
         let digest = ring::digest::digest(&ring::digest::SHA256, self.config.collector.as_bytes());
-        u64::from(u16::from_be_bytes([digest.as_ref()[0], digest.as_ref()[1]])) << 48
+        u64::from(u16::from_be_bytes([digest.as_ref()[0], digest.as_ref()[1]])) << ID_TAG_SHIFT
     }
 
     /// Called with the index's committed WAL position before the indexer

@@ -11,13 +11,18 @@
 
 use std::time::Duration;
 
-use opendal::layers::RetryLayer;
+use opendal::layers::{RetryLayer, TimeoutLayer};
 use opendal::{ErrorKind, Operator};
 
 /// Where checkpoints live.
 pub const CHECKPOINT_PREFIX: &str = "_checkpoints/";
 /// The largest object a reader fetches.
 pub const MAX_OBJECT: u64 = 1 << 30;
+/// Longest a request that moves no data (stat, list, delete) may take.
+const STORE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest one read or write of data may take: a whole 64 MiB segment
+/// uploaded in one request needs about 0.5 MB/s.
+const STORE_IO_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why the archive failed.
 #[derive(Debug, thiserror::Error)]
@@ -240,9 +245,15 @@ impl Archive {
             local_root = Some(root);
             Operator::new(builder).map_err(|e| bad(&e.to_string()))?.finish()
         };
-        let operator = operator.layer(
-            RetryLayer::new().with_max_times(5).with_min_delay(Duration::from_millis(100)).with_jitter(),
-        );
+        // Every request is bounded in time, so a connection that hangs
+        // (a store that stops answering mid-request) is an error, retried,
+        // and never a collector stalled for good. The timeout is inside the
+        // retry, so each attempt has its own.
+        let operator = operator
+            .layer(TimeoutLayer::new().with_timeout(STORE_TIMEOUT).with_io_timeout(STORE_IO_TIMEOUT))
+            .layer(
+                RetryLayer::new().with_max_times(5).with_min_delay(Duration::from_millis(100)).with_jitter(),
+            );
         Ok(Archive { operator, uri: uri.to_owned(), local_root })
     }
 

@@ -6,7 +6,7 @@
 //! and the keyed audit of the shared archive counts each record once
 //! across the three checkpoint chains.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -173,6 +173,24 @@ fn append_part(files: &HashMap<String, PathBuf>, part: usize) {
     }
 }
 
+/// The distinct ids of every hit of `query`, from the `first` page on,
+/// each page's hits asserted new.
+fn page_on(collector: &Collector, token: &str, query: &str, first: serde_json::Value) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    let mut page = first;
+    loop {
+        for hit in page["hits"].as_array().unwrap() {
+            assert!(ids.insert(hit["id"].as_str().unwrap().to_owned()), "{hit} seen twice");
+        }
+        let Some(cursor) = page["cursor"].as_str().map(str::to_owned) else { return ids };
+        let limit = page["hits"].as_array().unwrap().len().to_string();
+        let (status, next) =
+            collector.search_raw(Some(token), &[("q", query), ("limit", &limit), ("cursor", &cursor)]);
+        assert_eq!(status, 200, "{next}");
+        page = next;
+    }
+}
+
 /// The shared stream objects (the store's probe left out).
 fn stream_objects(s3: &S3Server) -> Vec<serde_json::Value> {
     s3.objects("cluster/streams/")
@@ -254,12 +272,25 @@ fn three_collectors_share_a_bucket_and_store_every_line_once_through_kills_and_f
     agents[0].take().unwrap().stop();
     cluster.agent_config("node-1", 0, &files[0]);
     agents[0] = Some(start_agent(&setup, "node-1", &configs[0]));
+    // A search on c3 (whose id tag is the lowest of the three) paged
+    // while node-3's last quarter, stored on c3 alone, arrives: its later
+    // pages stay in the first page's snapshot.
+    let c3 = collectors[2].as_ref().unwrap();
+    let (status, first) = c3.search_raw(Some(&token), &[("q", "host:node-3"), ("limit", "500")]);
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["total"], 3000);
     append_part(&all_files, 3);
     wait_all(&live(&collectors), &token, sent(4), "last quarter, node-1 back on c1");
     assert_eq!(sent(4), 16_000);
+    let ids = page_on(c3, &token, "host:node-3", first);
+    assert_eq!(ids.len(), 3000, "pages after the first stay below its snapshot");
 
-    // On every collector, every sample whole and each line once.
+    // On every collector, every sample whole and each line once, and
+    // paging visits every record once, whichever collector stored it.
     for collector in live(&collectors) {
+        let (status, first) = collector.search_raw(Some(&token), &[("q", "*"), ("limit", "1000")]);
+        assert_eq!(status, 200, "{first}");
+        assert_eq!(page_on(collector, &token, "*", first).len(), 16_000);
         for (name, path) in &all_files {
             assert_eq!(collector.total(&token, &source_query(path)), 2000, "{name}");
         }
@@ -455,6 +486,53 @@ fn a_collector_killed_before_its_stream_object_is_written_voids_what_it_never_ac
     assert_eq!(report["findings"], serde_json::json!([]));
     c1.process.stop();
     c2.process.stop();
+}
+
+/// A stream object damaged in the bucket after a collector wrote it: the
+/// collector's next write to it conflicts and what it reads back does not
+/// decode. That batch is made void and answered busy, every other stream
+/// goes on being stored, and once the object is mended (restored from a
+/// copy) the batch sent again is stored, each record once.
+#[test]
+fn a_damaged_stream_object_stops_its_own_stream_and_no_other() {
+    let setup = Setup::new("cluster-damaged");
+    let s3 = S3Server::external_or_start(setup.path(), "logs");
+    let cluster = Cluster::new(&setup, &s3, 1);
+    let c1 = cluster.start(0);
+    let connect = || RawAgent::connect(&setup, "raw-1", c1.ingest);
+    let mut agent = connect();
+    let damaged = chain(&agent, "/var/log/damaged.log", 2, 50);
+    let healthy = chain(&agent, "/var/log/healthy.log", 3, 50);
+    assert_eq!(ack(agent.send_batch(damaged[0].clone())), AckStatus::Stored);
+    assert_eq!(ack(agent.send_batch(healthy[0].clone())), AckStatus::Stored);
+    let (key, good) = s3
+        .objects("cluster/streams/")
+        .into_iter()
+        .find(|(key, bytes)| {
+            !key.contains("/probe/")
+                && serde_json::from_slice::<serde_json::Value>(bytes).unwrap()["source"]
+                    == "/var/log/damaged.log"
+        })
+        .expect("the damaged stream's object");
+    s3.write_object(&key, b"{\"version\": 1, \"not\": \"a stream\"}".to_vec());
+    let busy = |reply: Option<Frame>, what: &str| match reply {
+        Some(Frame::Refused { code: RefuseCode::Busy, .. }) => {}
+        other => panic!("{what}: expected busy, got {other:?}"),
+    };
+    busy(agent.send_batch(damaged[1].clone()), "the write that finds the object damaged");
+    let mut agent = connect();
+    assert_eq!(ack(agent.send_batch(healthy[1].clone())), AckStatus::Stored, "another stream goes on");
+    busy(agent.send_batch(damaged[1].clone()), "a batch of the damaged stream");
+    let mut agent = connect();
+    assert_eq!(ack(agent.send_batch(healthy[2].clone())), AckStatus::Stored);
+    s3.write_object(&key, good);
+    assert_eq!(ack(agent.send_batch(damaged[1].clone())), AckStatus::Stored, "mended, the batch is stored");
+    let token = setup.token(&["default"], Role::Reader);
+    wait_all(&[&c1], &token, 250, "every record once");
+    std::thread::sleep(Duration::from_millis(1000));
+    wait_all(&[&c1], &token, 250, "the void entry is never indexed");
+    assert_eq!(c1.total(&token, "source:\"/var/log/damaged.log\""), 100);
+    c1.process.stop();
 }
 
 /// A collector that ran alone, then joins the bucket, then runs alone

@@ -146,17 +146,21 @@ fn fetch(
     runtime.block_on(shared.fetch(&key.tenant, &key.host, &key.source, key.epoch))
 }
 
-/// Asks until the bucket answers, waiting longer each time.
-fn until_answered<T>(what: &str, mut attempt: impl FnMut() -> Result<T, ClusterError>) -> T {
+/// Asks until the bucket answers, waiting longer each time. A damaged
+/// object is an answer: asking again will not mend it.
+fn until_answered<T>(
+    what: &str,
+    mut attempt: impl FnMut() -> Result<T, ClusterError>,
+) -> Result<T, ClusterError> {
     let mut backoff = Duration::from_millis(100);
     loop {
         match attempt() {
-            Ok(value) => return value,
-            Err(err) => {
+            Err(err @ ClusterError::Store(_)) => {
                 tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "{what}; acks wait until the bucket answers");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+            answered => return answered,
         }
     }
 }
@@ -275,8 +279,21 @@ impl Writer {
                     fetch(&shared.streams, &shared.runtime, &key)
                 });
                 let (current, tag) = match current {
-                    Some((current, tag)) => (current, Some(tag)),
-                    None => (record_of(&key, self.streams.get(&key)), None),
+                    Ok(Some((current, tag))) => (current, Some(tag)),
+                    Ok(None) => (record_of(&key, self.streams.get(&key)), None),
+                    Err(err) => {
+                        // Not an object this collector wrote: nothing of the
+                        // group's is given to it. Void here; the stream is
+                        // answered busy until the object is mended, while
+                        // every other stream goes on.
+                        tracing::error!(error = %err, tenant = %key.tenant, host = %key.host, source = %key.source, "shared stream state damaged; records void here, the agent is answered busy");
+                        if !ranges.is_empty() {
+                            voided.insert(key.clone());
+                        }
+                        updates.remove(&key);
+                        shared.known.remove(&key);
+                        break;
+                    }
                 };
                 if !ranges.is_empty() && ranges.iter().all(|(from, to)| current.gives(&collector, *from, *to))
                 {
@@ -305,7 +322,7 @@ impl Writer {
             for (outcome, key) in outcomes.iter_mut().zip(outcome_keys) {
                 if key.as_ref().is_some_and(|key| voided.contains(key)) {
                     *outcome = Err(WalError::Shared {
-                        message: "collector busy: another collector stored these records first; send again"
+                        message: "collector busy: the bucket does not give these records to this collector (another stored them first); send again"
                             .into(),
                     });
                 }
