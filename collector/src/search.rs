@@ -118,7 +118,8 @@ pub struct Cursor {
     pub timestamp_ns: i64,
     /// The last hit's id.
     pub id: u64,
-    /// Ids at or above this were indexed after the first page.
+    /// This collector's ids at or above this were indexed after the first
+    /// page (other collectors' splits never change).
     pub snapshot: u64,
 }
 
